@@ -1,0 +1,107 @@
+"""The contracts between the skeleton and its components.
+
+A positional scheme acts through up to three seams, and says which with ``provides``:
+  "embedding"  - ``embed(x, offset)`` adds a vector per position to the token embeddings;
+  "rotation"   - ``context()`` returns a ``rotate(q, k)`` that attention applies to queries/keys;
+  "score_bias" - ``context()`` returns an additive (heads, q_len, k_len) bias on attention scores.
+An attention says which of "rotation" and "score_bias" it honours with ``accepts``; the builder
+refuses a pair where the position provides something the attention would ignore.
+Positions are offsets (``offset`` = tokens already in the KV cache), never assumed to start at 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+Rotate = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+
+
+@dataclass
+class PositionalContext:
+    """What one forward pass tells every attention layer about positions."""
+
+    offset: int  # position of the first new token
+    q_len: int  # number of new tokens
+    rotate: Optional[Rotate] = None  # (q, k) -> (q, k), both (B, H, q_len, D)
+    score_bias: Optional[torch.Tensor] = None  # (H, q_len, offset + q_len), float
+
+    @property
+    def k_len(self) -> int:
+        return self.offset + self.q_len
+
+    def causal_mask(self, device: torch.device) -> torch.Tensor:
+        """Boolean (q_len, k_len) mask, True where query i may attend key j (j <= offset + i)."""
+        q = torch.arange(self.offset, self.offset + self.q_len, device=device)[:, None]
+        k = torch.arange(self.k_len, device=device)[None, :]
+        return k <= q
+
+
+class KVCache:
+    """Keys and values of one attention layer, preallocated up to ``max_len`` positions."""
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+        self.length = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":
+        """Append (B, H, T, D) keys/values; return all cached ones so far."""
+        B, H, T, D = k.shape
+        if self.k is None:
+            self.k = k.new_empty(B, H, self.max_len, D)
+            self.v = v.new_empty(B, H, self.max_len, v.shape[-1])
+        end = self.length + T
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache full: {end} positions > max_len {self.max_len}")
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class ModelCache:
+    """One KVCache per layer plus the shared position offset."""
+
+    def __init__(self, n_layers: int, max_len: int) -> None:
+        self.layers = [KVCache(max_len) for _ in range(n_layers)]
+        self.max_len = max_len
+
+    @property
+    def offset(self) -> int:
+        return self.layers[0].length if self.layers else 0
+
+
+def mark_residual(module: nn.Module) -> nn.Module:
+    """Flag a projection that writes into the residual stream (scaled down at init, GPT-2 style)."""
+    module._gptlab_residual = True  # type: ignore[attr-defined]
+    return module
+
+
+class PositionScheme(nn.Module):
+    """Base for positional schemes; the default acts through no seam at all."""
+
+    provides: frozenset = frozenset()
+    #: longest sequence the scheme can encode, or None when it has no limit
+    max_length: Optional[int] = None
+
+    def embed(self, x: torch.Tensor, offset: int) -> torch.Tensor:
+        return x
+
+    def context(self, offset: int, q_len: int, device: torch.device, dtype: torch.dtype) -> PositionalContext:
+        return PositionalContext(offset, q_len)
+
+
+def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(B, T, H*D) -> (B, H, T, D)."""
+    B, T, C = x.shape
+    return x.view(B, T, n_heads, C // n_heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, D) -> (B, T, H*D)."""
+    B, H, T, D = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * D)

@@ -1,0 +1,27 @@
+"""Errors a user can fix. The CLI prints them as one line and exits with status 2."""
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class GptlabError(Exception):
+    """A problem with the user's input (config, experiment, plugin, path)."""
+
+
+class ConfigError(GptlabError, ValueError):
+    """A config key, value or type is wrong."""
+
+
+class PluginError(GptlabError):
+    """A plugin failed to import, collided with another, or misused a hook."""
+
+
+class IncompatibleComponents(ConfigError):
+    """Two chosen components cannot work together."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """A ' (did you mean X?)' suffix for the closest choice, or ''."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -1,0 +1,207 @@
+"""The GPT skeleton: embeddings -> blocks -> final norm -> head, every choice asked of the registry.
+
+The forward pass is plain ``nn.Module`` code with no hook calls, so torch.compile, DDP and
+activation checkpointing see an ordinary model.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .components import ModelCache
+from .config import COMPONENT_KINDS, ModelConfig
+from .errors import ConfigError, IncompatibleComponents
+from .plugin_manager import PluginSystem, default_plugins
+from .registry import Entry, call_factory, check_options
+
+
+def resolve_components(cfg: ModelConfig, plugins: PluginSystem) -> dict[str, Entry]:
+    """Look up every component and check that the combination can work, before allocating anything."""
+    entries = {kind: plugins.registry.get(kind, getattr(cfg, kind).name) for kind in COMPONENT_KINDS}
+    n_positional = {"attention": 1, "position": 1, "norm": 2, "norm_placement": 1, "activation": 1}
+    for kind, entry in entries.items():
+        spec = getattr(cfg, kind)
+        reserved = {"attention", "mlp", "norm"} if kind == "norm_placement" else set()
+        check_options(entry, n_positional[kind], spec.options, reserved)
+        check = getattr(entry.factory, "check", None)
+        if callable(check):
+            try:
+                check(cfg, **spec.options)
+            except ConfigError as exc:
+                raise ConfigError(f"{kind} '{entry.name}': {exc}") from None
+    pos, att = entries["position"], entries["attention"]
+    provides = set(getattr(pos.factory, "provides", ()))
+    accepts = set(getattr(att.factory, "accepts", ()))
+    missing = sorted((provides & {"rotation", "score_bias"}) - accepts)
+    if missing:
+        raise IncompatibleComponents(
+            f"position '{pos.name}' needs an attention that applies its {' and '.join(missing)}, "
+            f"but attention '{att.name}' accepts {', '.join(sorted(accepts)) or 'neither'}; "
+            f"pick another attention or position")
+    return entries
+
+
+class GPTModel(nn.Module):
+    """A decoder-only GPT built from registered components.
+
+    ``cfg`` is a dict (e.g. ``GPT_CONFIG_124M``), an OmegaConf config or a ``ModelConfig``.
+    ``plugins`` is the plugin system to resolve names in (default: the process-wide one).
+    """
+
+    def __init__(self, cfg: Any, plugins: Optional[PluginSystem] = None) -> None:
+        super().__init__()
+        self.config = cfg = ModelConfig.from_any(cfg)
+        plugins = plugins or default_plugins()
+        entries = resolve_components(cfg, plugins)
+        self.components = {kind: getattr(cfg, kind).name for kind in COMPONENT_KINDS}
+
+        def build(kind: str, *args: Any, **extra: Any) -> Any:
+            return call_factory(entries[kind], cfg, *args, **extra, **getattr(cfg, kind).options)
+
+        def make_norm(dim: int) -> nn.Module:
+            return build("norm", dim)
+
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        self.position = build("position")
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        placement = entries["norm_placement"]
+        self.blocks = nn.ModuleList(
+            build("norm_placement", attention=lambda: build("attention"), mlp=lambda: build("activation"),
+                  norm=make_norm)
+            for _ in range(cfg.n_layers))
+        self.final_norm = make_norm(cfg.emb_dim) if getattr(placement.factory, "final_norm", True) else nn.Identity()
+        self.head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    # -- init ------------------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2L)."""
+        resid_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                std = resid_std if getattr(module, "_gptlab_residual", False) else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # -- forward ---------------------------------------------------------------------------------
+    @property
+    def max_length(self) -> Optional[int]:
+        """Longest sequence the positional scheme can encode (None: no limit)."""
+        return getattr(self.position, "max_length", None)
+
+    def forward(self, idx: torch.Tensor, cache: Optional[ModelCache] = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab_size). With ``cache``, ``idx`` holds only new tokens."""
+        B, T = idx.shape
+        offset = cache.offset if cache is not None else 0
+        limit = self.max_length
+        if limit is not None and offset + T > limit:
+            raise ValueError(f"sequence of {offset + T} tokens is longer than position '{self.components['position']}' "
+                             f"supports ({limit}); crop the input or use a scheme without a length limit")
+        x = self.position.embed(self.tok_emb(idx), offset)
+        x = self.drop_emb(x)
+        ctx = self.position.context(offset, T, idx.device, x.dtype)
+        use_ckpt = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.blocks):
+            if use_ckpt and cache is None:
+                x = checkpoint(block, x, ctx, None, use_reentrant=False)
+            else:
+                x = block(x, ctx, cache.layers[i] if cache is not None else None)
+        return self.head(self.final_norm(x))
+
+    # -- generation ------------------------------------------------------------------------------
+    def new_cache(self, max_len: Optional[int] = None) -> ModelCache:
+        return ModelCache(self.config.n_layers, max_len or self.config.context_length)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, use_cache: bool = True,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T). Temperature 0 is greedy.
+
+        A scheme with a length limit sees only the last ``context_length`` tokens; schemes without
+        one see the whole sequence. The KV cache is used while the sequence fits in it.
+        """
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        was_training = self.training
+        self.eval()
+        limit = self.max_length
+        total = idx.shape[1] + max_new_tokens
+        cache = None
+        if use_cache and (limit is None or total <= limit):
+            cache = self.new_cache(total)
+        pending = idx  # tokens not yet seen by the cache
+        try:
+            for _ in range(max_new_tokens):
+                if cache is not None:
+                    logits = self(pending, cache=cache)[:, -1, :]
+                else:
+                    window = idx if limit is None else idx[:, -min(limit, self.config.context_length):]
+                    logits = self(window)[:, -1, :]
+                nxt = sample_next(logits, temperature, top_k, top_p, generator)
+                idx = torch.cat([idx, nxt], dim=1)
+                pending = nxt
+        finally:
+            self.train(was_training)
+        return idx
+
+    # -- accounting ------------------------------------------------------------------------------
+    def num_parameters(self, exclude_position: bool = False) -> int:
+        """Unique parameters (a tied head counts once); optionally without the position table."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_position:
+            n -= sum(p.numel() for p in self.position.parameters())
+        return n
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
+        """Training FLOPs per token, 6N + 12*L*H*Q*T (PaLM appendix B)."""
+        T = seq_len or self.config.context_length
+        c = self.config
+        return 6 * self.num_parameters(exclude_position=True) + 12 * c.n_layers * c.n_heads * c.head_dim * T
+
+    def memory_estimate(self, batch_size: int, seq_len: Optional[int] = None, **kwargs: Any) -> dict:
+        """Bytes for weights, gradients, AdamW state and activations; see ``gptlab.memory``."""
+        from .memory import estimate_memory
+
+        return estimate_memory(self, batch_size, seq_len or self.config.context_length, **kwargs)
+
+    @classmethod
+    def from_hf_gpt2(cls, path: str | Path, plugins: Optional[PluginSystem] = None) -> "GPTModel":
+        """Load a Hugging Face GPT-2 checkpoint directory (config.json + model.safetensors)."""
+        from .hf import load_hf_gpt2
+
+        return load_hf_gpt2(cls, path, plugins)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Pick the next token from (B, V) logits: greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        k = min(int(top_k), logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)

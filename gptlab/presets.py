@@ -1,0 +1,19 @@
+"""Named model configs: the four Hugging Face GPT-2 sizes and a few CPU-sized ones."""
+from __future__ import annotations
+
+from .config import GPT_CONFIG_124M
+
+# Hugging Face GPT-2: qkv bias, tanh-approximated GELU, learned positions, tied head.
+_HF_GPT2 = dict(GPT_CONFIG_124M, qkv_bias=True, activation="gelu_tanh")
+
+PRESETS: dict[str, dict] = {
+    "gpt2": dict(_HF_GPT2),
+    "gpt2-medium": dict(_HF_GPT2, emb_dim=1024, n_heads=16, n_layers=24),
+    "gpt2-large": dict(_HF_GPT2, emb_dim=1280, n_heads=20, n_layers=36),
+    "gpt2-xl": dict(_HF_GPT2, emb_dim=1600, n_heads=25, n_layers=48),
+    # CPU-sized, byte-level vocabulary (256 tokens).
+    "nano": dict(vocab_size=256, context_length=64, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0),
+    "micro": dict(vocab_size=256, context_length=128, emb_dim=128, n_heads=4, n_layers=4, drop_rate=0.0),
+    # nanoGPT's shakespeare-char size: 6 layers x 384 wide, 256 tokens of context.
+    "mini": dict(vocab_size=256, context_length=256, emb_dim=384, n_heads=6, n_layers=6, drop_rate=0.2),
+}

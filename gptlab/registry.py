@@ -1,0 +1,93 @@
+"""Name-keyed registries of components, filled by plugins through the ``gptlab_register`` hook."""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .errors import ConfigError, PluginError, did_you_mean
+
+KINDS = ("attention", "position", "norm", "norm_placement", "activation", "dataset", "tokenizer")
+
+
+@dataclass
+class Entry:
+    kind: str
+    name: str
+    factory: Callable[..., Any]
+    plugin: str  # the plugin that registered it
+    override: bool = False
+    overrides: str | None = None  # the plugin whose entry this one replaced
+
+    @property
+    def doc(self) -> str:
+        text = inspect.getdoc(self.factory) or ""
+        return text.strip().splitlines()[0] if text.strip() else ""
+
+
+class Registry:
+    """Every registered component, by kind and name."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
+
+    def add(self, kind: str, name: str, factory: Callable[..., Any], plugin: str, override: bool = False) -> None:
+        if kind not in self._entries:
+            raise PluginError(f"plugin {plugin}: unknown component kind '{kind}'{did_you_mean(kind, KINDS)}; "
+                              f"kinds are {', '.join(KINDS)}")
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin {plugin}: component names must be non-empty strings, got {name!r}")
+        if not callable(factory):
+            raise PluginError(f"plugin {plugin}: factory for {kind} '{name}' is not callable")
+        old = self._entries[kind].get(name)
+        new = Entry(kind, name, factory, plugin, override)
+        if old is not None:
+            if old.override and override:
+                raise PluginError(f"{kind} '{name}' is overridden by both plugin {old.plugin} and plugin {plugin}; "
+                                  f"remove override=True from one of them")
+            if old.override:  # an explicit override registered first wins over a plain one
+                old.overrides = plugin
+                return
+            if not override:
+                raise PluginError(f"{kind} '{name}' is registered by both plugin {old.plugin} and plugin {plugin}; "
+                                  f"rename one, or pass override=True to register() to replace the other")
+            new.overrides = old.plugin
+        self._entries[kind][name] = new
+
+    def get(self, kind: str, name: str) -> Entry:
+        if kind not in self._entries:
+            raise ConfigError(f"unknown component kind '{kind}'{did_you_mean(kind, KINDS)}")
+        entries = self._entries[kind]
+        if name not in entries:
+            raise ConfigError(f"unknown {kind} '{name}'{did_you_mean(name, entries)}; "
+                              f"registered: {', '.join(sorted(entries)) or '(none)'}")
+        return entries[name]
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._entries[kind])
+
+    def entries(self, kind: str | None = None) -> list[Entry]:
+        kinds = [kind] if kind else list(KINDS)
+        return [self._entries[k][n] for k in kinds for n in sorted(self._entries[k])]
+
+
+def check_options(entry: Entry, n_positional: int, options: dict, reserved: set = frozenset()) -> None:
+    """Fail with the valid option names when ``options`` holds one the factory does not take."""
+    try:
+        params = inspect.signature(entry.factory).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    positional = list(params)[:n_positional]
+    accepted = [n for n, p in params.items() if n not in positional and n not in reserved
+                and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    for key in options:
+        if key not in accepted:
+            raise ConfigError(f"{entry.kind} '{entry.name}' has no option '{key}'{did_you_mean(key, accepted)}; "
+                              f"options: {', '.join(accepted) or '(none)'}")
+
+
+def call_factory(entry: Entry, *args: Any, **options: Any) -> Any:
+    """Call a component factory with positional context and its options."""
+    return entry.factory(*args, **options)

@@ -1,0 +1,25 @@
+"""Gated MLPs (Shazeer 2020): swiglu, geglu, reglu, parameter-matched to the 4x MLP by default."""
+import torch.nn.functional as F
+
+import gptlab
+from gptlab.layers import GatedMLP
+
+GATES = {
+    "swiglu": (F.silu, "Gated MLP with a SiLU gate (SwiGLU); width 2/3 of 4x by default."),
+    "geglu": (F.gelu, "Gated MLP with a GELU gate (GEGLU); width 2/3 of 4x by default."),
+    "reglu": (F.relu, "Gated MLP with a ReLU gate (ReGLU); width 2/3 of 4x by default."),
+}
+
+
+def make_factory(fn, doc):
+    def factory(cfg, hidden_dim=None):
+        return GatedMLP(cfg, fn, hidden_dim)
+
+    factory.__doc__ = doc
+    return factory
+
+
+@gptlab.hookimpl
+def gptlab_register(register):
+    for name, (fn, doc) in GATES.items():
+        register("activation", name, make_factory(fn, doc))

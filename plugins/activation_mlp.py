@@ -1,0 +1,35 @@
+"""Activations for the plain two-layer MLP: gelu, gelu_tanh, relu, relu2 (squared ReLU), silu."""
+import functools
+
+import torch
+import torch.nn.functional as F
+
+import gptlab
+from gptlab.layers import MLP
+
+
+def relu_squared(x):
+    return torch.square(F.relu(x))
+
+
+ACTIVATIONS = {
+    "gelu": (F.gelu, "MLP with exact (erf) GELU, the seeds' default."),
+    "gelu_tanh": (functools.partial(F.gelu, approximate="tanh"), "MLP with tanh-approximated GELU, as in GPT-2."),
+    "relu": (F.relu, "MLP with ReLU."),
+    "relu2": (relu_squared, "MLP with squared ReLU (So et al. 2021, Primer)."),
+    "silu": (F.silu, "MLP with SiLU / swish."),
+}
+
+
+def make_factory(fn, doc):
+    def factory(cfg, hidden_dim=None):
+        return MLP(cfg, fn, hidden_dim)
+
+    factory.__doc__ = doc
+    return factory
+
+
+@gptlab.hookimpl
+def gptlab_register(register):
+    for name, (fn, doc) in ACTIVATIONS.items():
+        register("activation", name, make_factory(fn, doc))

@@ -1,0 +1,31 @@
+"""Attention 'sdpa': torch's fused scaled_dot_product_attention (flash kernel when no score bias)."""
+import torch.nn.functional as F
+
+import gptlab
+from gptlab.layers import CausalSelfAttention
+
+
+class SDPAAttention(CausalSelfAttention):
+    """Causal attention through F.scaled_dot_product_attention; flash-eligible unless a score bias is set."""
+
+    def attend(self, q, k, v, ctx):
+        k, v = self.expand_kv(k), self.expand_kv(v)
+        p = self.dropout if self.training else 0.0
+        if ctx.score_bias is None and ctx.offset == 0:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        if ctx.score_bias is None and ctx.q_len == 1:  # one new token sees the whole cache
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        mask = ctx.causal_mask(q.device)
+        if ctx.score_bias is not None:
+            mask = ctx.score_bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+
+    def kernel_path(self, ctx):
+        if ctx.score_bias is None:
+            return "flash-eligible (causal, no mask)"
+        return "additive mask: memory-efficient or math kernel, not flash"
+
+
+@gptlab.hookimpl
+def gptlab_register(register):
+    register("attention", "sdpa", SDPAAttention)

@@ -1,0 +1,27 @@
+"""Attention 'vanilla': explicit masked softmax, the readable reference implementation."""
+import torch
+
+import gptlab
+from gptlab.layers import CausalSelfAttention, attention_scale
+
+
+class VanillaAttention(CausalSelfAttention):
+    """Causal attention as written in the paper: softmax(QK^T/sqrt(d) + bias, masked) V."""
+
+    def __init__(self, cfg, n_kv_heads=None):
+        super().__init__(cfg, n_kv_heads)
+        self.attn_drop = torch.nn.Dropout(cfg.drop_rate)
+
+    def attend(self, q, k, v, ctx):
+        k, v = self.expand_kv(k), self.expand_kv(v)
+        scores = (q @ k.transpose(-2, -1)) * attention_scale(q.shape[-1])
+        if ctx.score_bias is not None:
+            scores = scores + ctx.score_bias.to(scores.dtype)
+        scores = scores.masked_fill(~ctx.causal_mask(q.device), float("-inf"))
+        weights = self.attn_drop(torch.softmax(scores, dim=-1))
+        return weights @ v
+
+
+@gptlab.hookimpl
+def gptlab_register(register):
+    register("attention", "vanilla", VanillaAttention)

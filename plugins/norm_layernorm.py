@@ -1,0 +1,14 @@
+"""Norm 'layernorm': (x - mean) / sqrt(var + eps) * weight + bias (Ba et al. 2016)."""
+from torch import nn
+
+import gptlab
+
+
+def layernorm(cfg, dim, eps=1e-5):
+    """LayerNorm with a bias unless model.bias is false."""
+    return nn.LayerNorm(dim, eps=eps, bias=cfg.bias)
+
+
+@gptlab.hookimpl
+def gptlab_register(register):
+    register("norm", "layernorm", layernorm)

@@ -1,0 +1,14 @@
+"""Norm 'rmsnorm': x / sqrt(mean(x^2) + eps) * weight, no centring, no bias (Zhang & Sennrich 2019)."""
+from torch import nn
+
+import gptlab
+
+
+def rmsnorm(cfg, dim, eps=1e-5):
+    """RMSNorm: rescale by the root mean square; no mean subtraction and no bias."""
+    return nn.RMSNorm(dim, eps=eps)
+
+
+@gptlab.hookimpl
+def gptlab_register(register):
+    register("norm", "rmsnorm", rmsnorm)
