@@ -42,9 +42,9 @@ class ComponentSpec:
             value = dict(value)
             name = value.pop("name", None)
             if not isinstance(name, str) or not name:
-                raise ConfigError(f"model.{key}: a mapping needs a 'name' key, e.g. {{name: ..., <options>}}")
+                raise ConfigError(f"{key}: a mapping needs a 'name' key, e.g. {{name: ..., <options>}}")
             return cls(name, value)
-        raise ConfigError(f"model.{key}: expected a component name or {{name: ..., <options>}}, got {value!r}")
+        raise ConfigError(f"{key}: expected a component name or {{name: ..., <options>}}, got {value!r}")
 
     def to_plain(self) -> Union[str, dict]:
         return dict(name=self.name, **self.options) if self.options else self.name
@@ -125,7 +125,7 @@ _BOOL_KEYS = {"qkv_bias", "bias", "tie_embeddings", "gradient_checkpointing"}
 
 def _check_type(key: str, value: Any) -> Any:
     if key in COMPONENT_KINDS:
-        return ComponentSpec.parse(value, key)
+        return ComponentSpec.parse(value, f"model.{key}")
     if key in _INT_KEYS or key == "ff_dim":
         if key == "ff_dim" and value is None:
             return None

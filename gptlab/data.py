@@ -1,0 +1,155 @@
+"""Token streams for training: a registered corpus, a registered tokenizer, a memory-mapped cache.
+
+A dataset factory returns a ``Corpus`` (a fingerprint plus a way to read its text); a tokenizer
+factory returns an object with ``vocab_size``, ``encode``, ``decode``, ``fit``, ``state_dict`` and
+``load_state_dict``. Tokens are prepared once per (corpus, tokenizer) and cached as a flat array
+that later runs memory-map; the train/val split is the tail fraction, fixed by the data config.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+from .plugin_manager import PluginSystem
+from .registry import call_factory, check_options
+from .settings import DataConfig
+
+
+@dataclass
+class Corpus:
+    """A text source: ``fingerprint`` changes whenever the text would."""
+
+    fingerprint: str
+    read: Callable[[], str]
+
+
+class Tokenizer:
+    """Base class for tokenizers; ``fit`` and the state methods are no-ops for fixed vocabularies."""
+
+    vocab_size: int = 0
+    eot_token: Optional[int] = None
+
+    def fit(self, text: str) -> None:
+        """Build a vocabulary from the training text (only data-dependent tokenizers need it)."""
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``fit`` learned."""
+
+
+@dataclass
+class TokenData:
+    train: np.ndarray
+    val: np.ndarray
+    tokenizer: Any
+    cache_file: Path
+
+
+def build_tokenizer(spec, plugins: PluginSystem, state: Optional[dict] = None) -> Any:
+    entry = plugins.registry.get("tokenizer", spec.name)
+    check_options(entry, 0, spec.options)
+    try:
+        tok = call_factory(entry, **spec.options)
+    except ConfigError as exc:
+        raise ConfigError(f"data.tokenizer '{spec.name}': {exc}") from None
+    if state:
+        tok.load_state_dict(state)
+    return tok
+
+
+def prepare_tokens(data: DataConfig, plugins: PluginSystem, cache_dir: Path) -> TokenData:
+    """Tokenize the corpus once and memory-map the cached token array."""
+    entry = plugins.registry.get("dataset", data.dataset.name)
+    check_options(entry, 0, data.dataset.options)
+    try:
+        corpus = call_factory(entry, **data.dataset.options)
+    except ConfigError as exc:
+        raise ConfigError(f"data.dataset '{data.dataset.name}': {exc}") from None
+    tokenizer = build_tokenizer(data.tokenizer, plugins)
+    key = hashlib.sha256(json.dumps(
+        [data.dataset.name, data.dataset.options, data.tokenizer.name, data.tokenizer.options, corpus.fingerprint],
+        sort_keys=True, default=str).encode()).hexdigest()[:16]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    bin_path, meta_path = cache_dir / f"{key}.bin", cache_dir / f"{key}.json"
+    if meta_path.exists() and bin_path.exists():
+        meta = json.loads(meta_path.read_text())
+        tokenizer.load_state_dict(meta["tokenizer_state"])
+    else:
+        text = corpus.read()
+        if not text:
+            raise ConfigError(f"data.dataset '{data.dataset.name}' is empty; point it at a non-empty text")
+        tokenizer.fit(text)
+        ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
+        dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32
+        tmp = bin_path.with_suffix(f".tmp{os.getpid()}")
+        ids.astype(dtype).tofile(tmp)
+        os.replace(tmp, bin_path)
+        meta = {"dtype": np.dtype(dtype).name, "n_tokens": int(ids.size), "vocab_size": tokenizer.vocab_size,
+                "tokenizer_state": tokenizer.state_dict(), "dataset": data.dataset.to_plain(),
+                "tokenizer": data.tokenizer.to_plain()}
+        write_json_atomic(meta_path, meta)
+    tokens = np.memmap(bin_path, dtype=np.dtype(meta["dtype"]), mode="r")
+    n_val = int(len(tokens) * data.val_fraction)
+    return TokenData(tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:], tokenizer, bin_path)
+
+
+class Batches:
+    """Random training windows from a token array, reproducible from a seed."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, device: torch.device) -> None:
+        self.tokens, self.batch_size, self.seq_len, self.device = tokens, batch_size, seq_len, device
+        self.gen = torch.Generator().manual_seed(seed)
+        self.pin = device.type == "cuda"
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(len(self.tokens) - self.seq_len - 1, (self.batch_size,), generator=self.gen)
+        return windows(self.tokens, starts.tolist(), self.seq_len, self.device, self.pin)
+
+
+def windows(tokens: np.ndarray, starts: list[int], seq_len: int, device: torch.device,
+            pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets for windows starting at ``starts``."""
+    block = np.stack([np.asarray(tokens[s: s + seq_len + 1], dtype=np.int64) for s in starts])
+    t = torch.from_numpy(block)
+    if pin:
+        t = t.pin_memory()
+    t = t.to(device, non_blocking=pin)
+    return t[:, :-1], t[:, 1:]
+
+
+def eval_starts(n_tokens: int, seq_len: int, count: int) -> list[int]:
+    """Evenly spaced, non-random window starts, so every run is scored on the same text."""
+    last = n_tokens - seq_len - 1
+    if last < 0:
+        return []
+    if count <= 1 or last == 0:
+        return [0]
+    return sorted({round(i * last / (count - 1)) for i in range(count)})
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON so that a kill at any moment leaves either the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

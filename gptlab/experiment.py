@@ -1,0 +1,247 @@
+"""Experiment files: load a YAML, check every key, expand variants x grid x seeds into runs.
+
+A run's identity is the hash of its fully resolved config (model, data, train) plus its seed,
+so renaming a variant or reordering the YAML never reruns anything, and any change does.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import ModelConfig
+from .errors import ConfigError, did_you_mean
+from .presets import PRESETS
+from .settings import DataConfig, TrainConfig, parse_section, section_to_dict
+
+TOP_KEYS = ("name", "description", "plugins", "model", "data", "train", "variants", "grid", "seeds", "compare")
+CONFIG_SECTIONS = ("model", "data", "train")
+COMPARE_KEYS = ("baseline", "metric", "by", "sort")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class RunSpec:
+    """One training run: a variant label, a seed and its resolved, checked config."""
+
+    variant: str
+    seed: int
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    changes: dict = field(default_factory=dict)  # dotted keys this variant sets, for display
+
+    def resolved(self) -> dict:
+        return {"model": self.model.to_dict(), "data": section_to_dict(self.data), "train": section_to_dict(self.train)}
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.resolved())
+
+    @property
+    def dir_name(self) -> str:
+        return f"{safe_name(self.variant)}__{self.config_hash}__s{self.seed}"
+
+
+@dataclass
+class Experiment:
+    name: str
+    description: str
+    path: Optional[Path]
+    plugins: list
+    runs: list
+    base: dict  # resolved base config (no variant applied)
+    compare: dict
+    variants: list  # variant labels in declaration order
+
+
+def config_hash(resolved: dict) -> str:
+    blob = json.dumps(resolved, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def safe_name(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", label).strip("_")[:80] or "run"
+
+
+def load_yaml(path: Path) -> DictConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"experiment file {path} does not exist; check the path (shipped ones are in experiments/)")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; pass an experiment .yaml file")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as exc:
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"{path}: not valid YAML: {detail}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: an experiment must be a mapping with name, model, data, train, variants, seeds")
+    return cfg
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value, e.g. train.steps=100")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"bad override: {' '.join(str(exc).split())}") from None
+
+
+def _plain(cfg: Any, where: str) -> Any:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{where}: {' '.join(str(exc).split())}") from None
+
+
+def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfig | None = None) -> Experiment:
+    """Read and check an experiment, returning every run it asks for."""
+    where = str(path) if path is not None else "experiment"
+    if cfg is None:
+        cfg = load_yaml(path)
+    for key in cfg.keys():
+        if key not in TOP_KEYS:
+            raise ConfigError(f"{where}: unknown section '{key}'{did_you_mean(key, TOP_KEYS)}; "
+                              f"sections: {', '.join(TOP_KEYS)}")
+    ov = parse_overrides(list(overrides))
+    for key in ov.keys():
+        if key not in TOP_KEYS or key in ("variants", "grid"):
+            allowed = [k for k in TOP_KEYS if k not in ("variants", "grid")]
+            raise ConfigError(f"override '{key}': unknown section{did_you_mean(key, allowed)}; "
+                              f"override one of {', '.join(allowed)} (e.g. train.steps=100)")
+    section_ov = {k: ov[k] for k in CONFIG_SECTIONS if k in ov}
+    for k in CONFIG_SECTIONS:
+        if k in ov:
+            del ov[k]
+    cfg = OmegaConf.merge(cfg, ov)
+    try:
+        name = cfg.get("name")
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{where}: {' '.join(str(exc).split())}") from None
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(f"{where}: 'name' must be a folder-safe string (letters, digits, _ . -), got {name!r}")
+    description = cfg.get("description") or ""
+    plugins = _plain(cfg.get("plugins"), where) or []
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise ConfigError(f"{where}: 'plugins' must be a list of module names or .py paths")
+    seeds = _plain(cfg.get("seeds", [0]), where)
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConfigError(f"{where}: 'seeds' must be a non-empty list of integers, e.g. [0, 1, 2]")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}: 'seeds' lists a seed twice: {seeds}")
+    compare = _plain(cfg.get("compare"), where) or {}
+    if not isinstance(compare, dict):
+        raise ConfigError(f"{where}: 'compare' must be a mapping with {', '.join(COMPARE_KEYS)}")
+    for key in compare:
+        if key not in COMPARE_KEYS:
+            raise ConfigError(f"{where}: unknown compare key '{key}'{did_you_mean(key, COMPARE_KEYS)}")
+
+    base = OmegaConf.create({k: cfg.get(k) or {} for k in CONFIG_SECTIONS})
+    variants = cfg.get("variants") or {}
+    if not isinstance(variants, DictConfig):
+        raise ConfigError(f"{where}: 'variants' must map variant names to partial configs")
+    variant_items = [(str(k), v) for k, v in variants.items()] or [("base", OmegaConf.create({}))]
+    grid_points = _grid_points(cfg.get("grid"), where)
+
+    runs, labels, seen = [], [], {}
+    for vname, vcfg in variant_items:
+        if vcfg is None:
+            vcfg = OmegaConf.create({})
+        if not isinstance(vcfg, DictConfig):
+            raise ConfigError(f"{where}: variant '{vname}' must be a mapping like {{model: {{norm_placement: post}}}}")
+        for key in vcfg.keys():
+            if key not in CONFIG_SECTIONS:
+                raise ConfigError(f"{where}: variant '{vname}': unknown section '{key}'"
+                                  f"{did_you_mean(key, CONFIG_SECTIONS)}; a variant sets model, data or train keys")
+        for point in grid_points:
+            suffix = ",".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in point.items())
+            label = (f"{vname},{suffix}" if variants else suffix) if point else vname
+            merged = OmegaConf.merge(base, vcfg, _point_cfg(point), section_ov)
+            ctx = f"{where}: variant '{label}'" if (variants or point) else where
+            model, data, train = _resolve(merged, ctx)
+            changes = _changes(vcfg, point)
+            h = config_hash({"model": model.to_dict(), "data": section_to_dict(data), "train": section_to_dict(train)})
+            if h in seen:
+                raise ConfigError(f"{where}: variants '{seen[h]}' and '{label}' resolve to the same config; "
+                                  f"remove one or make them differ")
+            seen[h] = label
+            labels.append(label)
+            runs.extend(RunSpec(label, s, model, data, train, changes) for s in seeds)
+    base_model, base_data, base_train = _resolve(OmegaConf.merge(base, section_ov), where)
+    base_resolved = {"model": base_model.to_dict(), "data": section_to_dict(base_data),
+                     "train": section_to_dict(base_train)}
+    return Experiment(name, str(description), Path(path) if path else None, plugins, runs, base_resolved,
+                      compare, labels)
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, dict):
+        return str(v.get("name", v))
+    return str(v)
+
+
+def _grid_points(grid: Any, where: str) -> list[dict]:
+    if grid is None:
+        return [{}]
+    if not isinstance(grid, DictConfig):
+        raise ConfigError(f"{where}: 'grid' must map dotted keys to lists, e.g. {{model.activation: [gelu, swiglu]}}")
+    grid = _plain(grid, where)
+    keys = list(grid)
+    for key in keys:
+        if key.split(".")[0] not in CONFIG_SECTIONS or "." not in key:
+            raise ConfigError(f"{where}: grid key '{key}' must be a dotted config key such as model.activation")
+        if not isinstance(grid[key], list) or not grid[key]:
+            raise ConfigError(f"{where}: grid key '{key}' needs a non-empty list of values")
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def _point_cfg(point: dict) -> DictConfig:
+    out = OmegaConf.create({})
+    for key, value in point.items():
+        OmegaConf.update(out, key, value, force_add=True)
+    return out
+
+
+def _resolve(merged: DictConfig, where: str) -> tuple[ModelConfig, DataConfig, TrainConfig]:
+    plain = _plain(merged, where)
+    try:
+        model_raw = dict(plain.get("model") or {})
+        preset = model_raw.pop("preset", None)
+        if preset is not None:
+            if preset not in PRESETS:
+                raise ConfigError(f"unknown model preset '{preset}'{did_you_mean(preset, PRESETS)}; "
+                                  f"presets: {', '.join(PRESETS)}")
+            model_raw = {**PRESETS[preset], **model_raw}
+        model = ModelConfig.from_any(model_raw)
+        data = parse_section(DataConfig, plain.get("data"), "data")
+        train = parse_section(TrainConfig, plain.get("train"), "train")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return model, data, train
+
+
+def _changes(vcfg: DictConfig, point: dict) -> dict:
+    out = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and not (prefix.count(".") >= 1 and "name" in node):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = node
+
+    walk("", _plain(vcfg, "variant"))
+    out.update(point)
+    return out

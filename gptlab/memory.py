@@ -1,0 +1,88 @@
+"""Training-memory estimate: weights, gradients, AdamW state and activations for one batch.
+
+Activations follow the accounting of Korthikanti et al. (2022, "Reducing Activation Recomputation
+in Large Transformer Models"), adapted to this model's widths: per layer we count the tensors
+autograd keeps for the backward pass. It is an estimate (allocator overhead and temporary
+buffers are not modelled); ``gptlab bench model`` prints the measured peak beside it on a GPU.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+_DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+
+
+def estimate_memory(model: Any, batch_size: int, seq_len: int, dtype: str = "float32",
+                    gradient_checkpointing: bool | None = None, flash: bool | None = None) -> dict:
+    """Bytes by category for training ``model`` on (batch_size, seq_len) batches with AdamW.
+
+    dtype is the activation dtype (bfloat16 under autocast); weights, gradients and optimizer
+    state stay float32. ``flash`` (default: sdpa attention with no score bias) drops the stored
+    (heads x T x T) attention matrices. Returns weights, gradients, optimizer, activations, total.
+    """
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPE_BYTES)}, got {dtype!r}")
+    act_bytes = _DTYPE_BYTES[dtype]
+    cfg = model.config
+    if gradient_checkpointing is None:
+        gradient_checkpointing = cfg.gradient_checkpointing
+    if flash is None:
+        provides = getattr(type(model.position), "provides", frozenset())
+        flash = "score_bias" not in provides and _attention_is_fused(model)
+    n_params = model.num_parameters()
+    b, s, h, a, L, V = batch_size, seq_len, cfg.emb_dim, cfg.n_heads, cfg.n_layers, cfg.vocab_size
+    mlp = _first(model, "hidden_dim")
+    ff = getattr(mlp, "hidden_dim", 4 * h)
+    gated = bool(getattr(mlp, "gated", False))
+    dropout = cfg.drop_rate > 0
+    tokens = b * s
+    # Per layer, elements saved for backward: norm inputs (2h), q/k/v (3h), attention output (h),
+    # MLP input (h) and, inside the MLP, the activation input and output (2ff; gated: 3ff + ff).
+    elems = tokens * (2 * h + 3 * h + h + h + h + (4 * ff if gated else 2 * ff))
+    mask_bytes = tokens * 2 * h if dropout else 0  # residual dropout masks, 1 byte each
+    attn = 0
+    if not flash:  # softmax output, dropout output and mask of the (a x s x s) score matrix
+        attn = b * a * s * s * (act_bytes * (2 if dropout else 1) + (1 if dropout else 0))
+    per_layer = elems * act_bytes + mask_bytes + attn
+    # Embedding output, final norm input and the float32 logits plus their gradient.
+    outside = tokens * h * act_bytes * 2 + tokens * V * 4 * 2
+    if gradient_checkpointing:
+        activations = L * tokens * h * act_bytes + per_layer + outside
+    else:
+        activations = L * per_layer + outside
+    weights = n_params * 4
+    out = {
+        "parameters": n_params,
+        "weights": weights,
+        "gradients": weights,
+        "optimizer": 2 * weights,  # AdamW: exp_avg and exp_avg_sq
+        "activations": int(activations),
+    }
+    out["total"] = out["weights"] + out["gradients"] + out["optimizer"] + out["activations"]
+    return out
+
+
+def _first(model: Any, attr: str) -> Any:
+    for m in model.modules():
+        if hasattr(m, attr) and m is not model:
+            return m
+    return None
+
+
+def _attention_is_fused(model: Any) -> bool:
+    """True when the attention modules call a fused kernel (they report a kernel path other than explicit)."""
+    from .components import PositionalContext
+
+    attn = _first(model, "kernel_path")
+    if attn is None:
+        return False
+    return attn.kernel_path(PositionalContext(0, 1)) != "explicit"
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # pragma: no cover
+

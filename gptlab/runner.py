@@ -1,0 +1,242 @@
+"""Run an experiment: one directory per run under results/<experiment>/, nothing ever lost.
+
+A run directory holds config.yaml (resolved config), metrics.jsonl (one row per log step),
+summary.json (written atomically; status running/completed/diverged/failed/interrupted),
+error.txt for a failure, and model.safetensors + tokenizer.json when train.checkpoint is set.
+Completed and diverged runs are results and are skipped on rerun; the others are redone.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import platform
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from . import __version__
+from .data import TokenData, prepare_tokens, write_json_atomic
+from .devices import device_name
+from .errors import ConfigError
+from .experiment import Experiment, RunSpec
+from .model import GPTModel, resolve_components
+from .plugin_manager import PluginSystem
+
+FINISHED = ("completed", "diverged")
+
+
+@dataclass
+class RunInfo:
+    """What lifecycle hooks receive about a run."""
+
+    dir: Path
+    name: str
+    seed: int
+    config: dict
+    experiment: str
+
+
+def find_run_dir(exp_dir: Path, spec: RunSpec) -> Optional[Path]:
+    """The directory of an earlier run with this config hash and seed, whatever its variant label."""
+    matches = sorted(exp_dir.glob(f"*__{spec.config_hash}__s{spec.seed}"))
+    return matches[0] if matches else None
+
+
+def read_summary(run_dir: Path) -> Optional[dict]:
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def check_writable(results_dir: Path) -> None:
+    try:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        probe = results_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"results directory {results_dir} is not writable ({exc.strerror}); "
+                          f"choose another with --results-dir") from None
+
+
+def preflight(exp: Experiment, plugins: PluginSystem, cache_dir: Path) -> dict[str, TokenData]:
+    """Check everything a user can get wrong before the first run starts: components, data, lengths."""
+    data_by_key: dict[str, TokenData] = {}
+    for spec in exp.runs:
+        where = f"{exp.path or 'experiment'}: variant '{spec.variant}'"
+        try:
+            resolve_components(spec.model, plugins)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        key = json.dumps([spec.data.dataset.to_plain(), spec.data.tokenizer.to_plain(), spec.data.val_fraction],
+                         sort_keys=True, default=str)
+        if key not in data_by_key:
+            try:
+                data_by_key[key] = prepare_tokens(spec.data, plugins, cache_dir)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        data = data_by_key[key]
+        seq_len = spec.train.seq_len or spec.model.context_length
+        if data.tokenizer.vocab_size > spec.model.vocab_size:
+            raise ConfigError(f"{where}: tokenizer '{spec.data.tokenizer.name}' has {data.tokenizer.vocab_size} "
+                              f"tokens but model.vocab_size is {spec.model.vocab_size}; "
+                              f"set model.vocab_size={data.tokenizer.vocab_size}")
+        if seq_len > spec.model.context_length:
+            raise ConfigError(f"{where}: train.seq_len {seq_len} exceeds model.context_length "
+                              f"{spec.model.context_length}; lower train.seq_len or raise the context")
+        for split, tokens in (("training", data.train), ("validation", data.val)):
+            if len(tokens) < seq_len + 2:
+                raise ConfigError(f"{where}: the {split} split has {len(tokens)} tokens, too few for windows of "
+                                  f"{seq_len}; lower model.context_length / train.seq_len or use a bigger corpus")
+    return data_by_key
+
+
+class ExperimentRunner:
+    """Trains every pending run of an experiment and records each one in its own directory."""
+
+    def __init__(self, exp: Experiment, plugins: PluginSystem, results_dir: Path, device: torch.device,
+                 force: bool = False, console: Any = None) -> None:
+        self.exp, self.plugins, self.device, self.force = exp, plugins, device, force
+        self.results_dir = Path(results_dir)
+        self.exp_dir = self.results_dir / exp.name
+        self.cache_dir = self.results_dir / ".cache" / "tokens"
+        self.console = console
+
+    def plan(self) -> list[tuple[RunSpec, Optional[Path], str]]:
+        """(spec, existing dir, action) for every run; action is run, skip or redo."""
+        out = []
+        for spec in self.exp.runs:
+            existing = find_run_dir(self.exp_dir, spec) if self.exp_dir.exists() else None
+            summary = read_summary(existing) if existing else None
+            if summary and summary.get("status") in FINISHED and not self.force:
+                out.append((spec, existing, "skip"))
+            elif existing:
+                out.append((spec, existing, "redo"))
+            else:
+                out.append((spec, None, "run"))
+        return out
+
+    def run(self, on_progress: Callable[..., Any] = None) -> list[dict]:
+        check_writable(self.results_dir)
+        data_by_key = preflight(self.exp, self.plugins, self.cache_dir)
+        self.exp_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.exp_dir / "experiment.json", {
+            "name": self.exp.name, "description": self.exp.description,
+            "source": str(self.exp.path) if self.exp.path else None, "base": self.exp.base,
+            "variants": self.exp.variants, "compare": self.exp.compare})
+        results = []
+        for spec, existing, action in self.plan():
+            if action == "skip":
+                results.append(read_summary(existing) | {"_dir": str(existing), "_action": "skip"})
+                continue
+            key = json.dumps([spec.data.dataset.to_plain(), spec.data.tokenizer.to_plain(), spec.data.val_fraction],
+                             sort_keys=True, default=str)
+            run_dir = existing or self.exp_dir / spec.dir_name
+            summary = self.run_one(spec, run_dir, data_by_key[key], on_progress)
+            results.append(summary | {"_dir": str(run_dir), "_action": action})
+        return results
+
+    def run_one(self, spec: RunSpec, run_dir: Path, data: TokenData, on_progress=None) -> dict:
+        from .train import Diverged, train_run
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / ".lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(f"run {run_dir} is being trained by another gptlab process; wait for it") from None
+        try:
+            return self._train_locked(spec, run_dir, data, on_progress, train_run, Diverged)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()
+
+    def _train_locked(self, spec, run_dir, data, on_progress, train_run, Diverged) -> dict:
+        for stale in ("metrics.jsonl", "error.txt", "model.safetensors", "tokenizer.json"):
+            (run_dir / stale).unlink(missing_ok=True)
+        resolved = spec.resolved()
+        meta = {"experiment": self.exp.name, "variant": spec.variant, "seed": spec.seed,
+                "config_hash": spec.config_hash, "changes": spec.changes}
+        OmegaConf.save(OmegaConf.create({**meta, **resolved}), run_dir / ".config.yaml.tmp")
+        os.replace(run_dir / ".config.yaml.tmp", run_dir / "config.yaml")
+        summary: dict[str, Any] = {
+            **meta, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid(),
+            "device": device_name(self.device), "versions": self.versions(), "plugins": self.plugin_versions()}
+        write_json_atomic(run_dir / "summary.json", summary)
+        info = RunInfo(run_dir, spec.variant, spec.seed, {**meta, **resolved}, self.exp.name)
+        hook = self.plugins.pm.hook
+        metrics_fh = open(run_dir / "metrics.jsonl", "a")
+
+        def on_log(row: dict) -> None:
+            metrics_fh.write(json.dumps(row) + "\n")
+            metrics_fh.flush()
+            summary["step"] = row["step"]
+            hook.gptlab_log(run=info, step=row["step"], metrics=row)
+
+        def on_eval(row: dict) -> None:
+            hook.gptlab_eval(run=info, step=row["step"], metrics=row)
+
+        start = time.perf_counter()
+        model = None
+        try:
+            torch.manual_seed(spec.seed)
+            model = GPTModel(spec.model, plugins=self.plugins)
+            summary["parameters"] = model.num_parameters()
+            seq_len = spec.train.seq_len or spec.model.context_length
+            summary["memory_estimate"] = model.memory_estimate(
+                spec.train.batch_size, seq_len,
+                dtype="bfloat16" if self.device.type == "cuda" and spec.train.precision != "fp32" else "float32")["total"]
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            hook.gptlab_run_start(run=info)
+            progress = (lambda st, row: on_progress(spec, st, row)) if on_progress else (lambda st, row: None)
+            summary.update(train_run(spec, data, model, self.device, on_log, on_eval, progress))
+            summary["status"] = "completed"
+            if spec.train.checkpoint:
+                self.save_checkpoint(model, data, run_dir)
+        except Diverged as exc:
+            summary.update(status="diverged", diverged_step=exc.step, error=str(exc))
+        except KeyboardInterrupt:
+            summary.update(status="interrupted", error="interrupted by the user (Ctrl-C)")
+            self._finish(summary, run_dir, start, metrics_fh, info)
+            raise
+        except Exception as exc:  # a run's crash is a result; the experiment goes on
+            summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+            (run_dir / "error.txt").write_text(traceback.format_exc())
+        self._finish(summary, run_dir, start, metrics_fh, info)
+        return summary
+
+    def _finish(self, summary: dict, run_dir: Path, start: float, metrics_fh, info: RunInfo) -> None:
+        metrics_fh.close()
+        summary["wall_time_s"] = time.perf_counter() - start
+        summary["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        summary.pop("pid", None)
+        if self.device.type == "cuda":
+            summary["peak_memory"] = torch.cuda.max_memory_allocated(self.device)
+        write_json_atomic(run_dir / "summary.json", summary)
+        try:
+            self.plugins.pm.hook.gptlab_run_end(run=info, summary=summary)
+        except Exception as exc:  # a broken sink must not turn a finished run into a lost one
+            (run_dir / "error.txt").write_text(f"gptlab_run_end hook failed: {type(exc).__name__}: {exc}\n")
+
+    def save_checkpoint(self, model: GPTModel, data: TokenData, run_dir: Path) -> None:
+        from safetensors.torch import save_model
+
+        tmp = run_dir / ".model.safetensors.tmp"
+        save_model(model, str(tmp))
+        os.replace(tmp, run_dir / "model.safetensors")
+        write_json_atomic(run_dir / "tokenizer.json", {"state": data.tokenizer.state_dict(),
+                                                       "vocab_size": data.tokenizer.vocab_size})
+
+    def versions(self) -> dict:
+        return {"gptlab": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+    def plugin_versions(self) -> dict:
+        return {p.name: f"{p.source} {p.version}" for p in self.plugins.plugins}

@@ -1,0 +1,199 @@
+"""Train one run: AdamW, warmup + cosine, clipping, accumulation, periodic eval, metrics rows.
+
+The loop reads the loss back from the device only at log steps, so a GPU never waits on the host
+in between. Divergence (a non-finite loss) is detected at those same log steps.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .data import Batches, TokenData, eval_starts, windows
+from .devices import peak_flops, synchronize
+from .experiment import RunSpec
+from .model import GPTModel
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(f"loss became {loss} at step {step}")
+        self.step, self.loss = step, loss
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+    best_val: float = math.inf
+    best_val_step: Optional[int] = None
+    last_val: Optional[float] = None
+    last_train: Optional[float] = None
+    train_time: float = 0.0  # seconds spent in training steps (no eval, no first-step warm-up)
+    timed_tokens: int = 0
+
+
+def lr_at(step: int, t) -> float:
+    """Linear warmup from 0 over warmup_steps, then cosine decay to min_lr at the last step."""
+    min_lr = t.min_lr if t.min_lr is not None else t.lr / 10
+    if t.warmup_steps and step <= t.warmup_steps:
+        return t.lr * step / t.warmup_steps
+    span = max(1, t.steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    return min_lr + 0.5 * (t.lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay only on tensors of 2 or more dimensions (matrices, embeddings)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), **extra)
+
+
+def autocast_for(t, device: torch.device):
+    use_bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
+    if use_bf16:
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+@torch.no_grad()
+def evaluate(model: GPTModel, tokens, seq_len: int, batches: int, batch_size: int, device: torch.device,
+             ctx: Callable) -> Optional[float]:
+    """Mean next-token loss on fixed, evenly spaced windows of the validation split."""
+    starts = eval_starts(len(tokens), seq_len, batches * batch_size)
+    if not starts:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        x, y = windows(tokens, starts[i:i + batch_size], seq_len, device)
+        with ctx():
+            logits = model(x)
+        total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+        count += y.numel()
+    model.train(was_training)
+    return total / count
+
+
+def length_label(m: float) -> str:
+    return f"val_loss@{m:g}x"
+
+
+def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.device,
+              on_log: Callable[[dict], None], on_eval: Callable[[dict], None],
+              progress: Callable[[TrainState, dict], None] = lambda s, m: None) -> dict:
+    """Train ``model`` per ``spec.train``; returns the summary metrics. Raises Diverged."""
+    t = spec.train
+    seq_len = t.seq_len or spec.model.context_length
+    model.to(device).train()
+    optimizer = make_optimizer(model, t, device)
+    ctx = autocast_for(t, device)
+    step_model = model
+    if t.compile:
+        step_model = torch.compile(model)
+    batches = Batches(data.train, t.batch_size, seq_len, spec.seed, device)
+    state = TrainState()
+    tokens_per_step = t.batch_size * t.grad_accum * seq_len
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+    synchronize(device)
+    interval_start = time.perf_counter()
+    interval_tokens = 0
+    for step in range(1, t.steps + 1):
+        lr = lr_at(step, t)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(t.grad_accum):
+            x, y = batches.next()
+            with ctx():
+                logits = step_model(x)
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+            (loss / t.grad_accum).backward()
+            loss_sum += loss.detach()
+            loss_count += 1
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step, state.tokens = step, state.tokens + tokens_per_step
+        interval_tokens += tokens_per_step
+        if step == 1:  # the first step pays for warm-up (allocator, compile): keep it out of tokens/s
+            synchronize(device)
+            interval_start, interval_tokens = time.perf_counter(), 0
+        if step % t.log_every and step % t.eval_every and step != t.steps:
+            continue
+        train_loss = (loss_sum / max(1, loss_count)).item()  # the only host sync in the loop
+        elapsed = time.perf_counter() - interval_start
+        if interval_tokens:
+            state.train_time += elapsed
+            state.timed_tokens += interval_tokens
+        loss_sum.zero_()
+        loss_count = 0
+        if not math.isfinite(train_loss):
+            raise Diverged(step, train_loss)
+        state.last_train = train_loss
+        row = {"step": step, "tokens": state.tokens, "train_loss": train_loss, "lr": lr,
+               "tokens_per_s": interval_tokens / elapsed if interval_tokens and elapsed > 0 else None}
+        if step % t.eval_every == 0 or step == t.steps:
+            val = evaluate(model, data.val, seq_len, t.eval_batches, t.batch_size, device, ctx)
+            row["val_loss"] = val
+            state.last_val = val
+            if val is not None and val < state.best_val:
+                state.best_val, state.best_val_step = val, step
+            on_eval({"step": step, "val_loss": val})
+        on_log(row)
+        progress(state, row)
+        synchronize(device)
+        interval_start, interval_tokens = time.perf_counter(), 0
+
+    summary = {
+        "final_train_loss": state.last_train,
+        "final_val_loss": state.last_val,
+        "best_val_loss": state.best_val if math.isfinite(state.best_val) else None,
+        "best_val_step": state.best_val_step,
+        "tokens": state.tokens,
+        "tokens_per_s": state.timed_tokens / state.train_time if state.train_time > 0 else None,
+        "train_time_s": state.train_time,
+    }
+    flops = model.flops_per_token(seq_len)
+    peak = peak_flops(device)
+    summary["flops_per_token"] = flops
+    summary["mfu"] = (summary["tokens_per_s"] * flops / peak) if peak and summary["tokens_per_s"] else None
+    summary.update(length_extrapolation(model, data, t, seq_len, device, ctx))
+    return summary
+
+
+def length_extrapolation(model: GPTModel, data: TokenData, t, seq_len: int, device: torch.device,
+                         ctx: Callable) -> dict:
+    """Validation loss at each multiple of the training length in ``train.eval_lengths``."""
+    out: dict[str, Any] = {}
+    notes = {}
+    for m in t.eval_lengths:
+        key = length_label(m)
+        length = int(round(m * seq_len))
+        limit = model.max_length
+        if limit is not None and length > limit:
+            out[key] = None
+            notes[key] = (f"position '{model.components['position']}' cannot encode {length} tokens "
+                          f"(trained limit {limit})")
+            continue
+        if len(data.val) < length + 1:
+            out[key] = None
+            notes[key] = f"validation split has {len(data.val)} tokens, fewer than {length + 1}"
+            continue
+        out[key] = evaluate(model, data.val, length, t.eval_batches, max(1, t.batch_size * seq_len // length),
+                            device, ctx)
+    if notes:
+        out["notes"] = notes
+    return out

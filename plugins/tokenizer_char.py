@@ -1,0 +1,52 @@
+"""Tokenizer 'char': one token per character seen in the training text, plus <|endoftext|> and <|unk|>."""
+import re
+
+import gptlab
+from gptlab.data import Tokenizer
+
+EOT, UNK = "<|endoftext|>", "<|unk|>"
+
+
+class CharTokenizer(Tokenizer):
+    """Characters of the corpus as tokens, with the seeds' <|endoftext|> and <|unk|> specials."""
+
+    def __init__(self):
+        self.itos = []
+        self.stoi = {}
+
+    @property
+    def vocab_size(self):
+        return len(self.itos)
+
+    @property
+    def eot_token(self):
+        return self.stoi.get(EOT)
+
+    def fit(self, text):
+        chars = sorted(set(text.replace(EOT, "")))
+        self.load_state_dict({"chars": chars})
+
+    def encode(self, text):
+        unk = self.stoi[UNK]
+        ids = []
+        for piece in re.split(f"({re.escape(EOT)})", text):
+            if piece == EOT:
+                ids.append(self.stoi[EOT])
+            else:
+                ids.extend(self.stoi.get(c, unk) for c in piece)
+        return ids
+
+    def decode(self, ids):
+        return "".join(self.itos[int(i)] for i in ids)
+
+    def state_dict(self):
+        return {"chars": self.itos[:-2]}
+
+    def load_state_dict(self, state):
+        self.itos = list(state["chars"]) + [EOT, UNK]
+        self.stoi = {s: i for i, s in enumerate(self.itos)}
+
+
+@gptlab.hookimpl
+def gptlab_register(register):
+    register("tokenizer", "char", CharTokenizer)

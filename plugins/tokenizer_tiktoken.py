@@ -1,0 +1,34 @@
+"""Tokenizer 'tiktoken': OpenAI BPE encodings (GPT-2 by default) through the tiktoken package."""
+import gptlab
+from gptlab.data import Tokenizer
+from gptlab.errors import ConfigError
+
+
+class TiktokenTokenizer(Tokenizer):
+    """A tiktoken encoding such as GPT-2 BPE (50257 tokens); its vocabulary must be cached offline."""
+
+    def __init__(self, encoding="gpt2"):
+        import tiktoken
+
+        try:
+            self.enc = tiktoken.get_encoding(encoding)
+        except ValueError as exc:  # unknown encoding name
+            raise ConfigError(f"unknown encoding '{encoding}'; known: {', '.join(tiktoken.list_encoding_names())}") from None
+        except Exception as exc:
+            raise ConfigError(
+                f"could not load the '{encoding}' vocabulary ({type(exc).__name__}); tiktoken downloads it on first use: "
+                f"on a machine with network run `TIKTOKEN_CACHE_DIR=DIR python -c \"import tiktoken; "
+                f"tiktoken.get_encoding('{encoding}')\"`, copy DIR here and set TIKTOKEN_CACHE_DIR=DIR") from None
+        self.vocab_size = self.enc.n_vocab
+        self.eot_token = self.enc.eot_token
+
+    def encode(self, text):
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        return self.enc.decode([int(i) for i in ids])
+
+
+@gptlab.hookimpl
+def gptlab_register(register):
+    register("tokenizer", "tiktoken", TiktokenTokenizer)
