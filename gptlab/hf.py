@@ -164,8 +164,9 @@ def read_hf_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
             state = torch.load(pickled, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
             # torch's own message suggests weights_only=False, which is exactly what must not happen
-            raise ConfigError(f"{pickled}: holds pickled objects other than tensors, which are not loaded "
-                              f"(they could run code); convert it to {SAFETENSORS_FILE}") from None
+            raise ConfigError(f"{pickled}: not a plain tensor state dict (corrupt, or it pickles other objects, "
+                              f"which are never unpickled since they could run code); "
+                              f"convert it to {SAFETENSORS_FILE}") from None
         except (OSError, RuntimeError, EOFError) as exc:
             raise ConfigError(f"{pickled}: cannot load it as a tensor state dict ({type(exc).__name__})") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
