@@ -65,7 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (argparse stops filling a positional list at the first option)
+    if args.command == "run":
+        args.overrides += [x for x in extra if not x.startswith("-") and "=" in x]
+        extra = [x for x in extra if x.startswith("-") or "=" not in x]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command](args)
     except GptlabError as exc:

@@ -99,10 +99,10 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
     model.to(device).train()
     optimizer = make_optimizer(model, t, device)
     ctx = autocast_for(t, device)
-    step_model = model
-    if t.compile:
-        step_model = torch.compile(model)
     batches = Batches(data.train, t.batch_size, seq_len, spec.seed, device)
+    step_model, compile_note = model, None
+    if t.compile:
+        step_model, compile_note = compile_or_fallback(model, (t.batch_size, seq_len), device, ctx)
     state = TrainState()
     tokens_per_step = t.batch_size * t.grad_accum * seq_len
     loss_sum = torch.zeros((), device=device)
@@ -166,12 +166,31 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
         "tokens_per_s": state.timed_tokens / state.train_time if state.train_time > 0 else None,
         "train_time_s": state.train_time,
     }
+    if compile_note:
+        summary["compile"] = compile_note
     flops = model.flops_per_token(seq_len)
     peak = peak_flops(device)
     summary["flops_per_token"] = flops
     summary["mfu"] = (summary["tokens_per_s"] * flops / peak) if peak and summary["tokens_per_s"] else None
     summary.update(length_extrapolation(model, data, t, seq_len, device, ctx))
     return summary
+
+
+def compile_or_fallback(model: GPTModel, shape: tuple, device: torch.device,
+                        ctx: Callable) -> tuple[torch.nn.Module, str]:
+    """torch.compile the model, or say why not and train eagerly.
+
+    Compilation happens on the first call, so one probe forward (with grad, as in training)
+    surfaces a failure here instead of in the middle of the loop.
+    """
+    try:
+        compiled = torch.compile(model)
+        with ctx():  # a probe batch of zeros: the data stream is left untouched
+            compiled(torch.zeros(shape, dtype=torch.long, device=device))
+        return compiled, "compiled"
+    except Exception as exc:  # dynamo/inductor errors come in many types
+        reason = " ".join(str(exc).split())[:300]
+        return model, f"fell back to eager: {type(exc).__name__}: {reason}"
 
 
 def length_extrapolation(model: GPTModel, data: TokenData, t, seq_len: int, device: torch.device,
