@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from .cli_results import COMMANDS as RESULT_COMMANDS
+from .cli_results import add_parsers as add_result_parsers
 from .errors import GptlabError
 
 EXPERIMENT_FORMAT = """\
@@ -60,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--json", action="store_true", help="print JSON")
         c.add_argument("--plugins-dir", type=Path, action="append", default=[], help="extra plugin folder")
         c.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    add_result_parsers(sub)
     return p
 
 
@@ -107,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     err = _console(stderr=True)
     err.print(f"[bold]{exp.name}[/]: {len(exp.runs)} runs on {device}  ->  {runner.exp_dir}")
     results = _run_with_progress(runner, err)
-    _print_run_table(results, out)
+    _print_compare(results, exp, out, err)
     failed = [r for r in results if r.get("status") == "failed"]
     if failed:
         err.print(f"[red]{len(failed)} run(s) failed[/]; see error.txt in: "
@@ -150,6 +153,17 @@ def _run_with_progress(runner, err) -> list[dict]:
             progress.update(tasks[key], completed=state.step, loss=f"{row['train_loss']:.3f}",
                             tps=f"{tps:,.0f}" if tps else "-")
         return runner.run(on_progress=on_progress)
+
+
+def _print_compare(results: list[dict], exp, out, err) -> None:
+    """End a run with the comparison table of this invocation's runs (the experiment's compare block)."""
+    from .compare import print_compare
+
+    try:
+        print_compare([r["_dir"] for r in results], **exp.compare)
+    except GptlabError as exc:  # a bad compare block must not hide finished training
+        err.print(f"[yellow]comparison table skipped: {exc}[/]")
+        _print_run_table(results, out)
 
 
 def _print_run_table(results: list[dict], out) -> None:
@@ -216,7 +230,7 @@ def cmd_components(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "plugins": cmd_plugins, "components": cmd_components}
+COMMANDS = {"run": cmd_run, "plugins": cmd_plugins, "components": cmd_components, **RESULT_COMMANDS}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -149,7 +149,7 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
             raise ConfigError(f"{where}: unknown compare key '{key}'{did_you_mean(key, COMPARE_KEYS)}")
 
     base = OmegaConf.create({k: cfg.get(k) or {} for k in CONFIG_SECTIONS})
-    variants = cfg.get("variants") or {}
+    variants = cfg.get("variants") or OmegaConf.create({})
     if not isinstance(variants, DictConfig):
         raise ConfigError(f"{where}: 'variants' must map variant names to partial configs")
     variant_items = [(str(k), v) for k, v in variants.items()] or [("base", OmegaConf.create({}))]

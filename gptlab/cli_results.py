@@ -1,0 +1,271 @@
+"""The read-only commands: ``gptlab compare``, ``gptlab show`` and ``gptlab generate``.
+
+They only read run directories, so they live apart from the training CLI; ``gptlab.cli`` adds
+them with ``add_parsers(sub)`` and dispatches through ``COMMANDS``. Each handler takes the parsed
+arguments and returns an exit status; a mistake the user can fix raises ``ConfigError``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+COMPARE_HELP = """\
+PATH: experiment directories (results/<name>), run directories, or a folder of experiments;
+several are merged into one table. Options left out come from the experiment's compare block.
+--metric: val_loss (final), best_val_loss, train_loss, val_loss@2x, or any metric a plugin logged.
+--sort: a column of --format csv (e.g. tokens_per_s, delta); prefix - for descending.
+"""
+
+
+def add_parsers(sub: Any) -> None:
+    """Add the compare, show and generate subcommands to ``sub`` (argparse subparsers)."""
+    c = sub.add_parser("compare", help="one row per variant: mean ± std over seeds, Δ to a baseline with a 95% CI",
+                       epilog=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("paths", nargs="*", type=Path, metavar="PATH",
+                   help="experiment or run directories (default: every experiment under --results-dir)")
+    c.add_argument("--results-dir", type=Path, default=Path("results"), help="default: results")
+    c.add_argument("--by", metavar="KEY[,KEY]", help="group by config keys (default: the variant)")
+    c.add_argument("--baseline", metavar="NAME", help="row the others are compared with")
+    c.add_argument("--metric", metavar="NAME", help="primary metric (default: val_loss)")
+    c.add_argument("--at-step", type=int, metavar="N", help="use the metric's value logged at step N")
+    c.add_argument("--sort", metavar="COLUMN", help="sort rows by this column (default: declaration order)")
+    c.add_argument("--format", default="table", metavar="FORMAT", help="table (default), csv, md or json")
+    c.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    s = sub.add_parser("show", help="a run's config, summary and loss curves; or an experiment's curves overlaid")
+    s.add_argument("path", type=Path, help="run directory or experiment directory")
+    s.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    g = sub.add_parser("generate", help="sample text from a run's checkpoint")
+    g.add_argument("run_dir", type=Path, help="run directory holding model.safetensors")
+    g.add_argument("--prompt", required=True, help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=100, help="default: 100")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    g.add_argument("--plugins-dir", type=Path, action="append", default=[],
+                   help="extra plugin folder, for runs built with components from outside ./plugins")
+    g.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+
+# -- compare -----------------------------------------------------------------------------------
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import print_compare
+
+    print_compare(args.paths, by=args.by, baseline=args.baseline, metric=args.metric, at_step=args.at_step,
+                  sort=args.sort, format=args.format, results_dir=args.results_dir)
+    return 0
+
+
+# -- show --------------------------------------------------------------------------------------
+def cmd_show(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .results import is_run_dir
+
+    path = Path(args.path)
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist; pass a run directory or an experiment directory (results/<name>)")
+    console = Console(highlight=False)
+    if path.is_dir() and is_run_dir(path):
+        show_run(path, console)
+    elif path.is_dir() and ((path / "experiment.json").is_file() or any(
+            is_run_dir(p) for p in path.iterdir() if p.is_dir())):
+        show_experiment(path, console)
+    else:
+        raise ConfigError(f"{path} is neither a run directory (config.yaml, summary.json) nor an experiment "
+                          f"directory holding runs")
+    return 0
+
+
+def show_run(run_dir: Path, console: Any) -> None:
+    """Header, config (keys differing from the experiment base marked), summary, loss curves."""
+    from rich.columns import Columns
+    from rich.table import Table
+    from rich.text import Text
+
+    from .results import flatten_config, read_experiment, read_metrics, read_run
+
+    row, config = read_run(run_dir)
+    status = row["status"]
+    console.print(Text.assemble((f"{row['experiment']} / {row['variant']} / seed {row['seed']}", "bold"), "  ",
+                                (status, _STATUS_STYLE.get(status, "")), "  ", (str(run_dir), "dim")))
+    base = flatten_config(read_experiment(run_dir.parent).get("base") or {})
+    differs = {k for k, v in config.items() if base and base.get(k, _MISSING) != v}
+    head = "config" + ("  (* = differs from the experiment base)" if base else
+                       "  (no experiment.json next to the run: nothing to compare against)")
+    console.print(Text("\n" + head, style="bold"))
+    if differs:
+        console.print(Text("differs from base: " + ", ".join(f"{k}={_fmt(config[k])}" for k in config if k in differs),
+                           style="bold yellow"))
+    console.print(Columns([Text(("* " if k in differs else "") + f"{k}={_fmt(v)}",
+                                style="bold yellow" if k in differs else "") for k, v in config.items()],
+                          padding=(0, 2)))
+
+    console.print(Text("\nsummary", style="bold"))
+    grid = Table.grid(padding=(0, 2))
+    for _ in range(4):
+        grid.add_column()
+    pairs = _summary_pairs(row)
+    for i in range(0, len(pairs), 2):
+        cells = [x for pair in pairs[i:i + 2] for x in pair]
+        grid.add_row(*[Text(str(c), style="dim" if j % 2 == 0 else "") for j, c in enumerate(cells)])
+    console.print(grid)
+    for key in sorted(k for k in row if k.startswith("val_loss@")):
+        value = row[key]
+        note = row.get(f"notes.{key}")
+        console.print(Text(f"{key}: " + (f"{value:.4f}" if isinstance(value, (int, float)) else "n/a")
+                           + (f" ({note})" if note and value is None else "")))
+    if row.get("error"):
+        console.print(Text(f"error: {row['error']}", style="red"))
+
+    metrics = read_metrics(run_dir)
+    series = [(name, *_xy(metrics, key)) for name, key in (("train", "train_loss"), ("val", "val_loss"))]
+    _print_plot(console, "loss curves", series)
+
+
+def show_experiment(exp_dir: Path, console: Any) -> None:
+    """Each variant's mean curve (over its completed seeds) overlaid, for val loss and train loss."""
+    from rich.text import Text
+
+    from .compare import group_runs, mean_curve
+    from .results import load_results, read_experiment
+
+    df = load_results(exp_dir)
+    meta = read_experiment(exp_dir)
+    counts = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items())
+    console.print(Text.assemble((str(meta.get("name") or exp_dir.name), "bold"), f"  {len(df)} runs ({counts})  ",
+                                (str(exp_dir), "dim")))
+    if meta.get("description"):
+        console.print(Text(str(meta["description"])))
+    groups = group_runs(df, [])
+    for key, title in (("val_loss", "validation loss, mean of seeds"), ("train_loss", "training loss, mean of seeds")):
+        series = []
+        for g in groups:
+            done = [i for i in g.index if df["status"].iloc[i] == "completed"]
+            idx = done or [i for i in g.index if df["status"].iloc[i] in ("running", "interrupted")]
+            curve = mean_curve(df["run_dir"].iloc[idx], key)
+            series.append((f"{g.label} (n={len(idx)})", list(curve.index), list(curve.to_numpy())))
+        _print_plot(console, title, series)
+    console.print(Text(f"table: gptlab compare {exp_dir}", style="dim"))
+
+
+def _print_plot(console: Any, title: str, series: list) -> None:
+    from rich.text import Text
+
+    from .termplot import line_plot
+
+    console.print(Text("\n" + title, style="bold"))
+    plot = line_plot(series, colors=bool(console.is_terminal and console.color_system))
+    console.print(Text.from_ansi(plot) if plot else Text("(nothing logged yet)", style="dim"), crop=False)
+
+
+def _xy(metrics: Any, key: str) -> tuple[list, list]:
+    if key not in metrics.columns or "step" not in metrics.columns:
+        return [], []
+    rows = metrics[["step", key]].dropna()
+    return list(rows["step"]), list(rows[key])
+
+
+def _summary_pairs(row: dict) -> list[tuple[str, str]]:
+    def num(key: str, fmt: str = "{:.4f}") -> str:
+        v = row.get(key)
+        return fmt.format(v) if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)) else "n/a"
+
+    best = num("best_val_loss") + (f" @{row['best_val_step']}" if row.get("best_val_step") is not None else "")
+    memory = num("peak_memory", "{:,.0f} B")
+    if memory == "n/a" and row.get("memory_estimate") is not None:
+        memory = f"~{row['memory_estimate']:,.0f} B (estimate)"
+    pairs = [("status", str(row["status"]) + (f" at step {row['diverged_step']}" if row.get("diverged_step") else "")),
+             ("step", num("step", "{:,}")), ("final val", num("final_val_loss")), ("best val", best),
+             ("final train", num("final_train_loss")), ("tokens", num("tokens", "{:,}")),
+             ("tok/s", num("tokens_per_s", "{:,.0f}")), ("MFU", num("mfu", "{:.1%}")),
+             ("params", num("parameters", "{:,}")), ("memory", memory),
+             ("wall", num("wall_time_s", "{:.1f} s")), ("device", str(row.get("device") or "n/a"))]
+    return pairs
+
+
+def _fmt(v: Any) -> str:
+    """Values as the YAML spells them (null, true), so they can be pasted back as overrides."""
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+_MISSING = object()
+_STATUS_STYLE = {"completed": "green", "diverged": "red", "failed": "red", "interrupted": "yellow",
+                 "running": "cyan"}
+
+
+# -- generate ----------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import ModelConfig
+    from .data import build_tokenizer
+    from .devices import resolve_device
+    from .model import GPTModel
+    from .plugin_manager import build_plugin_system
+    from .results import is_run_dir, read_config
+    from .settings import DataConfig, parse_section
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir() or not is_run_dir(run_dir):
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass results/<experiment>/<run>")
+    ckpt = run_dir / "model.safetensors"
+    if not ckpt.is_file():
+        raise ConfigError(f"{run_dir} has no checkpoint (model.safetensors); set train.checkpoint=true and rerun, "
+                          f"e.g. gptlab run EXPERIMENT.yaml train.checkpoint=true")
+    if not (run_dir / "tokenizer.json").is_file():
+        raise ConfigError(f"{run_dir} has no tokenizer.json; rerun with train.checkpoint=true to save both")
+    _check_sampling(args)
+    config = read_config(run_dir)
+    plugins = build_plugin_system(plugin_dirs=args.plugins_dir)
+    model_cfg = ModelConfig.from_any(config.get("model") or {})
+    data = parse_section(DataConfig, config.get("data"), "data")
+    saved = json.loads((run_dir / "tokenizer.json").read_text())
+    tokenizer = build_tokenizer(data.tokenizer, plugins, saved.get("state"))
+    device = resolve_device(args.device)
+    model = GPTModel(model_cfg, plugins=plugins)
+    try:
+        from safetensors.torch import load_model
+
+        load_model(model, str(ckpt), device="cpu")
+    except Exception as exc:  # wrong shapes or a damaged file: say which, without a traceback
+        raise ConfigError(f"{ckpt}: cannot load into the model of config.yaml ({' '.join(str(exc).split())[:300]})") \
+            from None
+    model.to(device)
+
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise ConfigError("--prompt encodes to no tokens; give some text")
+    torch.manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    out = model.generate(torch.tensor([ids], dtype=torch.long, device=device), args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
+    # The model's vocabulary may be padded past the tokenizer's; those ids decode to nothing.
+    tokens = [t for t in out[0].tolist() if t < tokenizer.vocab_size]
+    sys.stdout.write(tokenizer.decode(tokens) + "\n")
+    return 0
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    if not args.prompt:
+        raise ConfigError("--prompt is empty; give some text to continue")
+    if args.max_new_tokens < 0:
+        raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.temperature < 0 or not math.isfinite(args.temperature):
+        raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
+COMMANDS = {"compare": cmd_compare, "show": cmd_show, "generate": cmd_generate}

@@ -1,0 +1,234 @@
+"""Read run directories into a pandas DataFrame, one row per run.
+
+The files a run leaves behind (config.yaml, summary.json, metrics.jsonl) are the only source of
+truth, so every table is recomputed from them; there is no index that could drift from the disk.
+Reading never writes: a run that is mid-training is detected by trying its ``.lock``, not by
+touching anything.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import pandas as pd
+
+from .errors import ConfigError
+
+META = ("experiment", "variant", "seed", "status", "run_dir", "config_hash")
+SECTIONS = ("model", "data", "train")
+# The keys every metrics row has; any other key in metrics.jsonl was logged by a plugin.
+STANDARD_LOG_KEYS = ("step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_s")
+_SKIP_SUMMARY = {"changes", "plugins", "pid"}  # config columns already say what changed
+
+
+def load_results(*paths: Any, results_dir: Any = "results") -> pd.DataFrame:
+    """One row per run under ``paths`` (run or experiment directories, or a results folder).
+
+    Columns: experiment, variant, seed, status, run_dir, config_hash; every scalar summary value
+    (dicts such as ``notes`` flattened to ``notes.val_loss@2x``); the last value of any metric a
+    plugin logged to metrics.jsonl but not to the summary; and the resolved config flattened to
+    dotted keys (``model.position`` = component name, ``model.position.base`` = its option).
+    With no paths, every experiment under ``results_dir``. Rows follow the experiments' variant
+    declaration order, then seed, so tables built from them are stable.
+    """
+    run_dirs = find_runs(paths, results_dir)
+    experiments: dict[str, dict] = {}
+    rows = []
+    for run_dir in run_dirs:
+        exp_dir = str(run_dir.parent)
+        if exp_dir not in experiments:
+            experiments[exp_dir] = read_experiment(run_dir.parent)
+        row, config = read_run(run_dir)
+        declared = experiments[exp_dir].get("variants") or []
+        rank = declared.index(row["variant"]) if row["variant"] in declared else len(declared)
+        rows.append((list(experiments).index(exp_dir), rank, str(row["variant"]), str(row["config_hash"]),
+                     row["seed"] if isinstance(row["seed"], int) else -1, row, config))
+    rows.sort(key=lambda r: r[:5])
+    summary_cols = sorted({k for *_, row, _ in rows for k in row} - set(META))
+    config_cols = list(dict.fromkeys(k for *_, config in rows for k in config))
+    records = [{**row, **config} for *_, row, config in rows]
+    return pd.DataFrame.from_records(records, columns=list(META) + summary_cols + config_cols)
+
+
+def find_runs(paths: Iterable[Any], results_dir: Any = "results") -> list[Path]:
+    """Run directories under each path (a run, an experiment, or a folder of experiments)."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        root = Path(results_dir)
+        if not root.is_dir():
+            raise ConfigError(f"results directory {root} does not exist; run an experiment first "
+                              f"(gptlab run EXPERIMENT.yaml) or pass --results-dir / a path")
+        paths = [root]
+    found: dict[Path, Path] = {}
+    for path in paths:
+        if not path.exists():
+            raise ConfigError(f"{path} does not exist; pass a run directory or an experiment directory "
+                              f"(results/<experiment>)")
+        if path.is_file() and path.name in ("summary.json", "config.yaml", "experiment.json", "metrics.jsonl"):
+            path = path.parent
+        if not path.is_dir():
+            raise ConfigError(f"{path} is not a directory; pass a run or experiment directory")
+        runs = _walk(path, depth=2)
+        if not runs:
+            raise ConfigError(f"no runs found under {path}; a run directory holds config.yaml and summary.json")
+        for run in runs:
+            found.setdefault(run.resolve(), run)
+    return list(found.values())
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "summary.json").is_file() or (path / "config.yaml").is_file()
+
+
+def _walk(path: Path, depth: int) -> list[Path]:
+    if is_run_dir(path):
+        return [path]
+    if depth == 0:
+        return []
+    children = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [run for child in children for run in _walk(child, depth - 1)]
+
+
+def read_experiment(exp_dir: Path) -> dict:
+    """experiment.json (name, base config, variants in declaration order, compare block), or {}."""
+    return _read_json(Path(exp_dir) / "experiment.json") or {}
+
+
+def read_config(run_dir: Path) -> dict:
+    """The run's config.yaml as plain Python, or {} when it is missing or unreadable."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_container(OmegaConf.load(Path(run_dir) / "config.yaml"), resolve=True) or {}
+    except Exception:  # a half-written or hand-edited file must not hide the other runs
+        return {}
+
+
+def read_run(run_dir: Path) -> tuple[dict, dict]:
+    """(meta + summary + plugin metrics, flattened config) of one run directory."""
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    summary = _read_json(run_dir / "summary.json") or {}
+    seed_match = re.search(r"__s(-?\d+)$", run_dir.name)
+    row: dict[str, Any] = {
+        "experiment": summary.get("experiment") or config.get("experiment") or run_dir.parent.name,
+        "variant": summary.get("variant") or config.get("variant") or run_dir.name.split("__")[0],
+        "seed": _first(summary.get("seed"), config.get("seed"), int(seed_match[1]) if seed_match else None),
+        "status": run_status(run_dir, summary),
+        "run_dir": str(run_dir),
+        "config_hash": summary.get("config_hash") or config.get("config_hash"),
+    }
+    for key, value in summary.items():
+        if key in META or key in _SKIP_SUMMARY:
+            continue
+        if isinstance(value, dict):
+            row.update({f"{key}.{k}": _scalar(v) for k, v in value.items()})
+        else:
+            row[key] = _scalar(value)
+    metrics = read_metrics(run_dir)
+    for col in metrics.columns:  # summary first: a plugin metric only fills a gap
+        if col not in STANDARD_LOG_KEYS and col not in row:
+            last = metrics[col].dropna()
+            row[col] = _scalar(last.iloc[-1]) if len(last) else None
+    return row, flatten_config(config)
+
+
+def flatten_config(config: dict) -> dict:
+    """model/data/train as dotted keys; a component mapping gives its name plus one key per option."""
+    out: dict[str, Any] = {}
+
+    def put(key: str, value: Any) -> None:
+        if isinstance(value, dict):
+            if "name" in value:
+                out[key] = value["name"]
+            for k, v in value.items():
+                if k != "name":
+                    put(f"{key}.{k}", v)
+        else:
+            out[key] = _scalar(value)
+
+    for section in SECTIONS:
+        for key, value in (config.get(section) or {}).items():
+            put(f"{section}.{key}", value)
+    return out
+
+
+def run_status(run_dir: Path, summary: Optional[dict]) -> str:
+    """The recorded status, except that 'running' without a live lock holder is 'interrupted'.
+
+    A killed process (OOM, SIGKILL, power loss) never gets to write its final status; the kernel
+    drops its flock, so an unheld lock is the reliable sign that nobody is training the run.
+    """
+    status = (summary or {}).get("status")
+    if status in (None, "running"):
+        return "running" if lock_held(Path(run_dir)) else "interrupted"
+    return str(status)
+
+
+def lock_held(run_dir: Path) -> bool:
+    try:
+        fd = os.open(run_dir / ".lock", os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def read_metrics(run_dir: Any) -> pd.DataFrame:
+    """metrics.jsonl as a DataFrame (empty when absent). Cached on the file's mtime and size."""
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        st = path.stat()
+    except OSError:
+        return pd.DataFrame()
+    return _read_metrics(str(path), st.st_mtime_ns, st.st_size).copy()
+
+
+@lru_cache(maxsize=512)
+def _read_metrics(path: str, mtime_ns: int, size: int) -> pd.DataFrame:
+    rows = []
+    with open(path) as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a killed run may be cut short
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _scalar(value: Any) -> Any:
+    """Lists and mappings become JSON text so every cell is hashable and survives CSV."""
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, default=str)
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars from metrics.jsonl
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
