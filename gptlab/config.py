@@ -5,7 +5,6 @@ so a typo never silently falls back to a default.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Union
 
@@ -86,7 +85,7 @@ class ModelConfig:
     def from_any(cls, cfg: Any) -> "ModelConfig":
         """Build from a dict, an OmegaConf config or a ModelConfig, checking every key and type."""
         if isinstance(cfg, ModelConfig):
-            return dataclasses.replace(cfg)
+            cfg = cfg.to_dict()  # re-check: a dataclass can be built with any values
         try:
             from omegaconf import DictConfig, OmegaConf
 

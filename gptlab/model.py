@@ -5,6 +5,7 @@ activation checkpointing see an ordinary model.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -32,7 +33,7 @@ def resolve_components(cfg: ModelConfig, plugins: PluginSystem) -> dict[str, Ent
         check = getattr(entry.factory, "check", None)
         if callable(check):
             try:
-                check(cfg, **spec.options)
+                check(cfg, **_accepted_by(check, spec.options))
             except ConfigError as exc:
                 raise ConfigError(f"{kind} '{entry.name}': {exc}") from None
     pos, att = entries["position"], entries["attention"]
@@ -45,6 +46,14 @@ def resolve_components(cfg: ModelConfig, plugins: PluginSystem) -> dict[str, Ent
             f"but attention '{att.name}' accepts {', '.join(sorted(accepts)) or 'neither'}; "
             f"pick another attention or position")
     return entries
+
+
+def _accepted_by(fn: Any, options: dict) -> dict:
+    """The options ``fn`` can take (a subclass may add options its base's ``check`` never heard of)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return options
+    return {k: v for k, v in options.items() if k in params}
 
 
 class GPTModel(nn.Module):

@@ -33,10 +33,11 @@ class ALiBiPositions(PositionScheme):
     def context(self, offset, q_len, device, dtype):
         key = (offset, q_len, device)
         if self._cached[0] != key:  # training reuses one shape: build once
-            q = torch.arange(offset, offset + q_len, device=device)[:, None]
-            k = torch.arange(offset + q_len, device=device)[None, :]
-            dist = (q - k).clamp(min=0).float()
-            self._cached = (key, -self.slopes.to(device)[:, None, None] * dist)
+            with torch.inference_mode(False):  # a normal tensor, reusable by training
+                q = torch.arange(offset, offset + q_len, device=device)[:, None]
+                k = torch.arange(offset + q_len, device=device)[None, :]
+                dist = (q - k).clamp(min=0).float()
+                self._cached = (key, -self.slopes.to(device)[:, None, None] * dist)
         return PositionalContext(offset, q_len, score_bias=self._cached[1])
 
 

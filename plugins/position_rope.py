@@ -29,10 +29,12 @@ class RotaryPositions(PositionScheme):
             raise ConfigError(f"needs an even head dimension, got emb_dim/n_heads = {cfg.head_dim}")
 
     def _build(self, n, device):
-        t = torch.arange(n, device=device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq.to(device))
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self._cos, self._sin = emb.cos(), emb.sin()  # cached tables, grown only when needed
+        # normal tensors even when first grown under inference_mode, so training can reuse them
+        with torch.inference_mode(False):
+            t = torch.arange(n, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq.to(device))
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._cos, self._sin = emb.cos(), emb.sin()  # cached tables, grown only when needed
 
     def context(self, offset, q_len, device, dtype):
         end = offset + q_len

@@ -29,8 +29,9 @@ class SinusoidalPositions(PositionScheme):
 
     def embed(self, x, offset):
         end = offset + x.shape[1]
-        if end > self.table.shape[0]:  # grow once, then reuse
-            self.table = sinusoid_table(max(end, 2 * self.table.shape[0]), self.dim, self.base).to(self.table.device)
+        if end > self.table.shape[0]:  # grow once, then reuse (as a normal tensor, even under inference_mode)
+            with torch.inference_mode(False):
+                self.table = sinusoid_table(max(end, 2 * self.table.shape[0]), self.dim, self.base).to(self.table.device)
         return x + self.table[offset:end].to(x.dtype)
 
 

@@ -1,0 +1,542 @@
+"""The GPT skeleton end to end: every built-in combination, attention kernels, the seed config,
+a plain-torch reference GPT, generation, the memory estimate and gradient checkpointing."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gptlab
+import gptlab.model as gptlab_model
+from gptlab import GPT_CONFIG_124M, PRESETS, GPTModel
+from gptlab.model import sample_next
+
+from conftest import (ACTIVATIONS, ATTENTIONS, NORMS, PLACEMENTS, POSITIONS, TINY, build, clone_into,
+                      randomize_, tiny_cfg)
+
+V = TINY["vocab_size"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. every combination of the built-in components
+# ---------------------------------------------------------------------------------------------
+
+def _check_combo(cfg, plugins, idx, targets, t, prefill, chunk):
+    model = GPTModel(cfg, plugins=plugins)
+    randomize_(model, seed=1)
+    model.train()  # dropout is 0, so train and eval compute the same function
+    B, T = idx.shape
+
+    logits = model(idx)
+    assert logits.shape == (B, T, V)
+    assert torch.isfinite(logits).all(), "non-finite logits"
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
+
+    # causality: row 1 equals row 0 up to position t and differs after it
+    torch.testing.assert_close(logits[1, : t + 1], logits[0, : t + 1], atol=1e-5, rtol=0,
+                               msg=lambda m: f"future tokens changed past logits: {m}")
+    assert (logits[1, t + 1:] - logits[0, t + 1:]).abs().max() > 1e-3, "later tokens had no effect"
+
+    # KV cache: prefill, one chunk at a non-zero offset, then one token at a time
+    model.eval()
+    full = logits.detach()
+    with torch.no_grad():
+        cache = model.new_cache(T)
+        steps = [model(idx[:, :prefill], cache=cache)]
+        steps.append(model(idx[:, prefill:prefill + chunk], cache=cache))
+        for i in range(prefill + chunk, T):
+            steps.append(model(idx[:, i:i + 1], cache=cache))
+        assert cache.offset == T
+        incremental = torch.cat(steps, dim=1)
+    torch.testing.assert_close(incremental, full, atol=1e-5, rtol=0,
+                               msg=lambda m: f"cached decoding differs from the full forward: {m}")
+
+
+def test_every_builtin_combination_builds_trains_is_causal_and_caches(builtin_system):
+    for kind, names in [("attention", ATTENTIONS), ("position", POSITIONS), ("norm", NORMS),
+                        ("norm_placement", PLACEMENTS), ("activation", ACTIVATIONS)]:
+        assert set(names) <= set(builtin_system.registry.names(kind)), kind
+    combos = list(itertools.product(ATTENTIONS, POSITIONS, NORMS, PLACEMENTS, ACTIVATIONS))
+    assert len(combos) == 640
+
+    T, t, prefill, chunk = 12, 5, 4, 3
+    g = torch.Generator().manual_seed(0)
+    row = torch.randint(0, V, (T,), generator=g)
+    changed = row.clone()
+    changed[t + 1:] = (row[t + 1:] + torch.randint(1, V, (T - t - 1,), generator=g)) % V  # every later token differs
+    idx = torch.stack([row, changed])
+    targets = torch.randint(0, V, (2, T), generator=g)
+
+    failures = []
+    for attention, position, norm, placement, activation in combos:
+        cfg = tiny_cfg(attention=attention, position=position, norm=norm, norm_placement=placement,
+                       activation=activation)
+        try:
+            _check_combo(cfg, builtin_system, idx, targets, t, prefill, chunk)
+        except Exception as exc:  # collect every failing combination, not just the first
+            failures.append(f"{attention}/{position}/{norm}/{placement}/{activation}: "
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+    assert not failures, f"{len(failures)} combinations failed:\n" + "\n".join(failures[:40])
+
+
+def test_default_components_reproduce_the_seed_architecture():
+    model = build()
+    assert model.components == {"attention": "sdpa", "position": "learned", "norm": "layernorm",
+                                "norm_placement": "pre", "activation": "gelu"}
+    assert isinstance(model.final_norm, nn.LayerNorm)
+    assert model.head.weight is model.tok_emb.weight  # tied by default
+
+
+def test_gpt2_init():
+    """N(0, 0.02) weights and embeddings, zero biases, residual projections at 0.02 / sqrt(2L)."""
+    L = 8
+    model = build(emb_dim=64, n_layers=L, vocab_size=512, context_length=64, bias=True, qkv_bias=True)
+    resid, other = [], []
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            assert torch.count_nonzero(p) == 0, name
+        elif name.endswith(("attn.out_proj.weight", "mlp.proj.weight")):
+            resid.append(p.detach().flatten())
+        elif "norm" not in name:
+            other.append(p.detach().flatten())
+    assert len(resid) == 2 * L
+    assert torch.cat(other).std().item() == pytest.approx(0.02, rel=0.03)
+    assert torch.cat(resid).std().item() == pytest.approx(0.02 / math.sqrt(2 * L), rel=0.03)
+
+
+def test_post_norm_has_no_final_norm_and_pre_norm_has_one():
+    assert isinstance(build(norm_placement="post").final_norm, nn.Identity)
+    for placement in ("pre", "sandwich", "parallel"):
+        assert isinstance(build(norm_placement=placement).final_norm, nn.LayerNorm), placement
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. vanilla and sdpa attention, with and without grouped-query heads
+# ---------------------------------------------------------------------------------------------
+
+def _attention(name, n_kv_heads):
+    return name if n_kv_heads is None else {"name": name, "n_kv_heads": n_kv_heads}
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2, 1])
+def test_vanilla_and_sdpa_agree(n_kv_heads):
+    idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(3))
+    for position in POSITIONS:
+        vanilla = randomize_(build(attention=_attention("vanilla", n_kv_heads), position=position), seed=2)
+        sdpa = clone_into(vanilla, build(attention=_attention("sdpa", n_kv_heads), position=position, seed=5))
+        vanilla.eval(), sdpa.eval()
+        with torch.no_grad():
+            a, b = vanilla(idx), sdpa(idx)
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=0, msg=lambda m: f"{position}: {m}")
+            # the cached path of both kernels (incl. GQA heads in the cache) matches the full forward
+            for model, full in ((vanilla, a), (sdpa, b)):
+                cache = model.new_cache(16)
+                steps = [model(idx[:, :6], cache=cache), model(idx[:, 6:9], cache=cache)]
+                steps += [model(idx[:, i:i + 1], cache=cache) for i in range(9, 16)]
+                torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0,
+                                           msg=lambda m: f"{position} cached: {m}")
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 1])
+def test_grouped_query_qkv_shape_and_parameter_count(n_kv_heads):
+    d, H = TINY["emb_dim"], TINY["n_heads"]
+    head_dim = d // H
+    mha = build(attention="sdpa")
+    gqa = build(attention={"name": "sdpa", "n_kv_heads": n_kv_heads})
+    for block in gqa.blocks:
+        assert block.attn.qkv.weight.shape == (d + 2 * n_kv_heads * head_dim, d)
+    saved = TINY["n_layers"] * 2 * (H - n_kv_heads) * head_dim * d
+    assert mha.num_parameters() - gqa.num_parameters() == saved
+
+
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_grouped_query_heads_share_kv_like_duplicated_heads(attention):
+    """GQA with 2 kv heads equals MHA whose kv heads are copies: query head h reads kv head h // 2."""
+    d, H, n_kv = TINY["emb_dim"], TINY["n_heads"], 2
+    hd = d // H
+    gqa = randomize_(build(attention={"name": attention, "n_kv_heads": n_kv}, position="rope"), seed=4)
+    mha = build(attention=attention, position="rope")
+    state = gqa.state_dict()
+    for key in [k for k in state if k.endswith("attn.qkv.weight")]:
+        q, k, v = state[key].split([d, n_kv * hd, n_kv * hd])
+        rep = lambda w: w.view(n_kv, hd, d).repeat_interleave(H // n_kv, dim=0).reshape(H * hd, d)
+        state[key] = torch.cat([q, rep(k), rep(v)])
+    mha.load_state_dict(state)
+    idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(mha(idx), gqa(idx), atol=1e-5, rtol=0)
+
+
+def test_n_kv_heads_must_divide_n_heads():
+    with pytest.raises(gptlab.ConfigError, match="n_kv_heads"):
+        build(attention={"name": "sdpa", "n_kv_heads": 3})
+    with pytest.raises(gptlab.ConfigError, match="n_kv_heads"):
+        build(attention={"name": "vanilla", "n_kv_heads": 0})
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. the seed example and parameter counts
+# ---------------------------------------------------------------------------------------------
+
+SEED_CONFIG = {"vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12, "n_layers": 12,
+               "drop_rate": 0.1, "qkv_bias": False}
+
+
+def expected_params(cfg: dict) -> int:
+    """Parameter count of a GPT-2-style model (learned positions, pre-LN LayerNorm, 4x GELU MLP)."""
+    V_, C, d, L = cfg["vocab_size"], cfg["context_length"], cfg["emb_dim"], cfg["n_layers"]
+    tied = cfg.get("tie_embeddings", True)
+    ln = 2 * d  # weight + bias
+    attn = d * 3 * d + (3 * d if cfg.get("qkv_bias", False) else 0) + d * d + d
+    mlp = d * 4 * d + 4 * d + 4 * d * d + d
+    block = 2 * ln + attn + mlp
+    return V_ * d + C * d + L * block + ln + (0 if tied else V_ * d)
+
+
+@pytest.fixture(scope="module")
+def gpt124m():
+    """The seed example, verbatim (the only full-size model the suite allocates)."""
+    torch.manual_seed(0)
+    from gptlab import GPTModel, GPT_CONFIG_124M
+    model = GPTModel(GPT_CONFIG_124M)
+    return model
+
+
+def test_seed_example(gpt124m):
+    assert GPT_CONFIG_124M == SEED_CONFIG  # the public seed dict is unchanged (and not mutated by building)
+    gpt124m.eval()
+    with torch.no_grad():
+        logits = gpt124m(torch.randint(0, 50257, (2, 256)))
+    assert logits.shape == (2, 256, 50257)
+    assert torch.isfinite(logits).all()
+
+
+def test_124m_parameter_counts(gpt124m):
+    assert gpt124m.num_parameters() == expected_params(GPT_CONFIG_124M) == 124_412_160
+    # the meta device gives the same count without allocating (checked against the real model)
+    with torch.device("meta"):
+        meta = GPTModel(GPT_CONFIG_124M)
+        untied = GPTModel(dict(GPT_CONFIG_124M, tie_embeddings=False))
+    assert meta.num_parameters() == gpt124m.num_parameters()
+    assert untied.num_parameters() == expected_params(dict(GPT_CONFIG_124M, tie_embeddings=False)) == 163_009_536
+    # the learned position table is the only position parameter
+    assert gpt124m.num_parameters(exclude_position=True) == 124_412_160 - 1024 * 768
+
+
+def test_presets():
+    for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        assert name in PRESETS
+    cpu = [k for k in PRESETS if not k.startswith("gpt2")]
+    assert cpu, "no CPU-sized presets"
+    # the four Hugging Face sizes; published counts: 124,439,808 / 354,823,168 / 774,030,080 / 1,557,611,200
+    sizes = {"gpt2": (768, 12, 12), "gpt2-medium": (1024, 16, 24), "gpt2-large": (1280, 20, 36),
+             "gpt2-xl": (1600, 25, 48)}
+    published = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168, "gpt2-large": 774_030_080,
+                 "gpt2-xl": 1_557_611_200}
+    for name, (d, H, L) in sizes.items():
+        p = PRESETS[name]
+        assert (p["emb_dim"], p["n_heads"], p["n_layers"]) == (d, H, L)
+        assert p["vocab_size"] == 50257 and p["context_length"] == 1024 and p["qkv_bias"] is True
+        with torch.device("meta"):
+            model = GPTModel(p)
+        assert model.components["activation"] == "gelu_tanh"
+        assert model.num_parameters() == expected_params(p) == published[name], name
+    for name in cpu:  # CPU presets build and run
+        torch.manual_seed(0)
+        model = GPTModel(PRESETS[name])
+        with torch.no_grad():
+            out = model(torch.randint(0, model.config.vocab_size, (1, 8)))
+        assert out.shape == (1, 8, model.config.vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. an independent plain-torch GPT following the seeds' architecture
+# ---------------------------------------------------------------------------------------------
+
+class RefLayerNorm(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.eps = 1e-5
+        self.scale = nn.Parameter(torch.ones(d))
+        self.shift = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        mean = x.mean(dim=-1, keepdim=True)
+        var = x.var(dim=-1, keepdim=True, unbiased=False)
+        return self.scale * (x - mean) / torch.sqrt(var + self.eps) + self.shift
+
+
+class RefGELU(nn.Module):
+    def forward(self, x):
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+class RefMHA(nn.Module):
+    def __init__(self, d, context, n_heads, qkv_bias):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, d // n_heads
+        self.W_query = nn.Linear(d, d, bias=qkv_bias)
+        self.W_key = nn.Linear(d, d, bias=qkv_bias)
+        self.W_value = nn.Linear(d, d, bias=qkv_bias)
+        self.out_proj = nn.Linear(d, d)
+        self.register_buffer("mask", torch.triu(torch.ones(context, context), diagonal=1))
+
+    def forward(self, x):
+        b, T, d = x.shape
+        q = self.W_query(x).view(b, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.W_key(x).view(b, T, self.n_heads, self.head_dim).transpose(1, 2)
+        v = self.W_value(x).view(b, T, self.n_heads, self.head_dim).transpose(1, 2)
+        scores = q @ k.transpose(2, 3)
+        scores.masked_fill_(self.mask.bool()[:T, :T], -torch.inf)
+        w = torch.softmax(scores / k.shape[-1] ** 0.5, dim=-1)
+        return self.out_proj((w @ v).transpose(1, 2).reshape(b, T, d))
+
+
+class RefBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg["emb_dim"]
+        self.att = RefMHA(d, cfg["context_length"], cfg["n_heads"], cfg["qkv_bias"])
+        self.ff = nn.Sequential(nn.Linear(d, 4 * d), RefGELU(), nn.Linear(4 * d, d))
+        self.norm1, self.norm2 = RefLayerNorm(d), RefLayerNorm(d)
+
+    def forward(self, x):
+        x = x + self.att(self.norm1(x))
+        return x + self.ff(self.norm2(x))
+
+
+class RefGPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        self.trf_blocks = nn.Sequential(*[RefBlock(cfg) for _ in range(cfg["n_layers"])])
+        self.final_norm = RefLayerNorm(cfg["emb_dim"])
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+
+    def forward(self, idx):
+        T = idx.shape[1]
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(T))
+        return self.out_head(self.final_norm(self.trf_blocks(x)))
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_matches_independent_reference_gpt(qkv_bias):
+    cfg = tiny_cfg(qkv_bias=qkv_bias)
+    torch.manual_seed(0)
+    ref = RefGPT(cfg)
+    with torch.no_grad():  # non-trivial norms and biases too
+        for p in ref.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    model = GPTModel(dict(cfg, activation="gelu_tanh", tie_embeddings=False))
+    sd = {"tok_emb.weight": ref.tok_emb.weight, "position.emb.weight": ref.pos_emb.weight,
+          "final_norm.weight": ref.final_norm.scale, "final_norm.bias": ref.final_norm.shift,
+          "head.weight": ref.out_head.weight}
+    for i, blk in enumerate(ref.trf_blocks):
+        p = f"blocks.{i}."
+        att = blk.att
+        sd[p + "attn.qkv.weight"] = torch.cat([att.W_query.weight, att.W_key.weight, att.W_value.weight])
+        if qkv_bias:
+            sd[p + "attn.qkv.bias"] = torch.cat([att.W_query.bias, att.W_key.bias, att.W_value.bias])
+        sd[p + "attn.out_proj.weight"], sd[p + "attn.out_proj.bias"] = att.out_proj.weight, att.out_proj.bias
+        sd[p + "mlp.fc.weight"], sd[p + "mlp.fc.bias"] = blk.ff[0].weight, blk.ff[0].bias
+        sd[p + "mlp.proj.weight"], sd[p + "mlp.proj.bias"] = blk.ff[2].weight, blk.ff[2].bias
+        for n in (1, 2):
+            norm = getattr(blk, f"norm{n}")
+            sd[p + f"norm{n}.weight"], sd[p + f"norm{n}.bias"] = norm.scale, norm.shift
+    model.load_state_dict({k: v.detach().clone() for k, v in sd.items()})  # strict: every key mapped
+    model.eval()
+    idx = torch.randint(0, V, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), ref(idx), atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(idx[:, :7]), ref(idx[:, :7]), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. generation
+# ---------------------------------------------------------------------------------------------
+
+def _greedy_by_hand(model, idx, n, window=None):
+    with torch.no_grad():
+        for _ in range(n):
+            ctx = idx if window is None else idx[:, -window:]
+            nxt = model(ctx)[:, -1].argmax(-1, keepdim=True)
+            idx = torch.cat([idx, nxt], 1)
+    return idx
+
+
+@pytest.fixture(scope="module")
+def gen_models():
+    return {pos: randomize_(build(position=pos, seed=7), seed=8).eval() for pos in ("learned", "rope", "alibi")}
+
+
+@pytest.fixture
+def prompt():
+    return torch.randint(0, V, (2, 4), generator=torch.Generator().manual_seed(11))
+
+
+def test_temperature_zero_is_greedy_with_and_without_cache(gen_models, prompt):
+    for pos, model in gen_models.items():
+        expected = _greedy_by_hand(model, prompt, 10)
+        cached = model.generate(prompt, 10, temperature=0)
+        uncached = model.generate(prompt, 10, temperature=0, use_cache=False)
+        assert cached.shape == (2, 14)
+        assert torch.equal(cached[:, :4], prompt)
+        assert torch.equal(cached, expected), pos
+        assert torch.equal(uncached, expected), pos
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(gen_models, prompt):
+    g = torch.Generator().manual_seed(0)
+    for pos, model in gen_models.items():
+        greedy = model.generate(prompt, 8, temperature=0)
+        assert torch.equal(model.generate(prompt, 8, temperature=1.0, top_k=1, generator=g), greedy), pos
+        assert torch.equal(model.generate(prompt, 8, temperature=1.5, top_p=1e-6, generator=g), greedy), pos
+
+
+def test_sampling_is_reproducible_with_a_generator(gen_models, prompt):
+    model = gen_models["rope"]
+    a = model.generate(prompt, 10, temperature=1.0, generator=torch.Generator().manual_seed(123))
+    b = model.generate(prompt, 10, temperature=1.0, generator=torch.Generator().manual_seed(123))
+    c = model.generate(prompt, 10, temperature=1.0, generator=torch.Generator().manual_seed(321))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    d = model.generate(prompt, 10, temperature=1.0, use_cache=False, generator=torch.Generator().manual_seed(123))
+    assert torch.equal(a, d)  # same logits with or without the cache, hence the same samples
+
+
+def test_generation_past_context_length(gen_models, prompt):
+    C = TINY["context_length"]
+    learned = gen_models["learned"]
+    learned.train()
+    out = learned.generate(prompt, 20, temperature=0)  # 24 tokens > context 16: crops to the last 16
+    assert learned.training  # generate restores the mode it found
+    learned.eval()
+    assert out.shape == (2, 24)
+    assert torch.equal(out, _greedy_by_hand(learned, prompt, 20, window=C))
+    for pos in ("rope", "alibi"):  # no length limit: the whole sequence is seen, cached or not
+        model = gen_models[pos]
+        cached = model.generate(prompt, 20, temperature=0)
+        assert cached.shape == (2, 24)
+        assert torch.equal(cached, _greedy_by_hand(model, prompt, 20)), pos
+        assert torch.equal(model.generate(prompt, 20, temperature=0, use_cache=False), cached), pos
+
+
+def test_learned_positions_refuse_longer_input():
+    model = build()
+    with pytest.raises(ValueError, match="learned"):
+        model(torch.zeros(1, TINY["context_length"] + 1, dtype=torch.long))
+
+
+def test_generate_rejects_bad_arguments(gen_models, prompt):
+    model = gen_models["learned"]
+    with pytest.raises(ValueError):
+        model.generate(prompt, 2, temperature=-1.0)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError):
+            model.generate(prompt, 2, top_p=bad)
+
+
+def test_sample_next_top_p_stays_in_the_nucleus():
+    probs = torch.tensor([0.05, 0.40, 0.10, 0.30, 0.15])
+    logits = probs.log().repeat(4000, 1)
+    picks = sample_next(logits, 1.0, None, 0.5, torch.Generator().manual_seed(0)).flatten()
+    # sorted: 0.40 (1), 0.30 (3), 0.15, ...: token 3 is kept because only 0.40 < 0.5 lies above it
+    assert set(picks.tolist()) == {1, 3}
+    share = (picks == 1).float().mean().item()
+    assert abs(share - 0.40 / 0.70) < 0.03  # renormalised inside the nucleus
+    # top_p 0.75: 0.40 + 0.30 = 0.70 < 0.75, so the 0.15 token joins
+    picks = sample_next(logits, 1.0, None, 0.75, torch.Generator().manual_seed(1)).flatten()
+    assert set(picks.tolist()) == {1, 3, 4}
+
+
+def test_sample_next_top_k_and_temperature():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0, -1.0]]).repeat(3000, 1)
+    picks = sample_next(logits, 1.0, 2, None, torch.Generator().manual_seed(0)).flatten()
+    assert set(picks.tolist()) == {1, 3}
+    assert abs((picks == 1).float().mean().item() - 1 / (1 + math.exp(-1))) < 0.03
+    # temperature 2 halves the logit gap
+    picks = sample_next(logits, 2.0, 2, None, torch.Generator().manual_seed(0)).flatten()
+    assert abs((picks == 1).float().mean().item() - 1 / (1 + math.exp(-0.5))) < 0.03
+    assert torch.equal(sample_next(logits[:2], 0.0, None, None), torch.tensor([[1], [1]]))
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. memory estimate
+# ---------------------------------------------------------------------------------------------
+
+def test_memory_estimate_accounting():
+    model = build(n_layers=4, attention="sdpa")
+    est = model.memory_estimate(batch_size=2, seq_len=16)
+    n = model.num_parameters()
+    assert est["parameters"] == n
+    assert est["weights"] == 4 * n
+    assert est["gradients"] == est["weights"]
+    assert est["optimizer"] == 2 * est["weights"]
+    assert est["total"] == est["weights"] + est["gradients"] + est["optimizer"] + est["activations"]
+    assert est["activations"] > 0
+
+
+def test_memory_estimate_activations():
+    for attention, position in [("sdpa", "learned"), ("vanilla", "learned"), ("sdpa", "alibi")]:
+        model = build(n_layers=4, attention=attention, position=position)
+        one = model.memory_estimate(1, 16)["activations"]
+        assert model.memory_estimate(2, 16)["activations"] == 2 * one
+        assert model.memory_estimate(5, 16)["activations"] == 5 * one
+        ckpt = model.memory_estimate(1, 16, gradient_checkpointing=True)["activations"]
+        assert ckpt < one
+    # the config switch is the default for the estimate
+    ckpt_model = build(n_layers=4, gradient_checkpointing=True)
+    plain_model = build(n_layers=4)
+    assert ckpt_model.memory_estimate(2, 16)["activations"] < plain_model.memory_estimate(2, 16)["activations"]
+    # explicit attention keeps the (heads x T x T) scores; a score bias also rules out the flash kernel
+    sdpa = build(attention="sdpa").memory_estimate(2, 16)["activations"]
+    vanilla = build(attention="vanilla").memory_estimate(2, 16)["activations"]
+    alibi_sdpa = build(attention="sdpa", position="alibi").memory_estimate(2, 16)["activations"]
+    assert vanilla > sdpa
+    assert alibi_sdpa > sdpa
+    # bf16 activations take half the bytes of fp32 ones
+    m = build()
+    assert m.memory_estimate(2, 16, dtype="bfloat16")["activations"] < m.memory_estimate(2, 16)["activations"]
+    with pytest.raises(ValueError):
+        m.memory_estimate(2, 16, dtype="int3")
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. gradient checkpointing
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("position", ["learned", "rope", "alibi"])
+def test_gradient_checkpointing_matches(position, monkeypatch):
+    calls = []
+    real = gptlab_model.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gptlab_model, "checkpoint", counting_checkpoint)
+    plain = randomize_(build(position=position, n_layers=3), seed=3)
+    ckpt = clone_into(plain, build(position=position, n_layers=3, gradient_checkpointing=True, seed=9))
+    idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for model in (plain, ckpt):
+        model.train()
+        loss = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten())
+        loss.backward()
+        losses.append(loss)
+    assert len(calls) == 3  # one checkpointed call per block, only for the checkpointing model
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=0)
+    grads = dict(ckpt.named_parameters())
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
