@@ -97,7 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .devices import resolve_device
     from .experiment import load_experiment
     from .plugin_manager import build_plugin_system
-    from .runner import ExperimentRunner
+    from .runner import ExperimentRunner, check_components
 
     exp = load_experiment(args.experiment, args.overrides)
     plugins = build_plugin_system(plugin_dirs=args.plugins_dir, extra=exp.plugins,
@@ -106,9 +106,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     runner = ExperimentRunner(exp, plugins, args.results_dir, device, force=args.force)
     out = _console()
     if args.dry_run:
-        return _dry_run(runner, out)
+        check_components(exp, plugins)
+        return _dry_run(runner, out, args.overrides)
+    runner.prepare()
     err = _console(stderr=True)
-    err.print(f"[bold]{exp.name}[/]: {len(exp.runs)} runs on {device}  ->  {runner.exp_dir}")
+    kept = sum(action == "skip" for _, _, action in runner.plan())
+    err.print(f"[bold]{exp.name}[/]: {len(exp.runs)} runs on {device}  ->  {runner.exp_dir}"
+              + (f"  ({kept} finished runs kept, {len(exp.runs) - kept} to train)" if kept else ""))
     results = _run_with_progress(runner, err)
     _print_compare(results, exp, out, err)
     failed = [r for r in results if r.get("status") == "failed"]
@@ -119,10 +123,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dry_run(runner, out) -> int:
+def _dry_run(runner, out, overrides: list[str]) -> int:
     from rich.table import Table
 
-    table = Table(title=f"{runner.exp.name}: {len(runner.exp.runs)} runs (dry run, nothing trained)")
+    table = Table(title=f"{runner.exp.name}: {len(runner.exp.runs)} runs (dry run, nothing trained)",
+                  caption=f"overrides for every run: {' '.join(overrides)}" if overrides else None)
     for col in ("variant", "seed", "hash", "action", "differs from base"):
         table.add_column(col)
     for spec, _, action in runner.plan():

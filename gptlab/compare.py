@@ -472,8 +472,9 @@ def _natural_width(cols: list[Column], nrows: int) -> int:
 
 
 def _short_names(keys: list[str]) -> dict[str, str]:
-    """Last dotted part as the header unless two keys share it (then the full key)."""
-    last = [k.split(".")[-1] for k in keys]
+    """Key without its section as the header (a component option keeps its component: position.base),
+    or the full key when two headers would clash."""
+    last = [".".join(k.split(".")[1:]) or k for k in keys]
     return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last)}
 
 

@@ -91,10 +91,19 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value, e.g. train.steps=100")
+    # YAML flow mappings need "key: value"; accept the compact {name:rope,base:500} a shell user types
+    overrides = [_space_flow_keys(item) for item in overrides]
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as exc:
         raise ConfigError(f"bad override: {' '.join(str(exc).split())}") from None
+
+
+def _space_flow_keys(item: str) -> str:
+    key, _, value = item.partition("=")
+    if value.lstrip().startswith("{"):
+        value = re.sub(r"(?<=[{,\s])([A-Za-z_][\w.-]*):(?!\s)", r"\1: ", value)
+    return f"{key}={value}"
 
 
 def _plain(cfg: Any, where: str) -> Any:

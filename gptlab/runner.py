@@ -56,25 +56,31 @@ def read_summary(run_dir: Path) -> Optional[dict]:
 
 
 def check_writable(results_dir: Path) -> None:
-    try:
-        results_dir.mkdir(parents=True, exist_ok=True)
-        probe = results_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"results directory {results_dir} is not writable ({exc.strerror}); "
-                          f"choose another with --results-dir") from None
+    """Fail early, creating nothing, when the results directory could not be written."""
+    probe = Path(results_dir).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        reason = "is not a directory" if not probe.is_dir() else "is not writable"
+        raise ConfigError(f"results directory {results_dir} cannot be created: {probe} {reason}; "
+                          f"choose another with --results-dir")
+
+
+def check_components(exp: Experiment, plugins: PluginSystem) -> None:
+    """Every component name exists and every combination can be built (no tensor allocated)."""
+    for spec in exp.runs:
+        try:
+            resolve_components(spec.model, plugins)
+        except ConfigError as exc:
+            raise ConfigError(f"{exp.path or 'experiment'}: variant '{spec.variant}': {exc}") from None
 
 
 def preflight(exp: Experiment, plugins: PluginSystem, cache_dir: Path) -> dict[str, TokenData]:
     """Check everything a user can get wrong before the first run starts: components, data, lengths."""
+    check_components(exp, plugins)
     data_by_key: dict[str, TokenData] = {}
     for spec in exp.runs:
         where = f"{exp.path or 'experiment'}: variant '{spec.variant}'"
-        try:
-            resolve_components(spec.model, plugins)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
         key = json.dumps([spec.data.dataset.to_plain(), spec.data.tokenizer.to_plain(), spec.data.val_fraction],
                          sort_keys=True, default=str)
         if key not in data_by_key:
@@ -123,9 +129,15 @@ class ExperimentRunner:
                 out.append((spec, None, "run"))
         return out
 
-    def run(self, on_progress: Callable[..., Any] = None) -> list[dict]:
+    def prepare(self) -> None:
+        """Check the results directory, the components and the data before anything trains."""
         check_writable(self.results_dir)
-        data_by_key = preflight(self.exp, self.plugins, self.cache_dir)
+        self._data = preflight(self.exp, self.plugins, self.cache_dir)
+
+    def run(self, on_progress: Callable[..., Any] = None) -> list[dict]:
+        if getattr(self, "_data", None) is None:
+            self.prepare()
+        data_by_key = self._data
         self.exp_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.exp_dir / "experiment.json", {
             "name": self.exp.name, "description": self.exp.description,

@@ -1,0 +1,686 @@
+"""The experiment runner end to end: results layout, skip-on-rerun, divergence, failures, Ctrl-C,
+determinism, lifecycle hooks and data preparation.
+
+Every training run here is tiny (preset nano: 2 layers x 64 wide, context 64; <= 20 steps of
+batch 4), so the whole file stays well under a minute on a shared 2-core CPU. The main
+end-to-end path (first run, rerun) and Ctrl-C go through a real ``python -m gptlab.cli``
+subprocess; the other behaviours call ``gptlab.cli.main(argv)`` in-process (the same code path,
+minus ~3 s of interpreter and torch start-up per call on this machine).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+import gptlab
+from gptlab.experiment import config_hash
+
+TRAIN = dict(steps=10, batch_size=4, eval_every=10, eval_batches=1, log_every=5)
+BASE = {
+    "name": "tiny",
+    "model": {"preset": "nano"},
+    "data": {"dataset": "python_docs", "tokenizer": "bytes"},
+    "train": dict(TRAIN),
+    "variants": {"a": {}, "b": {"model": {"norm": "rmsnorm"}}},
+    "seeds": [0, 1],
+}
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def cli_env(**extra: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", COLUMNS="200", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def gptlab_cli(*args, cwd: Path, timeout: float = 120, **env) -> subprocess.CompletedProcess:
+    """Run ``python -m gptlab.cli ARGS`` in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "gptlab.cli", *map(str, args)], cwd=cwd, env=cli_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def inproc(capsys, monkeypatch):
+    """Call ``gptlab.cli.main(argv)`` in this process; returns (exit status, stdout, stderr)."""
+    from gptlab.cli import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+
+    def call(*args):
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse errors
+            rc = exc.code
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return call
+
+
+def write_yaml(path: Path, doc: dict) -> Path:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def write_plugin(path: Path, source: str) -> Path:
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def run_dirs(exp_dir: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted(exp_dir.iterdir()) if p.is_dir()}
+
+
+def by_variant_seed(exp_dir: Path) -> dict[tuple[str, int], Path]:
+    out = {}
+    for name, path in run_dirs(exp_dir).items():
+        variant, _hash, seed = name.split("__")
+        key = (variant, int(seed[1:]))
+        assert key not in out, f"two directories for {key}: {out[key].name} and {name}"
+        out[key] = path
+    return out
+
+
+def snapshot(directory: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``directory``: its bytes and mtime (ns)."""
+    return {str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    text = (run_dir / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def curve(run_dir: Path) -> list[tuple]:
+    return [(r["step"], r["train_loss"], r.get("val_loss")) for r in metrics(run_dir)]
+
+
+# -- 1. end to end through a real subprocess ------------------------------------------------
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """The tiny experiment (2 variants x 2 seeds) run once through ``python -m gptlab.cli run``."""
+    root = tmp_path_factory.mktemp("e2e")
+    exp = write_yaml(root / "tiny.yaml", BASE)
+    proc = gptlab_cli("run", exp, "--results-dir", root / "results", "--device", "cpu", cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    return root, exp, proc
+
+
+@pytest.fixture
+def copied(first_run, tmp_path):
+    """A private copy (mtimes preserved) of the first run's results and YAML."""
+    root, exp, _ = first_run
+    shutil.copytree(root / "results", tmp_path / "results")
+    shutil.copy2(exp, tmp_path / "tiny.yaml")
+    return tmp_path
+
+
+def test_first_run_writes_the_documented_files(first_run):
+    root, _, proc = first_run
+    exp_dir = root / "results" / "tiny"
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+    experiment = json.loads((exp_dir / "experiment.json").read_text())
+    assert experiment["name"] == "tiny"
+    assert experiment["variants"] == ["a", "b"]
+    assert experiment["base"]["model"]["emb_dim"] == 64 and experiment["base"]["train"]["steps"] == 10
+
+    runs = by_variant_seed(exp_dir)
+    assert sorted(runs) == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    hash_a, hash_b = runs["a", 0].name.split("__")[1], runs["b", 0].name.split("__")[1]
+    assert hash_a != hash_b
+    assert runs["a", 1].name.split("__")[1] == hash_a  # the seed is not part of the config hash
+
+    import gptlab.builtin_plugins as bp
+    import torch
+    from gptlab.plugin_manager import PluginSystem
+
+    builtins = PluginSystem()
+    builtins.load_builtins()
+    builtin_dir = Path(bp.__file__).parent
+    expected_params = {"a": gptlab.GPTModel(gptlab.PRESETS["nano"], plugins=builtins).num_parameters(),
+                       "b": gptlab.GPTModel({**gptlab.PRESETS["nano"], "norm": "rmsnorm"},
+                                            plugins=builtins).num_parameters()}
+
+    for (variant, seed), run_dir in runs.items():
+        # config.yaml: the fully resolved config plus variant, seed and the hash that names the dir
+        cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+        assert cfg["variant"] == variant and cfg["seed"] == seed and cfg["experiment"] == "tiny"
+        resolved = {k: cfg[k] for k in ("model", "data", "train")}
+        assert cfg["config_hash"] == config_hash(resolved) == run_dir.name.split("__")[1]
+        assert resolved["model"]["emb_dim"] == 64 and resolved["model"]["n_layers"] == 2
+        assert resolved["model"]["context_length"] == 64 and resolved["model"]["n_heads"] == 4
+        assert resolved["model"]["norm"] == ("rmsnorm" if variant == "b" else "layernorm")
+        assert resolved["train"]["steps"] == 10 and resolved["train"]["batch_size"] == 4
+        assert resolved["data"] == {"dataset": "python_docs", "tokenizer": "bytes", "val_fraction": 0.1}
+
+        # metrics.jsonl: one row per log step; val_loss only at eval steps (here: the last one)
+        rows = metrics(run_dir)
+        assert [r["step"] for r in rows] == [5, 10]
+        for r in rows:
+            assert r["tokens"] == r["step"] * 4 * 64
+            assert math.isfinite(r["train_loss"]) and 0 < r["train_loss"] < 10
+            assert r["lr"] > 0
+            assert r["tokens_per_s"] > 0
+        assert "val_loss" not in rows[0] or rows[0]["val_loss"] is None
+        assert math.isfinite(rows[1]["val_loss"])
+
+        # summary.json
+        s = summary(run_dir)
+        assert s["status"] == "completed"
+        assert s["variant"] == variant and s["seed"] == seed and s["config_hash"] == cfg["config_hash"]
+        assert s["final_val_loss"] == rows[-1]["val_loss"]
+        assert s["best_val_loss"] == min(r["val_loss"] for r in rows if r.get("val_loss") is not None)
+        assert s["final_train_loss"] == rows[-1]["train_loss"]
+        assert s["tokens_per_s"] > 0 and s["wall_time_s"] > 0
+        assert s["parameters"] == expected_params[variant]
+        assert s["versions"]["gptlab"] == gptlab.__version__
+        assert s["versions"]["torch"] == torch.__version__
+        assert s["versions"]["python"].count(".") == 2
+        assert "cpu" in s["device"].lower()
+        assert not (run_dir / "error.txt").exists()
+        # every plugin that built the run, with the sha256 of its file
+        plugins = s["plugins"]
+        for name in ("attention_sdpa", "position_learned", "norm_layernorm", "norm_rmsnorm", "placement_pre",
+                     "activation_mlp", "dataset_python_docs", "tokenizer_bytes"):
+            assert name in plugins, f"{name} missing from summary plugins: {sorted(plugins)}"
+            digest = hashlib.sha256((builtin_dir / f"{name}.py").read_bytes()).hexdigest()
+            recorded = plugins[name].split("sha256:")[-1]
+            assert len(recorded) >= 12 and digest.startswith(recorded), (name, plugins[name])
+
+
+def test_rerun_trains_nothing_and_keeps_every_file(copied):
+    exp_dir = copied / "results" / "tiny"
+    before = {name: snapshot(d) for name, d in run_dirs(exp_dir).items()}
+    proc = gptlab_cli("run", copied / "tiny.yaml", "--results-dir", copied / "results", "--device", "cpu",
+                      cwd=copied)
+    assert proc.returncode == 0, proc.stderr
+    after = {name: snapshot(d) for name, d in run_dirs(exp_dir).items()}
+    assert after == before  # same directories, byte-identical files, unchanged mtimes
+    output = (proc.stdout + proc.stderr).lower()
+    assert any(word in output for word in ("kept", "skip", "already")), \
+        f"the output does not say the finished runs were kept:\n{proc.stdout}\n{proc.stderr}"
+
+
+def test_adding_a_variant_runs_only_the_new_one(copied, inproc):
+    exp_dir = copied / "results" / "tiny"
+    before = {name: snapshot(d) for name, d in run_dirs(exp_dir).items()}
+    doc = json.loads(json.dumps(BASE))
+    doc["variants"]["c"] = {"model": {"activation": "relu"}}
+    write_yaml(copied / "tiny.yaml", doc)
+    rc, out, err = inproc("run", copied / "tiny.yaml", "--results-dir", copied / "results", "--device", "cpu")
+    assert rc == 0, err
+    runs = by_variant_seed(exp_dir)
+    assert sorted(runs) == [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("c", 0), ("c", 1)]
+    for name, files in before.items():
+        assert snapshot(exp_dir / name) == files, f"{name} was touched"
+    for seed in (0, 1):
+        assert summary(runs["c", seed])["status"] == "completed"
+        assert OmegaConf.load(runs["c", seed] / "config.yaml").model.activation == "relu"
+    assert json.loads((exp_dir / "experiment.json").read_text())["variants"] == ["a", "b", "c"]
+
+
+def test_force_reruns_everything_in_the_same_directories(copied, inproc):
+    exp_dir = copied / "results" / "tiny"
+    before = {name: summary(d) for name, d in run_dirs(exp_dir).items()}
+    mtimes = {name: (d / "summary.json").stat().st_mtime_ns for name, d in run_dirs(exp_dir).items()}
+    rc, out, err = inproc("run", copied / "tiny.yaml", "--force", "--results-dir", copied / "results",
+                          "--device", "cpu")
+    assert rc == 0, err
+    assert "kept" not in out.lower()
+    dirs = run_dirs(exp_dir)
+    assert sorted(dirs) == sorted(before)  # retrained in place: no duplicates, nothing lost
+    for name, d in dirs.items():
+        s = summary(d)
+        assert s["status"] == "completed"
+        assert (d / "summary.json").stat().st_mtime_ns != mtimes[name]
+        assert s["wall_time_s"] != before[name]["wall_time_s"]
+        assert [r["step"] for r in metrics(d)] == [5, 10]  # the metrics log was restarted, not appended
+        # deterministic on CPU: retraining gives the same losses
+        assert s["final_val_loss"] == before[name]["final_val_loss"]
+
+
+def test_dry_run_lists_runs_and_trains_nothing(first_run, copied, inproc, tmp_path):
+    root, exp, _ = first_run
+    hashes = {d.name.split("__")[1] for d in run_dirs(root / "results" / "tiny").values()}
+    fresh = tmp_path / "fresh"
+    rc, out, err = inproc("run", exp, "--dry-run", "--results-dir", fresh, "--device", "cpu")
+    assert rc == 0, err
+    for h in hashes:
+        assert h in out  # every run is listed with its config hash
+    assert "norm=rmsnorm" in out  # and what its variant changes
+    assert not (fresh / "tiny").exists()
+    assert not fresh.exists() or not any(p.is_dir() and p.name != ".cache" for p in fresh.iterdir())
+
+    # on existing results: finished runs are listed as skipped, new hashes as to run; nothing is written
+    before = snapshot(copied / "results")
+    rc, out, err = inproc("run", copied / "tiny.yaml", "--dry-run", "--results-dir", copied / "results",
+                          "--device", "cpu")
+    assert rc == 0, err
+    assert out.count("skip") == 4 and all(h in out for h in hashes)
+    rc, out, err = inproc("run", copied / "tiny.yaml", "train.steps=6", "--dry-run",
+                          "--results-dir", copied / "results", "--device", "cpu")
+    assert rc == 0, err
+    assert "skip" not in out and not any(h in out for h in hashes)  # the override changes every hash
+    assert snapshot(copied / "results") == before
+
+
+def test_overrides_apply_to_every_run_and_change_the_hash(copied, inproc):
+    exp_dir = copied / "results" / "tiny"
+    before = {name: snapshot(d) for name, d in run_dirs(exp_dir).items()}
+    rc, out, err = inproc("run", copied / "tiny.yaml", "train.steps=6", "--results-dir", copied / "results",
+                          "--device", "cpu")
+    assert rc == 0, err
+    dirs = run_dirs(exp_dir)
+    new = {name: d for name, d in dirs.items() if name not in before}
+    assert len(new) == 4  # every variant x seed ran again under a new hash
+    old_hashes = {name.split("__")[1] for name in before}
+    for name, d in new.items():
+        assert name.split("__")[1] not in old_hashes
+        cfg = OmegaConf.load(d / "config.yaml")
+        assert cfg.train.steps == 6
+        assert metrics(d)[-1]["step"] == 6
+        assert summary(d)["status"] == "completed"
+    assert sorted(n.split("__")[0] for n in new) == ["a", "a", "b", "b"]
+    for name, files in before.items():
+        assert snapshot(exp_dir / name) == files
+
+
+def test_compact_component_override_from_the_readme(inproc, tmp_path):
+    """README: ``model.position={name:rope,base:500}`` is a valid override."""
+    exp = write_yaml(tmp_path / "tiny.yaml", BASE)
+    rc, out, err = inproc("run", exp, "model.position={name:rope,base:500}", "--dry-run",
+                          "--results-dir", tmp_path / "results", "--device", "cpu")
+    assert rc == 0, err
+    assert "rope" in out
+
+
+def test_experiment_without_variants_is_one_base_variant(inproc, tmp_path):
+    doc = {k: v for k, v in BASE.items() if k != "variants"}
+    exp = write_yaml(tmp_path / "tiny.yaml", doc)
+    rc, out, err = inproc("run", exp, "--dry-run", "--results-dir", tmp_path / "results", "--device", "cpu")
+    assert rc == 0, err
+    assert "base" in out
+
+
+# -- CLI surface ------------------------------------------------------------------------------
+def test_run_help_documents_the_experiment_format(inproc):
+    rc, out, err = inproc("run", "--help")
+    assert rc == 0, err
+    for word in ("variants", "grid", "seeds", "--results-dir", "--force", "--dry-run", "key=value"):
+        assert word in out, word
+
+
+def test_plugins_json_lists_builtins_with_hashes(inproc):
+    rc, out, err = inproc("plugins", "--json")
+    assert rc == 0, err
+    rows = json.loads(out)
+    by_name = {r["name"]: r for r in rows}
+    import gptlab.builtin_plugins as bp
+
+    for name in ("attention_sdpa", "attention_vanilla", "position_rope", "tokenizer_bytes", "dataset_text"):
+        row = by_name[name]
+        assert row["source"] == "builtin"
+        digest = hashlib.sha256((Path(bp.__file__).parent / f"{name}.py").read_bytes()).hexdigest()
+        assert row["version"].startswith("sha256:") and digest.startswith(row["version"][len("sha256:"):])
+        assert Path(row["location"]).name == f"{name}.py"
+    assert "attention:sdpa" in by_name["attention_sdpa"]["components"]
+    assert len(rows) == len(by_name)  # the checkout's ./plugins is the built-ins folder: loaded once
+
+
+def test_components_json_lists_attentions_with_docs(inproc):
+    rc, out, err = inproc("components", "attention", "--json")
+    assert rc == 0, err
+    rows = json.loads(out)
+    names = {r["name"]: r for r in rows}
+    assert {"sdpa", "vanilla"} <= set(names)
+    assert {r["kind"] for r in rows} == {"attention"}
+    for r in rows:
+        assert r["doc"] and "\n" not in r["doc"]
+        assert r["plugin"]
+    assert names["sdpa"]["plugin"] == "attention_sdpa"
+
+
+# -- 2. divergence ----------------------------------------------------------------------------
+def test_divergence_is_a_result_and_the_sweep_goes_on(inproc, tmp_path):
+    doc = json.loads(json.dumps(BASE))
+    doc["name"] = "div"
+    doc["seeds"] = [0]
+    doc["variants"] = {"absurd_lr": {"train": {"lr": 1.0e6, "grad_clip": None}}, "ok": {}}
+    exp = write_yaml(tmp_path / "div.yaml", doc)
+    results = tmp_path / "results"
+    rc, out, err = inproc("run", exp, "--results-dir", results, "--device", "cpu")
+    assert rc == 0, err  # diverged is a result, not a failure
+    runs = by_variant_seed(results / "div")
+    s = summary(runs["absurd_lr", 0])
+    assert s["status"] == "diverged"
+    assert s["diverged_step"] in (5, 10)
+    assert "nan" in s["error"].lower() or "inf" in s["error"].lower()
+    assert all(r["step"] < s["diverged_step"] for r in metrics(runs["absurd_lr", 0]))
+    assert summary(runs["ok", 0])["status"] == "completed"
+
+    before = {name: snapshot(d) for name, d in run_dirs(results / "div").items()}
+    rc, out, err = inproc("run", exp, "--results-dir", results, "--device", "cpu")
+    assert rc == 0, err
+    assert {name: snapshot(d) for name, d in run_dirs(results / "div").items()} == before
+
+
+# -- 3. a plugin that fails mid-run -----------------------------------------------------------
+FLAKY_ATTENTION = '''
+    """Attention 'flaky': SDPA that raises on its 5th forward call."""
+    import torch.nn.functional as F
+
+    import gptlab
+    from gptlab.layers import CausalSelfAttention
+
+    CALLS = [0]
+
+
+    class FlakyAttention(CausalSelfAttention):
+        """Causal SDPA attention that raises RuntimeError on the 5th forward call."""
+
+        def attend(self, q, k, v, ctx):
+            CALLS[0] += 1
+            if CALLS[0] == 5:
+                raise RuntimeError("flaky attention gave up on call 5")
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+    @gptlab.hookimpl
+    def gptlab_register(register):
+        register("attention", "flaky", FlakyAttention)
+'''
+
+
+def test_failing_plugin_is_recorded_and_only_it_is_redone(inproc, tmp_path):
+    write_plugin(tmp_path / "flaky.py", FLAKY_ATTENTION)
+    doc = json.loads(json.dumps(BASE))
+    doc.update(name="flaky", plugins=["flaky.py"], seeds=[0])
+    doc["variants"] = {"before": {}, "broken": {"model": {"attention": "flaky"}}, "after": {"model": {"norm": "rmsnorm"}}}
+    exp = write_yaml(tmp_path / "flaky.yaml", doc)
+    results = tmp_path / "results"
+    rc, out, err = inproc("run", exp, "--results-dir", results, "--device", "cpu")
+    assert rc == 1  # something failed
+    assert "Traceback" not in out + err
+    runs = by_variant_seed(results / "flaky")
+    broken = runs["broken", 0]
+    s = summary(broken)
+    assert s["status"] == "failed"
+    assert "RuntimeError" in s["error"] and "call 5" in s["error"]
+    trace = (broken / "error.txt").read_text()
+    assert "Traceback" in trace and "flaky attention gave up on call 5" in trace and "flaky.py" in trace
+    for name in ("before", "after"):
+        assert summary(runs[name, 0])["status"] == "completed"
+        assert not (runs[name, 0] / "error.txt").exists()
+
+    kept = {name: snapshot(runs[name, 0]) for name in ("before", "after")}
+    broken_mtime = (broken / "summary.json").stat().st_mtime_ns
+    rc, out, err = inproc("run", exp, "--results-dir", results, "--device", "cpu")
+    assert rc == 1  # redone, and (a fresh process of the plugin) failed again
+    runs_after = by_variant_seed(results / "flaky")
+    assert sorted(runs_after) == sorted(runs)
+    for name in ("before", "after"):
+        assert snapshot(runs_after[name, 0]) == kept[name]
+    assert (broken / "summary.json").stat().st_mtime_ns != broken_mtime
+    assert summary(broken)["status"] == "failed"
+    assert "Traceback" in (broken / "error.txt").read_text()
+
+
+# -- 4. Ctrl-C, then rerun --------------------------------------------------------------------
+SLEEPY_ACTIVATION = '''
+    """Activation 'sleepy': GELU MLP that sleeps SLEEPY_SECONDS per call (to be caught mid-run)."""
+    import os
+    import time
+
+    import torch.nn.functional as F
+
+    import gptlab
+    from gptlab.layers import MLP
+
+    DELAY = float(os.environ.get("SLEEPY_SECONDS", "0"))
+
+
+    def sleepy_gelu(x):
+        if DELAY:
+            time.sleep(DELAY)
+        return F.gelu(x)
+
+
+    def sleepy(cfg, hidden_dim=None):
+        """GELU MLP that sleeps SLEEPY_SECONDS per forward call."""
+        return MLP(cfg, sleepy_gelu, hidden_dim)
+
+
+    @gptlab.hookimpl
+    def gptlab_register(register):
+        register("activation", "sleepy", sleepy)
+'''
+
+
+def test_ctrl_c_marks_the_run_interrupted_and_a_rerun_resumes(tmp_path, inproc, monkeypatch):
+    write_plugin(tmp_path / "sleepy.py", SLEEPY_ACTIVATION)
+    doc = json.loads(json.dumps(BASE))
+    doc.update(name="ctrlc", plugins=["sleepy.py"], seeds=[0])
+    doc["train"]["steps"] = 20
+    doc["variants"] = {"quick": {}, "slow": {"model": {"activation": "sleepy"}}}
+    exp = write_yaml(tmp_path / "ctrlc.yaml", doc)
+    results = tmp_path / "results"
+    exp_dir = results / "ctrlc"
+    cmd = [sys.executable, "-m", "gptlab.cli", "run", str(exp), "--results-dir", str(results), "--device", "cpu"]
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(SLEEPY_SECONDS="0.2"), stdout=out, stderr=err)
+        try:
+            deadline = time.monotonic() + 60
+            while True:  # wait until the slow run has logged a step: it is mid-training
+                slow = list(exp_dir.glob("slow__*__s0/metrics.jsonl")) if exp_dir.exists() else []
+                if slow and slow[0].read_text().strip():
+                    break
+                assert proc.poll() is None, "gptlab exited before it could be interrupted"
+                assert time.monotonic() < deadline, "the slow run never logged a step"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    stderr = (tmp_path / "err.txt").read_text()
+    assert rc == 130, stderr
+    assert "Traceback" not in stderr
+    runs = by_variant_seed(exp_dir)
+    assert sorted(runs) == [("quick", 0), ("slow", 0)]
+    assert summary(runs["quick", 0])["status"] == "completed"
+    s = summary(runs["slow", 0])
+    assert s["status"] == "interrupted"
+    assert s.get("step", 0) < 20
+
+    quick = snapshot(runs["quick", 0])
+    monkeypatch.delenv("SLEEPY_SECONDS", raising=False)
+    rc, out, err = inproc("run", exp, "--results-dir", results, "--device", "cpu")  # SLEEPY_SECONDS unset
+    assert rc == 0, err
+    runs_after = by_variant_seed(exp_dir)  # exactly one directory per (variant, seed)
+    assert runs_after == runs
+    assert snapshot(runs["quick", 0]) == quick
+    s = summary(runs["slow", 0])
+    assert s["status"] == "completed"
+    assert [r["step"] for r in metrics(runs["slow", 0])] == [5, 10, 15, 20]  # restarted, not appended
+    assert not list(exp_dir.rglob(".*.tmp*"))  # no half-written summaries left behind
+
+
+# -- 5. determinism ---------------------------------------------------------------------------
+def test_same_seed_same_curve_other_seed_other_curve(inproc, tmp_path):
+    doc = json.loads(json.dumps(BASE))
+    doc.update(name="det", variants={"a": {}})
+    doc["train"]["eval_every"] = 5
+    exp = write_yaml(tmp_path / "det.yaml", doc)
+    curves = []
+    for results in ("r1", "r2"):
+        rc, out, err = inproc("run", exp, "--results-dir", tmp_path / results, "--device", "cpu")
+        assert rc == 0, err
+        curves.append({key: curve(d) for key, d in by_variant_seed(tmp_path / results / "det").items()})
+    first, second = curves
+    assert first[("a", 0)] == second[("a", 0)]
+    assert first[("a", 1)] == second[("a", 1)]
+    assert all(v is not None for _, _, v in first[("a", 0)])  # val_loss at both eval steps
+    assert first[("a", 0)] != first[("a", 1)]
+    assert [t for _, t, _ in first[("a", 0)]] != [t for _, t, _ in first[("a", 1)]]
+
+
+# -- 6. lifecycle hooks -----------------------------------------------------------------------
+SINK = '''
+    """A metrics sink: every lifecycle hook appends a JSON line to <run dir>/sink.jsonl."""
+    import json
+
+    import gptlab
+
+
+    def _write(run, record):
+        with open(run.dir / "sink.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\\n")
+
+
+    @gptlab.hookimpl
+    def gptlab_run_start(run):
+        _write(run, {"event": "start", "name": run.name, "seed": run.seed,
+                     "steps": run.config["train"]["steps"]})
+
+
+    @gptlab.hookimpl
+    def gptlab_log(run, step, metrics):
+        _write(run, {"event": "log", "step": step, **dict(metrics)})
+
+
+    @gptlab.hookimpl
+    def gptlab_eval(run, step, metrics):
+        _write(run, {"event": "eval", "step": step, **dict(metrics)})
+
+
+    @gptlab.hookimpl
+    def gptlab_run_end(run, summary):
+        _write(run, {"event": "end", "status": summary["status"], "final_val_loss": summary.get("final_val_loss")})
+'''
+
+
+def test_lifecycle_hooks_see_every_logged_step(inproc, tmp_path):
+    write_plugin(tmp_path / "sink.py", SINK)
+    doc = json.loads(json.dumps(BASE))
+    doc.update(name="hooks", plugins=["sink.py"], seeds=[0])
+    doc["variants"] = {"ok": {}, "diverges": {"train": {"lr": 1.0e6, "grad_clip": None}}}
+    doc["train"]["eval_every"] = 5
+    exp = write_yaml(tmp_path / "hooks.yaml", doc)
+    rc, out, err = inproc("run", exp, "--results-dir", tmp_path / "results", "--device", "cpu")
+    assert rc == 0, err
+    runs = by_variant_seed(tmp_path / "results" / "hooks")
+
+    for (variant, seed), run_dir in runs.items():
+        records = [json.loads(line) for line in (run_dir / "sink.jsonl").read_text().splitlines()]
+        s = summary(run_dir)
+        assert records[0] == {"event": "start", "name": variant, "seed": seed, "steps": 10}
+        assert records[-1]["event"] == "end" and records[-1]["status"] == s["status"]
+        assert [r["event"] for r in records].count("start") == 1
+        assert [r["event"] for r in records].count("end") == 1
+        logs = [{k: v for k, v in r.items() if k != "event"} for r in records if r["event"] == "log"]
+        assert logs == metrics(run_dir)  # same rows, same losses
+        evals = [r for r in records if r["event"] == "eval"]
+        assert [(r["step"], r["val_loss"]) for r in evals] == \
+            [(r["step"], r["val_loss"]) for r in metrics(run_dir) if "val_loss" in r]
+    assert summary(runs["ok", 0])["status"] == "completed"
+    ok_records = (runs["ok", 0] / "sink.jsonl").read_text().splitlines()
+    assert len([r for r in ok_records if '"log"' in r]) == 2
+    assert json.loads(ok_records[-1])["final_val_loss"] == summary(runs["ok", 0])["final_val_loss"]
+    assert json.loads((runs["diverges", 0] / "sink.jsonl").read_text().splitlines()[-1])["status"] == "diverged"
+
+
+# -- 7. data ----------------------------------------------------------------------------------
+# ~2.9k characters, some of them multi-byte in UTF-8, so a char tokenizer and a byte one differ
+CORPUS = ("The quick brown fox jumps over the lazy dog. Ça va? λ → ∞. " * 3 + "\n") * 16
+
+
+def test_text_dataset_char_tokenizer_glob_and_token_cache(inproc, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative dataset paths start at the current directory
+    (tmp_path / "corpus").mkdir()
+    for i in range(3):
+        (tmp_path / "corpus" / f"part{i}.txt").write_text(f"part {i}: " + CORPUS)
+    single = tmp_path / "single.txt"
+    single.write_text("A single file. " + CORPUS)
+    doc = json.loads(json.dumps(BASE))
+    doc.update(name="data1", seeds=[0])
+    doc["data"] = {"dataset": "python_docs", "tokenizer": "char"}
+    doc["variants"] = {"file": {"data": {"dataset": {"name": "text", "path": str(single)}}},
+                       "glob": {"data": {"dataset": {"name": "text", "path": "corpus/*.txt"}}}}
+    exp = write_yaml(tmp_path / "data1.yaml", doc)
+    results = tmp_path / "results"
+    rc, out, err = inproc("run", exp, "--results-dir", results, "--device", "cpu")
+    assert rc == 0, err
+    runs = by_variant_seed(results / "data1")
+    for key in (("file", 0), ("glob", 0)):
+        s = summary(runs[key])
+        assert s["status"] == "completed" and math.isfinite(s["final_val_loss"])
+
+    cache = results / ".cache" / "tokens"
+    bins = sorted(cache.glob("*.bin"))
+    assert len(bins) == 2  # one per (corpus, tokenizer)
+    metas = [json.loads(p.with_suffix(".json").read_text()) for p in bins]
+    n_tokens = sorted(m["n_tokens"] for m in metas)
+    glob_text = "\n".join((tmp_path / "corpus" / f"part{i}.txt").read_text() for i in range(3))
+    assert n_tokens == sorted([len(single.read_text()), len(glob_text)])  # one token per character
+    assert len(glob_text) < len(glob_text.encode())  # (not per byte)
+    assert all(m["tokenizer"] == "char" for m in metas)
+    # the vocabulary is the corpus' characters plus <|endoftext|> and <|unk|>
+    assert sorted(m["vocab_size"] for m in metas) == sorted([len(set(single.read_text())) + 2,
+                                                             len(set(glob_text)) + 2])
+    cached = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in cache.iterdir()}
+
+    # a second experiment with the same data reuses the cache: no new files, nothing rewritten
+    doc["name"] = "data2"
+    doc["train"]["steps"] = 5
+    exp2 = write_yaml(tmp_path / "data2.yaml", doc)
+    rc, out, err = inproc("run", exp2, "--results-dir", results, "--device", "cpu")
+    assert rc == 0, err
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in cache.iterdir()} == cached
+    assert all(summary(d)["status"] == "completed" for d in run_dirs(results / "data2").values())
+
+
+def test_train_val_split_does_not_depend_on_the_seed(tmp_path):
+    from gptlab.experiment import load_experiment
+    from gptlab.plugin_manager import PluginSystem
+    from gptlab.runner import preflight
+
+    (tmp_path / "c.txt").write_text(CORPUS)
+    doc = json.loads(json.dumps(BASE))
+    doc.update(name="split", seeds=[0, 1, 7], variants={"a": {}})
+    doc["data"] = {"dataset": {"name": "text", "path": str(tmp_path / "c.txt")}, "tokenizer": "bytes",
+                   "val_fraction": 0.2}
+    exp = load_experiment(write_yaml(tmp_path / "split.yaml", doc))
+    assert [r.seed for r in exp.runs] == [0, 1, 7]
+    assert len({r.config_hash for r in exp.runs}) == 1  # the seed is not part of the config
+    system = PluginSystem()
+    system.load_builtins()
+    data = preflight(exp, system, tmp_path / "cache")
+    assert len(data) == 1  # one token stream (and so one split) for every seed
+    (tokens,) = data.values()
+    full = list(CORPUS.encode())
+    n_val = int(len(full) * 0.2)
+    assert tokens.val.tolist() == full[len(full) - n_val:]  # the held-out tail
+    assert tokens.train.tolist() == full[: len(full) - n_val]
+    again = preflight(exp, system, tmp_path / "cache")  # from the cache this time
+    (tokens2,) = again.values()
+    assert tokens2.val.tolist() == tokens.val.tolist()
