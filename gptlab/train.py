@@ -38,6 +38,7 @@ class TrainState:
     last_train: Optional[float] = None
     train_time: float = 0.0  # seconds spent in training steps (no eval, no first-step warm-up)
     timed_tokens: int = 0
+    init_grad_norms: Optional[list] = None
 
 
 def lr_at(step: int, t) -> float:
@@ -122,6 +123,8 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
             (loss / t.grad_accum).backward()
             loss_sum += loss.detach()
             loss_count += 1
+        if step == 1:  # Xiong et al. (2020): at init, post-LN gradients grow toward the output, pre-LN's are flat
+            state.init_grad_norms = block_grad_norms(model)
         if t.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         optimizer.step()
@@ -165,6 +168,7 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
         "tokens": state.tokens,
         "tokens_per_s": state.timed_tokens / state.train_time if state.train_time > 0 else None,
         "train_time_s": state.train_time,
+        "init_grad_norms": state.init_grad_norms,
     }
     if compile_note:
         summary["compile"] = compile_note
@@ -174,6 +178,15 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
     summary["mfu"] = (summary["tokens_per_s"] * flops / peak) if peak and summary["tokens_per_s"] else None
     summary.update(length_extrapolation(model, data, t, seq_len, device, ctx))
     return summary
+
+
+def block_grad_norms(model: GPTModel) -> list[float]:
+    """Gradient norm of each block's parameters, input side first."""
+    norms = []
+    for block in model.blocks:
+        grads = [p.grad.float().pow(2).sum() for p in block.parameters() if p.grad is not None]
+        norms.append(float(torch.stack(grads).sum().sqrt()) if grads else 0.0)
+    return norms
 
 
 def compile_or_fallback(model: GPTModel, shape: tuple, device: torch.device,
