@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from .bench import add_parser as add_bench_parser
+from .bench import cmd_bench
 from .cli_results import COMMANDS as RESULT_COMMANDS
 from .cli_results import add_parsers as add_result_parsers
 from .errors import GptlabError
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plugins-dir", type=Path, action="append", default=[], help="extra plugin folder (repeatable)")
     r.add_argument("--force", action="store_true", help="rerun runs that already finished")
     r.add_argument("--dry-run", action="store_true", help="list the runs and how they differ; train nothing")
-    r.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     for name, helptext in (("plugins", "list loaded plugins, where they came from and their versions"),
                            ("components", "list registered components with their one-line docs")):
@@ -61,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("kind", nargs="?", help="only this kind (attention, position, norm, ...)")
         c.add_argument("--json", action="store_true", help="print JSON")
         c.add_argument("--plugins-dir", type=Path, action="append", default=[], help="extra plugin folder")
-        c.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+        c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     add_result_parsers(sub)
+    add_bench_parser(sub)
     return p
 
 
@@ -235,7 +238,7 @@ def cmd_components(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "plugins": cmd_plugins, "components": cmd_components, **RESULT_COMMANDS}
+COMMANDS = {"run": cmd_run, "plugins": cmd_plugins, "components": cmd_components, **RESULT_COMMANDS, "bench": cmd_bench}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -25,7 +25,7 @@ several are merged into one table. Options left out come from the experiment's c
 
 def add_parsers(sub: Any) -> None:
     """Add the compare, show and generate subcommands to ``sub`` (argparse subparsers)."""
-    c = sub.add_parser("compare", help="one row per variant: mean ± std over seeds, Δ to a baseline with a 95% CI",
+    c = sub.add_parser("compare", help="one row per variant: mean ± std over seeds, Δ to a baseline with a 95%% CI",
                        epilog=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("paths", nargs="*", type=Path, metavar="PATH",
                    help="experiment or run directories (default: every experiment under --results-dir)")
@@ -36,11 +36,11 @@ def add_parsers(sub: Any) -> None:
     c.add_argument("--at-step", type=int, metavar="N", help="use the metric's value logged at step N")
     c.add_argument("--sort", metavar="COLUMN", help="sort rows by this column (default: declaration order)")
     c.add_argument("--format", default="table", metavar="FORMAT", help="table (default), csv, md or json")
-    c.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     s = sub.add_parser("show", help="a run's config, summary and loss curves; or an experiment's curves overlaid")
     s.add_argument("path", type=Path, help="run directory or experiment directory")
-    s.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     g = sub.add_parser("generate", help="sample text from a run's checkpoint")
     g.add_argument("run_dir", type=Path, help="run directory holding model.safetensors")
@@ -53,7 +53,7 @@ def add_parsers(sub: Any) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     g.add_argument("--plugins-dir", type=Path, action="append", default=[],
                    help="extra plugin folder, for runs built with components from outside ./plugins")
-    g.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 # -- compare -----------------------------------------------------------------------------------
