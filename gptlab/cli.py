@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -116,7 +118,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     kept = sum(action == "skip" for _, _, action in runner.plan())
     err.print(f"[bold]{exp.name}[/]: {len(exp.runs)} runs on {device}  ->  {runner.exp_dir}"
               + (f"  ({kept} finished runs kept, {len(exp.runs) - kept} to train)" if kept else ""))
-    results = _run_with_progress(runner, err)
+    with _sigterm_interrupts():
+        results = _run_with_progress(runner, err)
     _print_compare(results, exp, out, err)
     failed = [r for r in results if r.get("status") == "failed"]
     if failed:
@@ -124,6 +127,23 @@ def cmd_run(args: argparse.Namespace) -> int:
                   + ", ".join(Path(r["_dir"]).name for r in failed))
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """Treat SIGTERM (a scheduler's preemption, `kill`) like Ctrl-C: the current run is marked interrupted."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _dry_run(runner, out, overrides: list[str]) -> int:
