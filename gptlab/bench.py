@@ -379,19 +379,21 @@ def _kernels_for(args: argparse.Namespace, device: torch.device) -> list[str]:
     return list(dict.fromkeys(args.kernels))
 
 
+def _shared_flags(args: argparse.Namespace) -> list:
+    """The options both benchmarks take, as they appear on a rerun command line."""
+    words = ["--threads", args.threads] if args.threads else []
+    for d in args.plugins_dir:
+        words += ["--plugins-dir", d]
+    return words + (["--json"] if args.json else [])
+
+
 def _attention_command(args: argparse.Namespace, names: list[str], position: str, device: torch.device,
                        dtype: str, kernels: list[str]) -> str:
     words = ["gptlab", "bench", "attention", "--attention", ",".join(names), "--position", position,
              "--seq-lens", ",".join(map(str, args.seq_lens)), "--batch", args.batch, "--heads", args.heads,
              "--head-dim", args.head_dim, "--kernels", ",".join(kernels), "--repeats", args.repeats,
              "--warmup", args.warmup, "--device", str(device), "--dtype", dtype]
-    if args.threads:
-        words += ["--threads", args.threads]
-    for d in args.plugins_dir:
-        words += ["--plugins-dir", d]
-    if args.json:
-        words.append("--json")
-    return _command(words)
+    return _command(words + _shared_flags(args))
 
 
 def bench_attention(args: argparse.Namespace) -> dict:
@@ -609,13 +611,7 @@ def _model_command(args: argparse.Namespace, device: torch.device, dtype: str, s
              "--gen-repeats", args.gen_repeats, "--seed", args.seed]
     if args.compile:
         words.append("--compile")
-    if args.threads:
-        words += ["--threads", args.threads]
-    for d in args.plugins_dir:
-        words += ["--plugins-dir", d]
-    if args.json:
-        words.append("--json")
-    return _command(words)
+    return _command(words + _shared_flags(args))
 
 
 def bench_model(args: argparse.Namespace) -> dict:
