@@ -18,20 +18,29 @@ def sinusoid_table(n_positions, dim, base=10000.0):
 
 
 class SinusoidalPositions(PositionScheme):
-    """Fixed sinusoidal absolute positions; no parameters, defined for any length."""
+    """Fixed sinusoidal absolute positions, scaled to the token embeddings' size; any length.
+
+    The raw table has entries of size ~0.7, while GPT-2 initialises token embeddings with std 0.02,
+    so unscaled it drowns the tokens and training stalls at the unigram loss. Vaswani et al. scale
+    the embeddings up by sqrt(emb_dim) instead; here ``scale`` (default 0.02 * sqrt(2), giving the
+    table an RMS of 0.02) scales the table down, leaving the skeleton's embeddings untouched.
+    """
 
     provides = frozenset({"embedding"})
 
-    def __init__(self, cfg, base=10000.0):
+    def __init__(self, cfg, base=10000.0, scale=0.02 * math.sqrt(2)):
         super().__init__()
-        self.dim, self.base = cfg.emb_dim, float(base)
-        self.register_buffer("table", sinusoid_table(cfg.context_length, cfg.emb_dim, self.base), persistent=False)
+        self.dim, self.base, self.scale = cfg.emb_dim, float(base), float(scale)
+        self.register_buffer("table", self._table(cfg.context_length), persistent=False)
+
+    def _table(self, n):
+        return sinusoid_table(n, self.dim, self.base) * self.scale
 
     def embed(self, x, offset):
         end = offset + x.shape[1]
         if end > self.table.shape[0]:  # grow once, then reuse (as a normal tensor, even under inference_mode)
             with torch.inference_mode(False):
-                self.table = sinusoid_table(max(end, 2 * self.table.shape[0]), self.dim, self.base).to(self.table.device)
+                self.table = self._table(max(end, 2 * self.table.shape[0])).to(self.table.device)
         return x + self.table[offset:end].to(x.dtype)
 
 

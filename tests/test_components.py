@@ -129,7 +129,9 @@ def test_alibi_slopes_for_a_non_power_of_two(builtin_system):
 
 def test_sinusoidal_table_matches_the_closed_form(builtin_system):
     d = 32
-    sin = make(builtin_system, "position", "sinusoidal", emb_dim=d)
+    cfg = ModelConfig.from_any(tiny_cfg(emb_dim=d))
+    factory = builtin_system.registry.get("position", "sinusoidal").factory
+    sin = factory(cfg, scale=1.0)  # the raw table of Vaswani et al.
     assert sum(p.numel() for p in sin.parameters()) == 0
     zeros = torch.zeros(1, 10, d)
     for offset in (0, 3, 40):  # 40 is past context_length 16: the table grows
@@ -142,6 +144,11 @@ def test_sinusoidal_table_matches_the_closed_form(builtin_system):
                 assert pe[t, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6), (p, i)
     x = torch.randn(2, 5, d)
     torch.testing.assert_close(sin.embed(x, 2), x + sin.embed(torch.zeros(1, 5, d), 2))
+    # the default scales the table to an RMS of 0.02, the size of GPT-2's token embeddings
+    default = factory(cfg)
+    raw = sin.embed(torch.zeros(1, 64, d), 0)
+    torch.testing.assert_close(default.embed(torch.zeros(1, 64, d), 0), raw * 0.02 * math.sqrt(2))
+    assert default.embed(torch.zeros(1, 64, d), 0).pow(2).mean().sqrt().item() == pytest.approx(0.02, rel=0.01)
 
 
 def test_learned_positions_are_offset_aware(builtin_system):
