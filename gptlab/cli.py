@@ -121,6 +121,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     with _sigterm_interrupts():
         results = _run_with_progress(runner, err)
     _print_compare(results, exp, out, err)
+    busy = [r for r in results if r.get("_action") == "busy"]
+    if busy:
+        err.print(f"[yellow]{len(busy)} run(s) were being trained by another gptlab process and were left to it[/]")
     failed = [r for r in results if r.get("status") == "failed"]
     if failed:
         err.print(f"[red]{len(failed)} run(s) failed[/]; see error.txt in: "

@@ -27,6 +27,7 @@ from .errors import ConfigError
 from .experiment import Experiment, RunSpec
 from .model import GPTModel, resolve_components
 from .plugin_manager import PluginSystem
+from .train import Diverged, train_run
 
 FINISHED = ("completed", "diverged")
 
@@ -66,6 +67,12 @@ def check_writable(results_dir: Path) -> None:
                           f"choose another with --results-dir")
 
 
+def data_key(spec: RunSpec) -> str:
+    """Runs with the same corpus, tokenizer and split share one prepared token array."""
+    return json.dumps([spec.data.dataset.to_plain(), spec.data.tokenizer.to_plain(), spec.data.val_fraction],
+                      sort_keys=True, default=str)
+
+
 def check_components(exp: Experiment, plugins: PluginSystem) -> None:
     """Every component name exists and every combination can be built (no tensor allocated)."""
     for spec in exp.runs:
@@ -81,8 +88,7 @@ def preflight(exp: Experiment, plugins: PluginSystem, cache_dir: Path) -> dict[s
     data_by_key: dict[str, TokenData] = {}
     for spec in exp.runs:
         where = f"{exp.path or 'experiment'}: variant '{spec.variant}'"
-        key = json.dumps([spec.data.dataset.to_plain(), spec.data.tokenizer.to_plain(), spec.data.val_fraction],
-                         sort_keys=True, default=str)
+        key = data_key(spec)
         if key not in data_by_key:
             try:
                 data_by_key[key] = prepare_tokens(spec.data, plugins, cache_dir)
@@ -148,29 +154,26 @@ class ExperimentRunner:
             if action == "skip":
                 results.append(read_summary(existing) | {"_dir": str(existing), "_action": "skip"})
                 continue
-            key = json.dumps([spec.data.dataset.to_plain(), spec.data.tokenizer.to_plain(), spec.data.val_fraction],
-                             sort_keys=True, default=str)
             run_dir = existing or self.exp_dir / spec.dir_name
-            summary = self.run_one(spec, run_dir, data_by_key[key], on_progress)
+            summary, action = self.run_one(spec, run_dir, data_by_key[data_key(spec)], on_progress, action)
             results.append(summary | {"_dir": str(run_dir), "_action": action})
         return results
 
-    def run_one(self, spec: RunSpec, run_dir: Path, data: TokenData, on_progress=None) -> dict:
-        from .train import Diverged, train_run
-
+    def run_one(self, spec: RunSpec, run_dir: Path, data: TokenData, on_progress=None,
+                action: str = "run") -> tuple[dict, str]:
+        """Train one run under its lock; returns (summary, action taken)."""
         run_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(run_dir / ".lock", "w")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise ConfigError(f"run {run_dir} is being trained by another gptlab process; wait for it") from None
-        try:
-            return self._train_locked(spec, run_dir, data, on_progress, train_run, Diverged)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            lock.close()
+        with open(run_dir / ".lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # another gptlab process is training this very run: leave it to that one
+                return {"variant": spec.variant, "seed": spec.seed, "status": "running"}, "busy"
+            summary = read_summary(run_dir)
+            if summary and summary.get("status") in FINISHED and not self.force:
+                return summary, "skip"  # finished by another process since we planned
+            return self._train_locked(spec, run_dir, data, on_progress), action
 
-    def _train_locked(self, spec, run_dir, data, on_progress, train_run, Diverged) -> dict:
+    def _train_locked(self, spec: RunSpec, run_dir: Path, data: TokenData, on_progress) -> dict:
         for stale in ("metrics.jsonl", "error.txt", "model.safetensors", "tokenizer.json"):
             (run_dir / stale).unlink(missing_ok=True)
         resolved = spec.resolved()

@@ -684,3 +684,25 @@ def test_train_val_split_does_not_depend_on_the_seed(tmp_path):
     again = preflight(exp, system, tmp_path / "cache")  # from the cache this time
     (tokens2,) = again.values()
     assert tokens2.val.tolist() == tokens.val.tolist()
+
+
+def test_a_run_locked_by_another_process_is_left_to_it(tmp_path, inproc):
+    """Two gptlab processes on one experiment never train the same run twice."""
+    import fcntl
+
+    exp = write_yaml(tmp_path / "exp.yaml", {**BASE, "seeds": [0]})
+    rc, out, err = inproc("run", exp, "--results-dir", tmp_path / "res", "--dry-run")
+    assert rc == 0
+    from gptlab.experiment import load_experiment
+
+    spec = next(s for s in load_experiment(exp).runs if s.variant == "a")
+    held = tmp_path / "res" / "tiny" / spec.dir_name
+    held.mkdir(parents=True)
+    with open(held / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # stands in for the other process
+        rc, out, err = inproc("run", exp, "--results-dir", tmp_path / "res")
+    assert rc == 0, err
+    assert "left to it" in err
+    assert not (held / "summary.json").exists()  # untouched: the other process owns it
+    (other,) = [d for d in run_dirs(tmp_path / "res" / "tiny").values() if d != held]
+    assert summary(other)["status"] == "completed"
