@@ -35,7 +35,7 @@ ALIASES = {"val_loss": "final_val_loss", "train_loss": "final_train_loss"}
 LOGGED_AS = {"final_val_loss": "val_loss", "final_train_loss": "train_loss"}  # names in metrics.jsonl
 STATUSES = ("completed", "diverged", "failed", "interrupted", "running")
 MEANS = ("best_val_loss", "best_val_step", "final_train_loss", "tokens_per_s", "mfu", "parameters",
-         "peak_memory", "wall_time_s")
+         "peak_memory", "memory_estimate", "wall_time_s")
 EXTRAP = re.compile(r"^val_loss@([0-9.eE+-]+)x$")
 SMALL_N = 3
 
@@ -350,7 +350,10 @@ def display_columns(table: pd.DataFrame) -> list[Column]:
     cols.append(Column("tok/s", [_num(v, "{:,.0f}") for v in table["tokens_per_s"]], 10))
     cols.append(Column("MFU", [_num(v * 100 if v == v else v, "{:.1f}%") for v in table["mfu"]], 13))
     cols.append(Column("params", [_si(v) for v in table["parameters"]], 11))
-    cols.append(Column("peak mem", [_bytes(v) for v in table["peak_memory"]], 15))
+    # measured CUDA peak; elsewhere the analytic estimate, marked with ~
+    estimate = table["memory_estimate"] if "memory_estimate" in table else [math.nan] * len(table)
+    cols.append(Column("peak mem", [_bytes(v) if v == v else ("~" + _bytes(e) if e == e else "n/a")
+                                    for v, e in zip(table["peak_memory"], estimate)], 15))
     cols.append(Column("wall", [_duration(v) for v in table["wall_time_s"]], 12))
     for c in cols:  # a column with nothing measured (MFU on CPU) is the first to go when narrow
         if c.priority > 2 and all(str(x).startswith("n/a") for x in c.cells):
