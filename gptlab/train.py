@@ -193,17 +193,28 @@ def compile_or_fallback(model: GPTModel, shape: tuple, device: torch.device,
                         ctx: Callable) -> tuple[torch.nn.Module, str]:
     """torch.compile the model, or say why not and train eagerly.
 
-    Compilation happens on the first call, so one probe forward (with grad, as in training)
-    surfaces a failure here instead of in the middle of the loop.
+    Compilation happens on the first forward and backward, so one probe step (on zeros, leaving
+    the data stream untouched) surfaces a failure here instead of in the middle of the loop.
+    Graph breaks do not fail, but they are named in the note, since they cost speed.
     """
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     try:
         compiled = torch.compile(model)
-        with ctx():  # a probe batch of zeros: the data stream is left untouched
-            compiled(torch.zeros(shape, dtype=torch.long, device=device))
-        return compiled, "compiled"
+        with ctx():
+            out = compiled(torch.zeros(shape, dtype=torch.long, device=device))
+        out.float().sum().backward()
+        model.zero_grad(set_to_none=True)
     except Exception as exc:  # dynamo/inductor errors come in many types
+        model.zero_grad(set_to_none=True)
         reason = " ".join(str(exc).split())[:300]
         return model, f"fell back to eager: {type(exc).__name__}: {reason}"
+    breaks = counters.get("graph_break", {})
+    if breaks:
+        reasons = "; ".join(" ".join(str(r).split())[:120] for r in list(breaks)[:3])
+        return compiled, f"compiled with {sum(breaks.values())} graph break(s): {reasons}"
+    return compiled, "compiled"
 
 
 def length_extrapolation(model: GPTModel, data: TokenData, t, seq_len: int, device: torch.device,

@@ -13,7 +13,7 @@ def relu_squared(x):
 
 
 ACTIVATIONS = {
-    "gelu": (F.gelu, "MLP with exact (erf) GELU, the seeds' default."),
+    "gelu": (F.gelu, "MLP with exact (erf) GELU, gptlab's default (the seeds' hand-written GELU is gelu_tanh)."),
     "gelu_tanh": (functools.partial(F.gelu, approximate="tanh"), "MLP with tanh-approximated GELU, as in GPT-2."),
     "relu": (F.relu, "MLP with ReLU."),
     "relu2": (relu_squared, "MLP with squared ReLU (So et al. 2021, Primer)."),

@@ -30,14 +30,18 @@ class ALiBiPositions(PositionScheme):
         self.register_buffer("slopes", alibi_slopes(cfg.n_heads), persistent=False)
         self._cached = (None, None)
 
+    def bias(self, offset, q_len, device):
+        q = torch.arange(offset, offset + q_len, device=device)[:, None]
+        k = torch.arange(offset + q_len, device=device)[None, :]
+        return -self.slopes.to(device)[:, None, None] * (q - k).clamp(min=0).float()
+
     def context(self, offset, q_len, device, dtype):
+        if torch.compiler.is_compiling():  # a Python-side cache would make dynamo recompile per offset
+            return PositionalContext(offset, q_len, score_bias=self.bias(offset, q_len, device))
         key = (offset, q_len, device)
-        if self._cached[0] != key:  # training reuses one shape: build once
+        if self._cached[0] != key:  # eager training reuses one shape: build once
             with torch.inference_mode(False):  # a normal tensor, reusable by training
-                q = torch.arange(offset, offset + q_len, device=device)[:, None]
-                k = torch.arange(offset + q_len, device=device)[None, :]
-                dist = (q - k).clamp(min=0).float()
-                self._cached = (key, -self.slopes.to(device)[:, None, None] * dist)
+                self._cached = (key, self.bias(offset, q_len, device))
         return PositionalContext(offset, q_len, score_bias=self._cached[1])
 
 

@@ -24,6 +24,14 @@ NORMS = ("layernorm", "rmsnorm")
 PLACEMENTS = ("pre", "post", "sandwich", "parallel")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "relu2", "silu", "swiglu", "geglu", "reglu")
 
+@pytest.fixture(autouse=True)
+def _neutral_working_directory(tmp_path_factory, monkeypatch):
+    """Run each test from an empty folder, so a user's own ./plugins in the checkout (the README
+    tutorial puts one there) cannot change what the tests load. Tests that need the checkout as
+    the working directory chdir there themselves."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 TINY = dict(vocab_size=48, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
 
 

@@ -1,6 +1,7 @@
 """The built-in plugins ship inside the wheel (as gptlab.builtin_plugins) and load from an install."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -19,14 +20,27 @@ print(json.dumps({"file": gptlab.__file__,
 """
 
 
+def _tracked_plugins() -> set[str]:
+    """The plugin files git tracks (a checkout may hold a user's own extra ones)."""
+    out = subprocess.run(["git", "ls-files", "plugins"], cwd=REPO, capture_output=True, text=True)
+    names = {Path(line).name for line in out.stdout.split() if line.endswith(".py")}
+    return names or {p.name for p in (REPO / "plugins").glob("*.py")}
+
+
 def test_wheel_carries_builtin_plugins_and_they_load(tmp_path):
+    # build from a copy of the tracked layout: a stale build/ or a user's extra plugin must not leak in
+    src = tmp_path / "src"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        "build", "dist", "*.egg-info", ".venv", "results", ".git", "__pycache__", ".pytest_cache"))
+    for extra in set(p.name for p in (src / "plugins").glob("*.py")) - _tracked_plugins():
+        (src / "plugins" / extra).unlink()
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)],
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(src)],
                    check=True, capture_output=True, text=True)
     (wheel,) = wheels.glob("gptlab-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     shipped = sorted(Path(n).name for n in names if n.startswith("gptlab/builtin_plugins/") and n.endswith(".py"))
-    expected = sorted(p.name for p in (REPO / "plugins").glob("*.py"))
+    expected = sorted(_tracked_plugins())
     assert shipped == expected
 
     site = tmp_path / "site"
