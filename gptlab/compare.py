@@ -130,6 +130,9 @@ def metric_values(df: pd.DataFrame, metric: str, at_step: Optional[int] = None) 
     col = ALIASES.get(name, name)
     if at_step is None:
         known = _metric_columns(df)
+        if col not in df.columns and (name in ALIASES or col in MEANS):
+            # a standard metric no run reached (every run failed early): all n/a, not an error
+            return pd.Series(math.nan, index=df.index, dtype=float), name
         if col not in known:
             raise ConfigError(f"unknown metric '{name}'{did_you_mean(name, list(ALIASES) + known)}; "
                               f"metrics: {', '.join(list(ALIASES) + known)}")

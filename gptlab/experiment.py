@@ -95,8 +95,10 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
     overrides = [_space_flow_keys(item) for item in overrides]
     try:
         return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"bad override: {' '.join(str(exc).split())}") from None
+    except Exception as exc:  # OmegaConf's own errors and YAML parse errors of a value
+        detail = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"bad override ({detail}); write key=value, and quote mappings: "
+                          f"'model.position={{name: rope, base: 500}}'") from None
 
 
 def _space_flow_keys(item: str) -> str:
@@ -226,6 +228,9 @@ def _point_cfg(point: dict) -> DictConfig:
 def _resolve(merged: DictConfig, where: str) -> tuple[ModelConfig, DataConfig, TrainConfig]:
     plain = _plain(merged, where)
     try:
+        for section in CONFIG_SECTIONS:
+            if plain.get(section) is not None and not isinstance(plain[section], dict):
+                raise ConfigError(f"{section}: expected a mapping of keys, got {plain[section]!r}")
         model_raw = dict(plain.get("model") or {})
         preset = model_raw.pop("preset", None)
         if preset is not None:

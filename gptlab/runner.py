@@ -74,12 +74,32 @@ def data_key(spec: RunSpec) -> str:
 
 
 def check_components(exp: Experiment, plugins: PluginSystem) -> None:
-    """Every component name exists and every combination can be built (no tensor allocated)."""
+    """Every component name exists and every model builds, before anything trains.
+
+    Each distinct model is built on the meta device (shapes only, no memory), so a bad option
+    value (``rope`` with ``base: abc``) is a user error now rather than a failed run later.
+    """
+    built = set()
     for spec in exp.runs:
+        where = f"{exp.path or 'experiment'}: variant '{spec.variant}'"
         try:
             resolve_components(spec.model, plugins)
         except ConfigError as exc:
-            raise ConfigError(f"{exp.path or 'experiment'}: variant '{spec.variant}': {exc}") from None
+            raise ConfigError(f"{where}: {exc}") from None
+        key = json.dumps(spec.model.to_dict(), sort_keys=True, default=str)
+        if key in built:
+            continue
+        built.add(key)
+        try:
+            with torch.device("meta"):
+                GPTModel(spec.model, plugins=plugins)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        except Exception as exc:  # a factory rejected an option value
+            chosen = ", ".join(f"{k}={getattr(spec.model, k).to_plain()}" for k in
+                               ("attention", "position", "norm", "norm_placement", "activation"))
+            raise ConfigError(f"{where}: the model cannot be built ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:200]}); check the component options in {chosen}") from None
 
 
 def preflight(exp: Experiment, plugins: PluginSystem, cache_dir: Path) -> dict[str, TokenData]:
