@@ -143,10 +143,10 @@ class PluginSystem:
             self._seen_hashes[digest] = real
         return self.register_plugin(module, modname, source, modname, _version_of(module))
 
-    def load_builtins(self) -> None:
+    def load_builtins(self, folder: Path | None = None) -> None:
         from . import builtin_plugins
 
-        self.load_dir(Path(builtin_plugins.__file__).parent, source="builtin")
+        self.load_dir(folder or Path(builtin_plugins.__file__).parent, source="builtin")
 
     def load_entry_points(self) -> None:
         for ep in importlib.metadata.entry_points(group="gptlab"):
@@ -179,11 +179,27 @@ class PluginSystem:
             self.load_module(spec, source="experiment")
 
 
+def _checkout_builtins() -> Path | None:
+    """``./plugins`` when it is a gptlab checkout's built-ins folder (its ``__init__.py`` is the
+    installed one's twin): then it *is* the built-ins, even if its files differ from the installed
+    copy (an edited built-in, a checkout newer than the install), so nothing registers twice."""
+    from . import builtin_plugins
+
+    local = Path.cwd() / "plugins" / "__init__.py"
+    installed = Path(builtin_plugins.__file__)
+    try:
+        if local.resolve() != installed.resolve() and local.read_bytes() == installed.read_bytes():
+            return local.parent
+    except OSError:
+        pass
+    return None
+
+
 def build_plugin_system(plugin_dirs: Iterable[Path] = (), default_dir: bool = True,
                         extra: Iterable[str] = (), base_dir: Path | None = None) -> PluginSystem:
     """Discover plugins in the documented order and return the filled system."""
     system = PluginSystem()
-    system.load_builtins()
+    system.load_builtins(_checkout_builtins() if default_dir else None)
     system.load_entry_points()
     if default_dir:
         system.load_dir(Path.cwd() / "plugins", required=False)

@@ -408,3 +408,22 @@ def test_builtin_registry_contents(builtin_system):
     assert set(reg.names("activation")) >= {"gelu", "gelu_tanh", "relu", "relu2", "silu", "swiglu", "geglu", "reglu"}
     for entry in reg.entries():
         assert entry.doc, f"{entry.kind} '{entry.name}' has no docstring for `gptlab components`"
+
+
+def test_an_edited_checkout_plugins_folder_replaces_the_installed_builtins(tmp_path, monkeypatch):
+    """Run from a checkout whose built-ins differ from the installed copy (an edit, a newer pull):
+    ./plugins is the built-ins folder, so nothing registers twice and the local edit is what loads."""
+    import shutil
+
+    from gptlab.plugin_manager import build_plugin_system
+
+    shutil.copytree(REPO_ROOT / "plugins", tmp_path / "plugins", ignore=shutil.ignore_patterns("__pycache__"))
+    edited = tmp_path / "plugins" / "norm_rmsnorm.py"
+    edited.write_text(edited.read_text().replace("RMSNorm: rescale", "RMSNorm (edited): rescale"))
+    monkeypatch.chdir(tmp_path)
+    system = build_plugin_system()
+    entry = system.registry.get("norm", "rmsnorm")
+    assert entry.doc.startswith("RMSNorm (edited)")
+    builtins = [p for p in system.plugins if p.source == "builtin"]
+    assert len({p.name for p in builtins}) == len(builtins) == len(list((REPO_ROOT / "plugins").glob("[!_]*.py")))
+    assert all(str(tmp_path) in p.location for p in builtins)
