@@ -129,8 +129,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
                         description="Time one attention module per implementation (built through the registry) "
                                     "on random (batch, T, heads*head_dim) input, causal, forward+backward.")
     a.add_argument("--attention", type=_name_list, default=None, metavar="A,B",
-                   help="attention components to time, comma-separated (default: every registered one); "
-                        "the first is the baseline of the ratio columns")
+                   help="attention components to time, comma-separated (default: every registered one, "
+                        "the model's default attention first); the first is the baseline of the ratio columns")
     a.add_argument("--position", default=None,
                    help="positional scheme whose context (rotation, score bias) attention gets "
                         "(default: the model default)")
@@ -407,7 +407,9 @@ def bench_attention(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     plugins = build_plugin_system(plugin_dirs=args.plugins_dir)
-    names = list(dict.fromkeys(args.attention or plugins.registry.names("attention")))
+    default_attention = ModelConfig().attention.name  # the ratio baseline: the model's default attention
+    registered = sorted(plugins.registry.names("attention"), key=lambda n: n != default_attention)
+    names = list(dict.fromkeys(args.attention or registered))
     position = args.position or ModelConfig().position.name
     kernels = _kernels_for(args, device)
     C = args.heads * args.head_dim

@@ -253,6 +253,10 @@ def _pick_baseline(df: pd.DataFrame, groups: list[Group], baseline: Optional[str
 
     if baseline is not None:
         found = find(str(baseline))
+        same_variant = [g.label for g in groups if g.label != str(baseline) and str(baseline) == g.variant]
+        if found is not None and groups[found].label != str(baseline) and len(same_variant) > 1:
+            raise ConfigError(f"baseline '{baseline}' is ambiguous: rows {', '.join(same_variant)} share that variant "
+                              f"name (runs of an older config); pass one of those labels")
         if found is None:
             labels = [g.label for g in groups]
             raise ConfigError(f"unknown baseline '{baseline}'{did_you_mean(str(baseline), labels)}; "
