@@ -51,7 +51,8 @@ class ComponentSpec:
 
 @dataclass
 class ModelConfig:
-    """Everything that defines a model. Defaults reproduce the seeds' GPT-124M (tied head)."""
+    """Everything that defines a model. Defaults reproduce the seeds' GPT-124M (tied head), except that
+    `gelu` is the exact GELU; the seeds' hand-written one is `gelu_tanh`."""
 
     vocab_size: int = 50257
     context_length: int = 1024
