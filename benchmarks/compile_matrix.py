@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from gptlab import GPTModel
 from gptlab.bench import environment
-from gptlab.config import COMPONENT_KINDS
+from gptlab.hookspecs import MODEL_KINDS as COMPONENT_KINDS
 from gptlab.devices import resolve_device, synchronize
 from gptlab.errors import ConfigError, IncompatibleComponents, did_you_mean
 from gptlab.plugin_manager import default_plugins

@@ -402,7 +402,6 @@ def bench_attention(args: argparse.Namespace) -> dict:
     from .devices import resolve_device
     from .model import resolve_components
     from .plugin_manager import build_plugin_system
-    from .registry import call_factory
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -430,8 +429,8 @@ def bench_attention(args: argparse.Namespace) -> dict:
         for name in names:
             cfg, entries = built[name]
             torch.manual_seed(0)
-            attn = call_factory(entries["attention"], cfg, **cfg.attention.options).to(device).train()
-            pos = call_factory(entries["position"], cfg, **cfg.position.options).to(device)
+            attn = entries["attention"].factory(cfg, **cfg.attention.options).to(device).train()
+            pos = entries["position"].factory(cfg, **cfg.position.options).to(device)
             pctx = pos.context(0, T, device, torch.float32)
             x = torch.randn(args.batch, T, C, device=device, requires_grad=True)
             rows.extend(_bench_one_attention(name, attn, pctx, x, T, kernels, ctx_factory, device, args))
@@ -832,16 +831,16 @@ def _print_attention(result: dict) -> None:
 def _print_model(result: dict) -> None:
     from rich.table import Table
 
-    from .memory import format_bytes
+    from .fmt import nbytes
 
     console = _console()
     _print_header(console, "gptlab bench model", result)
     info, s = result["model"], result["settings"]
     est = info["memory_estimate"]
     console.print(f"model: {info['parameters']:,} parameters, {info['flops_per_token'] / 1e6:,.1f} MFLOP/token "
-                  f"(6N + 12LHQT at T={s['seq_len']}); memory estimate {format_bytes(est['total'])} "
-                  f"(weights {format_bytes(est['weights'])}, grads {format_bytes(est['gradients'])}, "
-                  f"AdamW {format_bytes(est['optimizer'])}, activations {format_bytes(est['activations'])}); "
+                  f"(6N + 12LHQT at T={s['seq_len']}); memory estimate {nbytes(est['total'], 2)} "
+                  f"(weights {nbytes(est['weights'], 2)}, grads {nbytes(est['gradients'], 2)}, "
+                  f"AdamW {nbytes(est['optimizer'], 2)}, activations {nbytes(est['activations'], 2)}); "
                   f"components: " + ", ".join(f"{k}={v}" for k, v in info["components"].items()), soft_wrap=True)
     table = Table(title=f"training step: batch {s['batch']} x {s['seq_len']} tokens, median of {s['steps']} steps")
     for col in ("mode", "step ms", "tokens/s", "TFLOP/s", "MFU", "peak mem", "estimate", "compile s"):

@@ -1,14 +1,18 @@
-"""The model config: the seed's GPT_CONFIG_124M keys plus component choices, strictly checked.
+"""Strict configs: the model config (the seed's GPT_CONFIG_124M keys plus component choices) and
+the one mechanism every config section is parsed with.
 
 Unknown keys and wrong types fail here, with the key named and the closest valid key suggested,
-so a typo never silently falls back to a default.
+so a typo never silently falls back to a default. A section is a dataclass; ``parse_section``
+checks each key against the field's annotation, then the dataclass's ``validate()`` checks
+ranges and relations between keys.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError, did_you_mean
+from .hookspecs import MODEL_KINDS
 
 # The seeds' configuration, unchanged (public API).
 GPT_CONFIG_124M = {
@@ -20,8 +24,6 @@ GPT_CONFIG_124M = {
     "drop_rate": 0.1,
     "qkv_bias": False,
 }
-
-COMPONENT_KINDS = ("attention", "position", "norm", "norm_placement", "activation")
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class ModelConfig:
     norm: ComponentSpec = field(default_factory=lambda: ComponentSpec("layernorm"))
     norm_placement: ComponentSpec = field(default_factory=lambda: ComponentSpec("pre"))
     activation: ComponentSpec = field(default_factory=lambda: ComponentSpec("gelu"))
-    ff_dim: Union[int, None] = None  # None: 4 * emb_dim (gated MLPs: 2/3 of that, parameter-matched)
+    ff_dim: Optional[int] = None  # None: 4 * emb_dim (gated MLPs: 2/3 of that, parameter-matched)
     bias: bool = True  # biases of the non-qkv linears and of the norms
     tie_embeddings: bool = True
     gradient_checkpointing: bool = False
@@ -76,11 +78,7 @@ class ModelConfig:
         return self.emb_dim // self.n_heads
 
     def to_dict(self) -> dict:
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = v.to_plain() if isinstance(v, ComponentSpec) else v
-        return out
+        return to_plain(self)
 
     @classmethod
     def from_any(cls, cfg: Any) -> "ModelConfig":
@@ -96,48 +94,81 @@ class ModelConfig:
             pass
         if not isinstance(cfg, Mapping):
             raise ConfigError(f"model config must be a mapping, got {type(cfg).__name__}")
-        valid = {f.name: f for f in fields(cls)}
-        kwargs = {}
-        for key, value in cfg.items():
-            if key not in valid:
-                raise ConfigError(f"unknown model key '{key}'{did_you_mean(key, valid)}; "
-                                  f"valid keys: {', '.join(valid)}")
-            kwargs[key] = _check_type(key, value)
-        out = cls(**kwargs)
-        out.validate()
-        return out
+        return parse_section(cls, cfg, "model")
 
     def validate(self) -> None:
         for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"model.{key} must be a positive integer, got {getattr(self, key)}")
+            positive(self, "model", key)
         if not 0.0 <= self.drop_rate < 1.0:
             raise ConfigError(f"model.drop_rate must be in [0, 1), got {self.drop_rate}")
         if self.emb_dim % self.n_heads:
             raise ConfigError(f"model.emb_dim ({self.emb_dim}) must be divisible by model.n_heads ({self.n_heads})")
-        if self.ff_dim is not None and self.ff_dim <= 0:
-            raise ConfigError(f"model.ff_dim must be a positive integer or null, got {self.ff_dim}")
+        positive(self, "model", "ff_dim")
 
 
-_INT_KEYS = {"vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"}
-_BOOL_KEYS = {"qkv_bias", "bias", "tie_embeddings", "gradient_checkpointing"}
+assert set(MODEL_KINDS) <= {f.name for f in fields(ModelConfig)}, "every model kind is a ModelConfig key"
 
 
-def _check_type(key: str, value: Any) -> Any:
-    if key in COMPONENT_KINDS:
-        return ComponentSpec.parse(value, f"model.{key}")
-    if key in _INT_KEYS or key == "ff_dim":
-        if key == "ff_dim" and value is None:
+# ---------------------------------------------------------------------------------------------
+# The strict-section mechanism
+# ---------------------------------------------------------------------------------------------
+def parse_section(cls: type, values: Any, section: str) -> Any:
+    """Build the dataclass ``cls`` from a mapping, naming the key on any unknown key or bad type,
+    then run its ``validate()``."""
+    if values is None:
+        values = {}
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
+    hints = get_type_hints(cls)
+    valid = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in valid:
+            raise ConfigError(f"unknown {section} key '{key}'{did_you_mean(key, valid)}; valid keys: {', '.join(valid)}")
+        kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
+    out = cls(**kwargs)
+    out.validate()
+    return out
+
+
+def to_plain(obj: Any) -> dict:
+    """A config dataclass as plain data (component choices as a name or {name, options})."""
+    return {f.name: (v.to_plain() if isinstance(v, ComponentSpec) else v)
+            for f in fields(obj) for v in [getattr(obj, f.name)]}
+
+
+def positive(obj: Any, section: str, key: str) -> None:
+    """Fail unless ``obj.key`` is None or a positive number."""
+    v = getattr(obj, key)
+    if v is not None and v <= 0:
+        raise ConfigError(f"{section}.{key} must be a positive integer, got {v}")
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    if hint is ComponentSpec:
+        return ComponentSpec.parse(value, key)
+    if get_origin(hint) is Union:
+        if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"model.{key} must be an integer, got {value!r}")
-        return value
-    if key in _BOOL_KEYS:
+        hint = next(a for a in get_args(hint) if a is not type(None))
+    if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"model.{key} must be true or false, got {value!r}")
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
         return value
-    if key == "drop_rate":
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"model.drop_rate must be a number, got {value!r}")
+            raise ConfigError(f"{key} must be a number, got {value!r}")
         return float(value)
-    return value  # pragma: no cover - every field is covered above
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if hint is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return list(value)
+    raise TypeError(f"{key}: no rule for annotation {hint!r}")  # a programming error in a config class

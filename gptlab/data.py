@@ -1,8 +1,7 @@
 """Token streams for training: a registered corpus, a registered tokenizer, a memory-mapped cache.
 
-A dataset factory returns a ``Corpus`` (a fingerprint plus a way to read its text); a tokenizer
-factory returns an object with ``vocab_size``, ``encode``, ``decode``, ``fit``, ``state_dict`` and
-``load_state_dict``. Tokens are prepared once per (corpus, tokenizer) and cached as a flat array
+A dataset factory returns a ``gptlab.Corpus`` and a tokenizer factory a ``gptlab.Tokenizer``
+(both in ``gptlab.text``). Tokens are prepared once per (corpus, tokenizer) and cached as a flat array
 that later runs memory-map; the train/val split is the tail fraction, fixed by the data config.
 """
 from __future__ import annotations
@@ -12,45 +11,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from .errors import ConfigError
 from .plugin_manager import PluginSystem
-from .registry import call_factory, check_options
+from .rundir import write_json_atomic
 from .settings import DataConfig
-
-
-@dataclass
-class Corpus:
-    """A text source: ``fingerprint`` changes whenever the text would."""
-
-    fingerprint: str
-    read: Callable[[], str]
-
-
-class Tokenizer:
-    """Base class for tokenizers; ``fit`` and the state methods are no-ops for fixed vocabularies."""
-
-    vocab_size: int = 0
-    eot_token: Optional[int] = None
-
-    def fit(self, text: str) -> None:
-        """Build a vocabulary from the training text (only data-dependent tokenizers need it)."""
-
-    def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
-
-    def decode(self, ids: list[int]) -> str:
-        raise NotImplementedError
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what ``fit`` learned."""
 
 
 @dataclass
@@ -58,14 +27,12 @@ class TokenData:
     train: np.ndarray
     val: np.ndarray
     tokenizer: Any
-    cache_file: Path
 
 
 def build_tokenizer(spec, plugins: PluginSystem, state: Optional[dict] = None) -> Any:
-    entry = plugins.registry.get("tokenizer", spec.name)
-    check_options(entry, 0, spec.options)
+    entry = plugins.registry.lookup("tokenizer", spec.name, spec.options)
     try:
-        tok = call_factory(entry, **spec.options)
+        tok = entry.factory(**spec.options)
     except ConfigError as exc:
         raise ConfigError(f"data.tokenizer '{spec.name}': {exc}") from None
     if state:
@@ -75,10 +42,9 @@ def build_tokenizer(spec, plugins: PluginSystem, state: Optional[dict] = None) -
 
 def prepare_tokens(data: DataConfig, plugins: PluginSystem, cache_dir: Path) -> TokenData:
     """Tokenize the corpus once and memory-map the cached token array."""
-    entry = plugins.registry.get("dataset", data.dataset.name)
-    check_options(entry, 0, data.dataset.options)
+    entry = plugins.registry.lookup("dataset", data.dataset.name, data.dataset.options)
     try:
-        corpus = call_factory(entry, **data.dataset.options)
+        corpus = entry.factory(**data.dataset.options)
     except ConfigError as exc:
         raise ConfigError(f"data.dataset '{data.dataset.name}': {exc}") from None
     tokenizer = build_tokenizer(data.tokenizer, plugins)
@@ -106,7 +72,7 @@ def prepare_tokens(data: DataConfig, plugins: PluginSystem, cache_dir: Path) -> 
         write_json_atomic(meta_path, meta)
     tokens = np.memmap(bin_path, dtype=np.dtype(meta["dtype"]), mode="r")
     n_val = int(len(tokens) * data.val_fraction)
-    return TokenData(tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:], tokenizer, bin_path)
+    return TokenData(tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:], tokenizer)
 
 
 class Batches:
@@ -141,15 +107,3 @@ def eval_starts(n_tokens: int, seq_len: int, count: int) -> list[int]:
     if count <= 1 or last == 0:
         return [0]
     return sorted({round(i * last / (count - 1)) for i in range(count)})
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON so that a kill at any moment leaves either the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

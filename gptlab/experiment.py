@@ -16,10 +16,11 @@ from typing import Any, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import ModelConfig
+from .config import ModelConfig, parse_section, to_plain
 from .errors import ConfigError, did_you_mean
-from .presets import PRESETS
-from .settings import DataConfig, TrainConfig, parse_section, section_to_dict
+from .presets import apply_preset
+from .rundir import run_dir_name
+from .settings import DataConfig, TrainConfig
 
 TOP_KEYS = ("name", "description", "plugins", "model", "data", "train", "variants", "grid", "seeds", "compare")
 CONFIG_SECTIONS = ("model", "data", "train")
@@ -39,7 +40,7 @@ class RunSpec:
     changes: dict = field(default_factory=dict)  # dotted keys this variant sets, for display
 
     def resolved(self) -> dict:
-        return {"model": self.model.to_dict(), "data": section_to_dict(self.data), "train": section_to_dict(self.train)}
+        return {"model": self.model.to_dict(), "data": to_plain(self.data), "train": to_plain(self.train)}
 
     @property
     def config_hash(self) -> str:
@@ -47,7 +48,7 @@ class RunSpec:
 
     @property
     def dir_name(self) -> str:
-        return f"{safe_name(self.variant)}__{self.config_hash}__s{self.seed}"
+        return run_dir_name(self.variant, self.config_hash, self.seed)
 
 
 @dataclass
@@ -65,10 +66,6 @@ class Experiment:
 def config_hash(resolved: dict) -> str:
     blob = json.dumps(resolved, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
-
-
-def safe_name(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", label).strip("_")[:80] or "run"
 
 
 def load_yaml(path: Path) -> DictConfig:
@@ -183,7 +180,7 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
             ctx = f"{where}: variant '{label}'" if (variants or point) else where
             model, data, train = _resolve(merged, ctx)
             changes = _changes(vcfg, point)
-            h = config_hash({"model": model.to_dict(), "data": section_to_dict(data), "train": section_to_dict(train)})
+            h = config_hash({"model": model.to_dict(), "data": to_plain(data), "train": to_plain(train)})
             if h in seen:
                 raise ConfigError(f"{where}: variants '{seen[h]}' and '{label}' resolve to the same config; "
                                   f"remove one or make them differ")
@@ -191,8 +188,8 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
             labels.append(label)
             runs.extend(RunSpec(label, s, model, data, train, changes) for s in seeds)
     base_model, base_data, base_train = _resolve(OmegaConf.merge(base, section_ov), where)
-    base_resolved = {"model": base_model.to_dict(), "data": section_to_dict(base_data),
-                     "train": section_to_dict(base_train)}
+    base_resolved = {"model": base_model.to_dict(), "data": to_plain(base_data),
+                     "train": to_plain(base_train)}
     return Experiment(name, str(description), Path(path) if path else None, plugins, runs, base_resolved,
                       compare, labels)
 
@@ -231,14 +228,7 @@ def _resolve(merged: DictConfig, where: str) -> tuple[ModelConfig, DataConfig, T
         for section in CONFIG_SECTIONS:
             if plain.get(section) is not None and not isinstance(plain[section], dict):
                 raise ConfigError(f"{section}: expected a mapping of keys, got {plain[section]!r}")
-        model_raw = dict(plain.get("model") or {})
-        preset = model_raw.pop("preset", None)
-        if preset is not None:
-            if preset not in PRESETS:
-                raise ConfigError(f"unknown model preset '{preset}'{did_you_mean(preset, PRESETS)}; "
-                                  f"presets: {', '.join(PRESETS)}")
-            model_raw = {**PRESETS[preset], **model_raw}
-        model = ModelConfig.from_any(model_raw)
+        model = ModelConfig.from_any(apply_preset(plain.get("model") or {}))
         data = parse_section(DataConfig, plain.get("data"), "data")
         train = parse_section(TrainConfig, plain.get("train"), "train")
     except ConfigError as exc:

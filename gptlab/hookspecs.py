@@ -1,11 +1,26 @@
-"""The hooks a gptlab plugin can implement.
+"""The plugin contract: every hook a gptlab plugin can implement and every kind of thing it can
+register. A plugin author needs this module and the README, nothing else.
 
-Mark implementations with ``@gptlab.hookimpl``. Registration happens once, when the plugin loads;
-the lifecycle hooks observe a run at log intervals, never inside the forward pass, so the plugin
-system costs nothing per training step.
+A plugin is a module (a ``.py`` file, an installed module, or an entry point in the ``gptlab``
+group) with functions named after the hooks below, marked with ``@gptlab.hookimpl``::
+
+    import gptlab
+
+    @gptlab.hookimpl
+    def gptlab_register(register):
+        register("attention", "my_attention", MyAttention)
+
+Every function whose name starts with ``gptlab_`` is taken as a hook, so a misspelt hook name is
+an error when the plugin loads rather than a hook that silently never runs.
+
+Registration happens once, when the plugin loads. The lifecycle hooks observe a run at log
+steps, never inside the forward pass, so the plugin system costs nothing per training step.
+Nothing here imports torch.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import pluggy
@@ -14,31 +29,140 @@ hookspec = pluggy.HookspecMarker("gptlab")
 hookimpl = pluggy.HookimplMarker("gptlab")
 
 
+# ---------------------------------------------------------------------------------------------
+# Kinds: what ``register(kind, name, factory)`` accepts
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Attr:
+    """An attribute gptlab reads off a factory (``on="factory"``) or off what it built (``"module"``)."""
+
+    on: str
+    default: Any
+    doc: str
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How gptlab calls the factories of one kind, and what it reads back.
+
+    A factory is called as ``factory(*positional, *reserved keywords, **options)``: ``positional``
+    are supplied by gptlab in that order, ``reserved`` keywords too, and every other keyword
+    argument of the factory is a user option, set in the config as ``{name: ..., option: value}``
+    and checked against the factory's signature before anything is built. A factory may also
+    have ``check(cfg, **options)``, called before anything is allocated, that raises
+    ``gptlab.ConfigError`` for a config it cannot serve. ``model_key``: the kind is chosen by a
+    key of the model config of the same name.
+    """
+
+    name: str
+    positional: tuple = ()
+    reserved: tuple = ()
+    returns: str = ""
+    attrs: Mapping[str, Attr] = field(default_factory=dict)
+    model_key: bool = False
+
+    def attr(self, obj: Any, name: str) -> Any:
+        """``obj.name``, or the contract's default when the plugin does not set it."""
+        return getattr(obj, name, self.attrs[name].default)
+
+
+KINDS: dict[str, Kind] = {k.name: k for k in (
+    Kind("attention", positional=("cfg",), model_key=True,
+         returns="an nn.Module: forward(x (B, T, C), ctx: PositionalContext, cache: KVCache | None) -> (B, T, C). "
+                 "Subclass gptlab.CausalSelfAttention and write only attend(q, k, v, ctx).",
+         attrs={"accepts": Attr("factory", frozenset(),
+                                "which of the position's 'rotation' and 'score_bias' it applies"),
+                "kernel_path": Attr("module", None,
+                                    "kernel_path(ctx) -> str: which kernel runs; 'explicit' (the default) means "
+                                    "the (T x T) attention matrix is stored, anything else that it is not")}),
+    Kind("position", positional=("cfg",), model_key=True,
+         returns="a gptlab.PositionScheme: embed(x, offset), context(offset, q_len, device, dtype), max_length",
+         attrs={"provides": Attr("factory", frozenset(),
+                                 "the seams it acts through: 'embedding', 'rotation', 'score_bias'")}),
+    Kind("norm", positional=("cfg", "dim"), model_key=True, returns="an nn.Module normalising the last dimension"),
+    Kind("norm_placement", positional=("cfg",), reserved=("attention", "mlp", "norm"), model_key=True,
+         returns="a block nn.Module: forward(x, ctx, cache=None) -> x; attention() and mlp() build one sublayer "
+                 "each, norm(dim) one norm; the block owns the residual wiring",
+         attrs={"final_norm": Attr("factory", True, "whether the model needs a norm before the head")}),
+    Kind("activation", positional=("cfg",), model_key=True,
+         returns="the feed-forward nn.Module x -> x (see gptlab.MLP, gptlab.GatedMLP)",
+         attrs={"hidden_dim": Attr("module", None, "hidden width, for the memory estimate (default 4 x emb_dim)"),
+                "gated": Attr("module", False, "True when it keeps a gate and an up projection (memory estimate)")}),
+    Kind("dataset", returns="a gptlab.Corpus(fingerprint, read): fingerprint changes whenever the text would"),
+    Kind("tokenizer", returns="a gptlab.Tokenizer: vocab_size, encode, decode; fit and state for learned vocabularies"),
+    Kind("importer", positional=("hf_config", "source"),
+         returns="a gptlab.HFImport for a Hugging Face checkpoint whose config.json model_type is the name: "
+                 "the gptlab model config and the tensor name map"),
+)}
+
+MODEL_KINDS = tuple(k.name for k in KINDS.values() if k.model_key)
+
+
+# ---------------------------------------------------------------------------------------------
+# What lifecycle hooks receive
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RunInfo:
+    """One run, as lifecycle hooks see it."""
+
+    dir: Path  #: the run directory; a sink may write its own files here
+    name: str  #: the variant label
+    seed: int
+    config: dict  #: the resolved config (model, data, train) plus experiment, variant, seed, config_hash
+    experiment: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks
+# ---------------------------------------------------------------------------------------------
 @hookspec
 def gptlab_register(register: Callable[..., None]) -> None:
-    """Register components: call ``register(kind, name, factory, override=False)``.
+    """Register components. Called once, when the plugin loads.
 
-    kind is one of attention, position, norm, norm_placement, activation, dataset, tokenizer.
-    The factory's docstring (first line) is what ``gptlab components`` shows. Registering a
-    (kind, name) that another plugin already registered is an error unless ``override=True``.
+    Call ``register(kind, name, factory, override=False)`` for each thing the plugin adds; ``kind``
+    is a key of ``KINDS`` above, whose entry says how the factory is called and what it returns.
+    The first line of the factory's docstring is what ``gptlab components`` shows. Registering
+    a (kind, name) another plugin registered is an error naming both, unless ``override=True``.
+    Return nothing.
     """
 
 
 @hookspec
-def gptlab_run_start(run: Any) -> None:
-    """A run is about to train. ``run`` has ``.dir``, ``.name``, ``.seed`` and ``.config``."""
+def gptlab_run_start(run: RunInfo) -> None:
+    """A run is about to train: its directory holds config.yaml and a summary.json saying 'running'.
+
+    Called once per run, after the model is built. Return nothing.
+    """
 
 
 @hookspec
-def gptlab_log(run: Any, step: int, metrics: Mapping[str, float]) -> None:
-    """A metrics row was logged (every ``train.log_every`` steps)."""
+def gptlab_log(run: RunInfo, step: int, metrics: Mapping[str, Any]) -> None:
+    """A metrics row was written to metrics.jsonl.
+
+    Called every ``train.log_every`` steps, at every evaluation step and at the last step, with the
+    row: step, tokens, train_loss, lr, tokens_per_s (None for the first, warm-up interval) and, at
+    evaluation steps, val_loss. Return nothing.
+    """
 
 
 @hookspec
-def gptlab_eval(run: Any, step: int, metrics: Mapping[str, float]) -> None:
-    """Validation finished at ``step``; ``metrics`` holds val_loss (and any extra lengths)."""
+def gptlab_eval(run: RunInfo, step: int, metrics: Mapping[str, Any]) -> None:
+    """Validation finished at ``step`` (every ``train.eval_every`` steps and at the last step).
+
+    ``metrics`` holds ``step`` and ``val_loss`` (None when the split is too short to evaluate).
+    Called before ``gptlab_log`` of the same step. The losses at other lengths
+    (``train.eval_lengths``) are computed after training and arrive in ``gptlab_run_end``'s summary.
+    Return nothing.
+    """
 
 
 @hookspec
-def gptlab_run_end(run: Any, summary: Mapping[str, Any]) -> None:
-    """A run ended (completed, diverged, failed or interrupted); ``summary`` is what was saved."""
+def gptlab_run_end(run: RunInfo, summary: Mapping[str, Any]) -> None:
+    """A run ended: completed, diverged, failed or interrupted (``summary["status"]``).
+
+    ``summary`` is what was just saved to summary.json. An exception here is recorded in the run's
+    error.txt and never changes the run's status. Return nothing.
+    """
+
+
+HOOKS = tuple(name for name in dict(globals()) if name.startswith("gptlab_"))

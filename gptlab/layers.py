@@ -2,7 +2,6 @@
 step, and the feed-forward networks. They name no variant; plugins pick the math."""
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
@@ -104,7 +103,3 @@ class GatedMLP(nn.Module):
 def gated_hidden_dim(emb_dim: int) -> int:
     """Parameter-matched width of a gated MLP: round(2/3 * 4 * emb_dim)."""
     return int(round(8 * emb_dim / 3))
-
-
-def attention_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from .components import PositionalContext
+from .hookspecs import KINDS
+
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 
 
@@ -26,14 +29,16 @@ def estimate_memory(model: Any, batch_size: int, seq_len: int, dtype: str = "flo
     cfg = model.config
     if gradient_checkpointing is None:
         gradient_checkpointing = cfg.gradient_checkpointing
+    attention, mlp = model.first_built.get("attention"), model.first_built.get("activation")
     if flash is None:
-        provides = getattr(type(model.position), "provides", frozenset())
-        flash = "score_bias" not in provides and _attention_is_fused(model)
+        provides = KINDS["position"].attr(type(model.position), "provides")
+        kernel_path = KINDS["attention"].attr(attention, "kernel_path")
+        fused = kernel_path is not None and kernel_path(PositionalContext(0, 1)) != "explicit"
+        flash = "score_bias" not in provides and fused
     n_params = model.num_parameters()
     b, s, h, a, L, V = batch_size, seq_len, cfg.emb_dim, cfg.n_heads, cfg.n_layers, cfg.vocab_size
-    mlp = _first(model, "hidden_dim")
-    ff = getattr(mlp, "hidden_dim", 4 * h)
-    gated = bool(getattr(mlp, "gated", False))
+    ff = KINDS["activation"].attr(mlp, "hidden_dim") or 4 * h
+    gated = bool(KINDS["activation"].attr(mlp, "gated"))
     dropout = cfg.drop_rate > 0
     tokens = b * s
     # Per layer, elements saved for backward: norm inputs (2h), q/k/v (3h), attention output (h),
@@ -60,29 +65,3 @@ def estimate_memory(model: Any, batch_size: int, seq_len: int, dtype: str = "flo
     }
     out["total"] = out["weights"] + out["gradients"] + out["optimizer"] + out["activations"]
     return out
-
-
-def _first(model: Any, attr: str) -> Any:
-    for m in model.modules():
-        if hasattr(m, attr) and m is not model:
-            return m
-    return None
-
-
-def _attention_is_fused(model: Any) -> bool:
-    """True when the attention modules call a fused kernel (they report a kernel path other than explicit)."""
-    from .components import PositionalContext
-
-    attn = _first(model, "kernel_path")
-    if attn is None:
-        return False
-    return attn.kernel_path(PositionalContext(0, 1)) != "explicit"
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"  # pragma: no cover
-

@@ -5,7 +5,6 @@ activation checkpointing see an ordinary model.
 """
 from __future__ import annotations
 
-import inspect
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -16,29 +15,20 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .components import ModelCache
-from .config import COMPONENT_KINDS, ModelConfig
-from .errors import ConfigError, IncompatibleComponents
+from .config import ModelConfig
+from .errors import IncompatibleComponents
+from .hookspecs import KINDS, MODEL_KINDS
 from .plugin_manager import PluginSystem, default_plugins
-from .registry import Entry, call_factory, check_options
+from .registry import Entry
 
 
 def resolve_components(cfg: ModelConfig, plugins: PluginSystem) -> dict[str, Entry]:
     """Look up every component and check that the combination can work, before allocating anything."""
-    entries = {kind: plugins.registry.get(kind, getattr(cfg, kind).name) for kind in COMPONENT_KINDS}
-    n_positional = {"attention": 1, "position": 1, "norm": 2, "norm_placement": 1, "activation": 1}
-    for kind, entry in entries.items():
-        spec = getattr(cfg, kind)
-        reserved = {"attention", "mlp", "norm"} if kind == "norm_placement" else set()
-        check_options(entry, n_positional[kind], spec.options, reserved)
-        check = getattr(entry.factory, "check", None)
-        if callable(check):
-            try:
-                check(cfg, **_accepted_by(check, spec.options))
-            except ConfigError as exc:
-                raise ConfigError(f"{kind} '{entry.name}': {exc}") from None
+    entries = {kind: plugins.registry.lookup(kind, getattr(cfg, kind).name, getattr(cfg, kind).options, cfg)
+               for kind in MODEL_KINDS}
     pos, att = entries["position"], entries["attention"]
-    provides = set(getattr(pos.factory, "provides", ()))
-    accepts = set(getattr(att.factory, "accepts", ()))
+    provides = set(KINDS["position"].attr(pos.factory, "provides"))
+    accepts = set(KINDS["attention"].attr(att.factory, "accepts"))
     missing = sorted((provides & {"rotation", "score_bias"}) - accepts)
     if missing:
         raise IncompatibleComponents(
@@ -46,14 +36,6 @@ def resolve_components(cfg: ModelConfig, plugins: PluginSystem) -> dict[str, Ent
             f"but attention '{att.name}' accepts {', '.join(sorted(accepts)) or 'neither'}; "
             f"pick another attention or position")
     return entries
-
-
-def _accepted_by(fn: Any, options: dict) -> dict:
-    """The options ``fn`` can take (a subclass may add options its base's ``check`` never heard of)."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return options
-    return {k: v for k, v in options.items() if k in params}
 
 
 class GPTModel(nn.Module):
@@ -68,10 +50,16 @@ class GPTModel(nn.Module):
         self.config = cfg = ModelConfig.from_any(cfg)
         plugins = plugins or default_plugins()
         entries = resolve_components(cfg, plugins)
-        self.components = {kind: getattr(cfg, kind).name for kind in COMPONENT_KINDS}
+        self.components = {kind: getattr(cfg, kind).name for kind in MODEL_KINDS}
+
+        # the first module built of each kind (not a submodule: it already lives in a block), so the
+        # memory estimate can read the contract's attributes without knowing how a block names them
+        self.first_built: dict[str, nn.Module] = {}
 
         def build(kind: str, *args: Any, **extra: Any) -> Any:
-            return call_factory(entries[kind], cfg, *args, **extra, **getattr(cfg, kind).options)
+            module = entries[kind].factory(cfg, *args, **extra, **getattr(cfg, kind).options)
+            self.first_built.setdefault(kind, module)
+            return module
 
         def make_norm(dim: int) -> nn.Module:
             return build("norm", dim)
@@ -84,7 +72,8 @@ class GPTModel(nn.Module):
             build("norm_placement", attention=lambda: build("attention"), mlp=lambda: build("activation"),
                   norm=make_norm)
             for _ in range(cfg.n_layers))
-        self.final_norm = make_norm(cfg.emb_dim) if getattr(placement.factory, "final_norm", True) else nn.Identity()
+        needs_final_norm = KINDS["norm_placement"].attr(placement.factory, "final_norm")
+        self.final_norm = make_norm(cfg.emb_dim) if needs_final_norm else nn.Identity()
         self.head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
@@ -190,9 +179,17 @@ class GPTModel(nn.Module):
     @classmethod
     def from_hf_gpt2(cls, path: str | Path, plugins: Optional[PluginSystem] = None) -> "GPTModel":
         """Load a Hugging Face GPT-2 checkpoint directory (config.json + model.safetensors)."""
-        from .hf import load_hf_gpt2
+        from .hf import load_hf
 
-        return load_hf_gpt2(cls, path, plugins)
+        return load_hf(cls, path, plugins, expect="gpt2")
+
+    @classmethod
+    def from_hf(cls, path: str | Path, plugins: Optional[PluginSystem] = None) -> "GPTModel":
+        """Load a Hugging Face checkpoint directory of any family an importer plugin is registered for
+        (by config.json's ``model_type``; ``gptlab components importer`` lists them)."""
+        from .hf import load_hf
+
+        return load_hf(cls, path, plugins)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],

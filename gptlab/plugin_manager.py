@@ -1,14 +1,19 @@
 """Plugin discovery and loading.
 
-Order: built-ins (the ``plugins/`` folder, shipped as ``gptlab.builtin_plugins``) -> installed
-packages exposing the ``gptlab`` entry-point group -> plugin directories (``./plugins`` by default,
-more with ``--plugins-dir``) -> modules or files named under ``plugins:`` in an experiment.
-A file reached twice (by path or by identical content) loads once.
+Order: built-ins (the modules ``plugins/__init__.py`` lists in ``BUILTINS``, shipped as
+``gptlab.builtin_plugins``) -> installed packages exposing the ``gptlab`` entry-point group ->
+plugin directories (``./plugins`` by default, more with ``--plugins-dir``) -> modules or files
+named under ``plugins:`` in an experiment. A file reached twice (by path or by identical content)
+loads once. Any other file in the built-ins folder is a user's plugin, loaded and reported as one.
+
+``plugins/manifest.json`` records what each built-in registers (keyed by the file's hash), so
+the listing commands can show the built-ins without importing them, and so without torch.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import importlib.metadata
 import importlib.util
 import os
@@ -143,10 +148,33 @@ class PluginSystem:
             self._seen_hashes[digest] = real
         return self.register_plugin(module, modname, source, modname, _version_of(module))
 
-    def load_builtins(self, folder: Path | None = None) -> None:
+    def load_builtins(self, folder: Path | None = None, deferred: bool = False) -> None:
+        """Load the modules ``BUILTINS`` lists from ``folder`` (default: the installed copy).
+
+        ``deferred``: register what the manifest says each unchanged file registers, without
+        importing it (for listings; the factories are placeholders that cannot build anything).
+        """
         from . import builtin_plugins
 
-        self.load_dir(folder or Path(builtin_plugins.__file__).parent, source="builtin")
+        folder = Path(folder or Path(builtin_plugins.__file__).parent)
+        manifest = read_manifest(folder) if deferred else {}
+        for stem in builtin_plugins.BUILTINS:
+            path = folder / f"{stem}.py"
+            known = manifest.get(stem)
+            if known and path.is_file() and f"sha256:{_sha(path)}" == known["version"]:
+                self._register_listing(stem, path, known)
+            else:
+                self.load_file(path, "builtin")
+
+    def _register_listing(self, stem: str, path: Path, known: dict) -> None:
+        real = os.path.realpath(path)
+        self._seen_paths.add(real)
+        self._seen_hashes[known["version"][len("sha256:"):]] = real
+        info = PluginInfo(stem, "builtin", str(path), known["version"])
+        self.plugins.append(info)
+        for kind, name, doc in known["registers"]:
+            self.registry.add(kind, name, _Listed(doc), plugin=stem)
+            info.components.append(f"{kind}:{name}")
 
     def load_entry_points(self) -> None:
         for ep in importlib.metadata.entry_points(group="gptlab"):
@@ -181,8 +209,8 @@ class PluginSystem:
 
 def _checkout_builtins() -> Path | None:
     """``./plugins`` when it is a gptlab checkout's built-ins folder (its ``__init__.py`` is the
-    installed one's twin): then it *is* the built-ins, even if its files differ from the installed
-    copy (an edited built-in, a checkout newer than the install), so nothing registers twice."""
+    installed one's twin): then its built-in modules *are* the built-ins, even if they differ from
+    the installed copy (an edited built-in, a checkout newer than the install)."""
     from . import builtin_plugins
 
     local = Path.cwd() / "plugins" / "__init__.py"
@@ -196,10 +224,15 @@ def _checkout_builtins() -> Path | None:
 
 
 def build_plugin_system(plugin_dirs: Iterable[Path] = (), default_dir: bool = True,
-                        extra: Iterable[str] = (), base_dir: Path | None = None) -> PluginSystem:
-    """Discover plugins in the documented order and return the filled system."""
+                        extra: Iterable[str] = (), base_dir: Path | None = None,
+                        listing: bool = False) -> PluginSystem:
+    """Discover plugins in the documented order and return the filled system.
+
+    ``listing``: for ``gptlab plugins/components`` only; unchanged built-ins are taken from the
+    manifest instead of imported, and their entries cannot build anything.
+    """
     system = PluginSystem()
-    system.load_builtins(_checkout_builtins() if default_dir else None)
+    system.load_builtins(_checkout_builtins() if default_dir else None, deferred=listing)
     system.load_entry_points()
     if default_dir:
         system.load_dir(Path.cwd() / "plugins", required=False)
@@ -221,7 +254,54 @@ def default_plugins() -> PluginSystem:
     return _default
 
 
-def set_default_plugins(system: PluginSystem | None) -> None:
-    """Replace (or with None, reset) the process-wide plugin system."""
-    global _default
-    _default = system
+# ---------------------------------------------------------------------------------------------
+# The built-ins' manifest
+# ---------------------------------------------------------------------------------------------
+MANIFEST = "manifest.json"
+
+
+class _Listed:
+    """Stands in for a built-in factory in a listing; carries its docstring, builds nothing."""
+
+    def __init__(self, doc: str) -> None:
+        self.__doc__ = doc
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise PluginError("a listing's placeholder was asked to build a component; "
+                          "build the plugin system without listing=True")
+
+
+def read_manifest(folder: Path) -> dict:
+    """{module: {"version": "sha256:...", "registers": [[kind, name, doc], ...]}}, or {} if unreadable."""
+    try:
+        data = json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def builtin_manifest(folder: Path) -> dict:
+    """What each built-in in ``folder`` registers, by importing them (what the manifest must hold)."""
+    from . import builtin_plugins
+
+    system = PluginSystem()
+    system.load_builtins(folder)
+    out = {}
+    for info in system.plugins:
+        regs = [[kind, name, system.registry.get(kind, name).doc]
+                for kind, name in (c.split(":", 1) for c in info.components)]
+        out[info.name] = {"version": info.version, "registers": regs}
+    assert list(out) == list(builtin_plugins.BUILTINS)
+    return out
+
+
+def write_manifest(folder: Path | None = None) -> Path:
+    """Regenerate ``plugins/manifest.json`` after changing a built-in (a test checks it is current)."""
+    folder = Path(folder or Path(__file__).resolve().parent.parent / "plugins")
+    path = folder / MANIFEST
+    path.write_text(json.dumps(builtin_manifest(folder), indent=1) + "\n")
+    return path
+
+
+if __name__ == "__main__":  # python -m gptlab.plugin_manager: regenerate the built-ins' manifest
+    print(write_manifest())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .config import GPT_CONFIG_124M
+from .errors import ConfigError, did_you_mean
 
 # Hugging Face GPT-2: qkv bias, tanh-approximated GELU, learned positions, tied head.
 _HF_GPT2 = dict(GPT_CONFIG_124M, qkv_bias=True, activation="gelu_tanh")
@@ -17,3 +18,14 @@ PRESETS: dict[str, dict] = {
     # nanoGPT's shakespeare-char size: 6 layers x 384 wide, 256 tokens of context.
     "mini": dict(vocab_size=256, context_length=256, emb_dim=384, n_heads=6, n_layers=6, drop_rate=0.2),
 }
+
+
+def apply_preset(model: dict) -> dict:
+    """Model keys with ``preset: NAME`` replaced by that preset's keys (the others win)."""
+    model = dict(model)
+    name = model.pop("preset", None)
+    if name is None:
+        return model
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset '{name}'{did_you_mean(str(name), PRESETS)}; presets: {', '.join(PRESETS)}")
+    return {**PRESETS[name], **model}

@@ -1,4 +1,8 @@
-"""Name-keyed registries of components, filled by plugins through the ``gptlab_register`` hook."""
+"""Name-keyed registries of components, filled by plugins through the ``gptlab_register`` hook.
+
+What a kind's factory takes and returns is written in ``gptlab.hookspecs.KINDS``; this module
+only stores entries and checks a user's options against that contract.
+"""
 from __future__ import annotations
 
 import inspect
@@ -6,8 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .errors import ConfigError, PluginError, did_you_mean
-
-KINDS = ("attention", "position", "norm", "norm_placement", "activation", "dataset", "tokenizer")
+from .hookspecs import KINDS
 
 
 @dataclass
@@ -54,6 +57,22 @@ class Registry:
             new.overrides = old.plugin
         self._entries[kind][name] = new
 
+    def lookup(self, kind: str, name: str, options: dict, cfg: Any = None) -> Entry:
+        """The entry for ``name``, after checking ``options`` against it and running its ``check``.
+
+        ``cfg`` is the model config, for the kinds that take one. Errors name the kind and entry.
+        """
+        entry = self.get(kind, name)
+        check_options(entry, options)
+        check = getattr(entry.factory, "check", None)
+        if callable(check):
+            args = (cfg,) if KINDS[kind].positional[:1] == ("cfg",) else ()
+            try:
+                check(*args, **_accepted_by(check, options))
+            except ConfigError as exc:
+                raise ConfigError(f"{kind} '{name}': {exc}") from None
+        return entry
+
     def get(self, kind: str, name: str) -> Entry:
         if kind not in self._entries:
             raise ConfigError(f"unknown component kind '{kind}'{did_you_mean(kind, KINDS)}")
@@ -71,16 +90,21 @@ class Registry:
         return [self._entries[k][n] for k in kinds for n in sorted(self._entries[k])]
 
 
-def check_options(entry: Entry, n_positional: int, options: dict, reserved: set = frozenset()) -> None:
-    """Fail with the valid option names when ``options`` holds one the factory does not take."""
+def check_options(entry: Entry, options: dict) -> None:
+    """Fail with the valid option names when ``options`` holds one the factory does not take.
+
+    Options are the factory's keyword arguments minus what gptlab itself passes (the kind's
+    positional and reserved arguments in ``KINDS``).
+    """
+    kind = KINDS[entry.kind]
     try:
         params = inspect.signature(entry.factory).parameters
-    except (TypeError, ValueError):  # pragma: no cover - builtins without signatures
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check against
         return
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
-    positional = list(params)[:n_positional]
-    accepted = [n for n, p in params.items() if n not in positional and n not in reserved
+    supplied = set(list(params)[:len(kind.positional)]) | set(kind.reserved)
+    accepted = [n for n, p in params.items() if n not in supplied
                 and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
     for key in options:
         if key not in accepted:
@@ -88,6 +112,9 @@ def check_options(entry: Entry, n_positional: int, options: dict, reserved: set 
                               f"options: {', '.join(accepted) or '(none)'}")
 
 
-def call_factory(entry: Entry, *args: Any, **options: Any) -> Any:
-    """Call a component factory with positional context and its options."""
-    return entry.factory(*args, **options)
+def _accepted_by(fn: Any, options: dict) -> dict:
+    """The options ``fn`` can take (a subclass may add options its base's ``check`` never heard of)."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return options
+    return {k: v for k, v in options.items() if k in params}

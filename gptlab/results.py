@@ -7,18 +7,17 @@ touching anything.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import math
-import os
-import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 import pandas as pd
 
 from .errors import ConfigError
+from .rundir import (CONFIG, EXPERIMENT, METRICS, SUMMARY, is_run_dir, metric_rows, read_config, read_experiment,
+                     read_summary, run_status, seed_from_name)
 
 META = ("experiment", "variant", "seed", "status", "run_dir", "config_hash")
 SECTIONS = ("model", "data", "train")
@@ -70,7 +69,7 @@ def find_runs(paths: Iterable[Any], results_dir: Any = "results") -> list[Path]:
         if not path.exists():
             raise ConfigError(f"{path} does not exist; pass a run directory or an experiment directory "
                               f"(results/<experiment>)")
-        if path.is_file() and path.name in ("summary.json", "config.yaml", "experiment.json", "metrics.jsonl"):
+        if path.is_file() and path.name in (SUMMARY, CONFIG, EXPERIMENT, METRICS):
             path = path.parent
         if not path.is_dir():
             raise ConfigError(f"{path} is not a directory; pass a run or experiment directory")
@@ -82,10 +81,6 @@ def find_runs(paths: Iterable[Any], results_dir: Any = "results") -> list[Path]:
     return list(found.values())
 
 
-def is_run_dir(path: Path) -> bool:
-    return (path / "summary.json").is_file() or (path / "config.yaml").is_file()
-
-
 def _walk(path: Path, depth: int) -> list[Path]:
     if is_run_dir(path):
         return [path]
@@ -95,31 +90,15 @@ def _walk(path: Path, depth: int) -> list[Path]:
     return [run for child in children for run in _walk(child, depth - 1)]
 
 
-def read_experiment(exp_dir: Path) -> dict:
-    """experiment.json (name, base config, variants in declaration order, compare block), or {}."""
-    return _read_json(Path(exp_dir) / "experiment.json") or {}
-
-
-def read_config(run_dir: Path) -> dict:
-    """The run's config.yaml as plain Python, or {} when it is missing or unreadable."""
-    from omegaconf import OmegaConf
-
-    try:
-        return OmegaConf.to_container(OmegaConf.load(Path(run_dir) / "config.yaml"), resolve=True) or {}
-    except Exception:  # a half-written or hand-edited file must not hide the other runs
-        return {}
-
-
 def read_run(run_dir: Path) -> tuple[dict, dict]:
     """(meta + summary + plugin metrics, flattened config) of one run directory."""
     run_dir = Path(run_dir)
     config = read_config(run_dir)
-    summary = _read_json(run_dir / "summary.json") or {}
-    seed_match = re.search(r"__s(-?\d+)$", run_dir.name)
+    summary = read_summary(run_dir) or {}
     row: dict[str, Any] = {
         "experiment": summary.get("experiment") or config.get("experiment") or run_dir.parent.name,
         "variant": summary.get("variant") or config.get("variant") or run_dir.name.split("__")[0],
-        "seed": _first(summary.get("seed"), config.get("seed"), int(seed_match[1]) if seed_match else None),
+        "seed": _first(summary.get("seed"), config.get("seed"), seed_from_name(run_dir.name)),
         "status": run_status(run_dir, summary),
         "run_dir": str(run_dir),
         "config_hash": summary.get("config_hash") or config.get("config_hash"),
@@ -159,37 +138,9 @@ def flatten_config(config: dict) -> dict:
     return out
 
 
-def run_status(run_dir: Path, summary: Optional[dict]) -> str:
-    """The recorded status, except that 'running' without a live lock holder is 'interrupted'.
-
-    A killed process (OOM, SIGKILL, power loss) never gets to write its final status; the kernel
-    drops its flock, so an unheld lock is the reliable sign that nobody is training the run.
-    """
-    status = (summary or {}).get("status")
-    if status in (None, "running"):
-        return "running" if lock_held(Path(run_dir)) else "interrupted"
-    return str(status)
-
-
-def lock_held(run_dir: Path) -> bool:
-    try:
-        fd = os.open(run_dir / ".lock", os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
-
-
 def read_metrics(run_dir: Any) -> pd.DataFrame:
     """metrics.jsonl as a DataFrame (empty when absent). Cached on the file's mtime and size."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS
     try:
         st = path.stat()
     except OSError:
@@ -199,24 +150,7 @@ def read_metrics(run_dir: Any) -> pd.DataFrame:
 
 @lru_cache(maxsize=512)
 def _read_metrics(path: str, mtime_ns: int, size: int) -> pd.DataFrame:
-    rows = []
-    with open(path) as fh:
-        for line in fh:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # the last line of a killed run may be cut short
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+    return pd.DataFrame(list(metric_rows(Path(path).parent)))
 
 
 def _scalar(value: Any) -> Any:

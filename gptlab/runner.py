@@ -1,9 +1,7 @@
 """Run an experiment: one directory per run under results/<experiment>/, nothing ever lost.
 
-A run directory holds config.yaml (resolved config), metrics.jsonl (one row per log step),
-summary.json (written atomically; status running/completed/diverged/failed/interrupted),
-error.txt for a failure, and model.safetensors + tokenizer.json when train.checkpoint is set.
-Completed and diverged runs are results and are skipped on rerun; the others are redone.
+The files of a run directory are described in ``gptlab.rundir``. Completed and diverged runs
+are results and are skipped on rerun; the others are redone.
 """
 from __future__ import annotations
 
@@ -13,7 +11,6 @@ import os
 import platform
 import time
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -21,39 +18,16 @@ import torch
 from omegaconf import OmegaConf
 
 from . import __version__
-from .data import TokenData, prepare_tokens, write_json_atomic
+from . import rundir as rd
+from .data import TokenData, prepare_tokens
 from .devices import device_name
 from .errors import ConfigError
 from .experiment import Experiment, RunSpec
+from .hookspecs import MODEL_KINDS, RunInfo
 from .model import GPTModel, resolve_components
 from .plugin_manager import PluginSystem
+from .rundir import read_summary, write_json_atomic
 from .train import Diverged, train_run
-
-FINISHED = ("completed", "diverged")
-
-
-@dataclass
-class RunInfo:
-    """What lifecycle hooks receive about a run."""
-
-    dir: Path
-    name: str
-    seed: int
-    config: dict
-    experiment: str
-
-
-def find_run_dir(exp_dir: Path, spec: RunSpec) -> Optional[Path]:
-    """The directory of an earlier run with this config hash and seed, whatever its variant label."""
-    matches = sorted(exp_dir.glob(f"*__{spec.config_hash}__s{spec.seed}"))
-    return matches[0] if matches else None
-
-
-def read_summary(run_dir: Path) -> Optional[dict]:
-    try:
-        return json.loads((run_dir / "summary.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def check_writable(results_dir: Path) -> None:
@@ -96,8 +70,7 @@ def check_components(exp: Experiment, plugins: PluginSystem) -> None:
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         except Exception as exc:  # a factory rejected an option value
-            chosen = ", ".join(f"{k}={getattr(spec.model, k).to_plain()}" for k in
-                               ("attention", "position", "norm", "norm_placement", "activation"))
+            chosen = ", ".join(f"{k}={getattr(spec.model, k).to_plain()}" for k in MODEL_KINDS)
             raise ConfigError(f"{where}: the model cannot be built ({type(exc).__name__}: "
                               f"{' '.join(str(exc).split())[:200]}); check the component options in {chosen}") from None
 
@@ -134,20 +107,19 @@ class ExperimentRunner:
     """Trains every pending run of an experiment and records each one in its own directory."""
 
     def __init__(self, exp: Experiment, plugins: PluginSystem, results_dir: Path, device: torch.device,
-                 force: bool = False, console: Any = None) -> None:
+                 force: bool = False) -> None:
         self.exp, self.plugins, self.device, self.force = exp, plugins, device, force
         self.results_dir = Path(results_dir)
         self.exp_dir = self.results_dir / exp.name
         self.cache_dir = self.results_dir / ".cache" / "tokens"
-        self.console = console
 
     def plan(self) -> list[tuple[RunSpec, Optional[Path], str]]:
         """(spec, existing dir, action) for every run; action is run, skip or redo."""
         out = []
         for spec in self.exp.runs:
-            existing = find_run_dir(self.exp_dir, spec) if self.exp_dir.exists() else None
+            existing = rd.find_run_dir(self.exp_dir, spec.config_hash, spec.seed)
             summary = read_summary(existing) if existing else None
-            if summary and summary.get("status") in FINISHED and not self.force:
+            if summary and summary.get("status") in rd.FINISHED and not self.force:
                 out.append((spec, existing, "skip"))
             elif existing:
                 out.append((spec, existing, "redo"))
@@ -165,7 +137,7 @@ class ExperimentRunner:
             self.prepare()
         data_by_key = self._data
         self.exp_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.exp_dir / "experiment.json", {
+        write_json_atomic(self.exp_dir / rd.EXPERIMENT, {
             "name": self.exp.name, "description": self.exp.description,
             "source": str(self.exp.path) if self.exp.path else None, "base": self.exp.base,
             "variants": self.exp.variants, "compare": self.exp.compare})
@@ -183,31 +155,32 @@ class ExperimentRunner:
                 action: str = "run") -> tuple[dict, str]:
         """Train one run under its lock; returns (summary, action taken)."""
         run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / ".lock", "w") as lock:
+        with open(run_dir / rd.LOCK, "w") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:  # another gptlab process is training this very run: leave it to that one
-                return {"variant": spec.variant, "seed": spec.seed, "status": "running"}, "busy"
+                return {"variant": spec.variant, "seed": spec.seed, "status": rd.RUNNING}, "busy"
             summary = read_summary(run_dir)
-            if summary and summary.get("status") in FINISHED and not self.force:
+            if summary and summary.get("status") in rd.FINISHED and not self.force:
                 return summary, "skip"  # finished by another process since we planned
             return self._train_locked(spec, run_dir, data, on_progress), action
 
     def _train_locked(self, spec: RunSpec, run_dir: Path, data: TokenData, on_progress) -> dict:
-        for stale in ("metrics.jsonl", "error.txt", "model.safetensors", "tokenizer.json"):
+        for stale in rd.OUTPUTS:
             (run_dir / stale).unlink(missing_ok=True)
         resolved = spec.resolved()
         meta = {"experiment": self.exp.name, "variant": spec.variant, "seed": spec.seed,
                 "config_hash": spec.config_hash, "changes": spec.changes}
-        OmegaConf.save(OmegaConf.create({**meta, **resolved}), run_dir / ".config.yaml.tmp")
-        os.replace(run_dir / ".config.yaml.tmp", run_dir / "config.yaml")
+        tmp = run_dir / f".{rd.CONFIG}.tmp"
+        OmegaConf.save(OmegaConf.create({**meta, **resolved}), tmp)
+        os.replace(tmp, run_dir / rd.CONFIG)
         summary: dict[str, Any] = {
-            **meta, "status": "running", "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid(),
+            **meta, "status": rd.RUNNING, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid(),
             "device": device_name(self.device), "versions": self.versions(), "plugins": self.plugin_versions()}
-        write_json_atomic(run_dir / "summary.json", summary)
+        write_json_atomic(run_dir / rd.SUMMARY, summary)
         info = RunInfo(run_dir, spec.variant, spec.seed, {**meta, **resolved}, self.exp.name)
         hook = self.plugins.pm.hook
-        metrics_fh = open(run_dir / "metrics.jsonl", "a")
+        metrics_fh = open(run_dir / rd.METRICS, "a")
 
         def on_log(row: dict) -> None:
             metrics_fh.write(json.dumps(row) + "\n")
@@ -233,18 +206,18 @@ class ExperimentRunner:
             hook.gptlab_run_start(run=info)
             progress = (lambda st, row: on_progress(spec, st, row)) if on_progress else (lambda st, row: None)
             summary.update(train_run(spec, data, model, self.device, on_log, on_eval, progress))
-            summary["status"] = "completed"
+            summary["status"] = rd.COMPLETED
             if spec.train.checkpoint:
                 self.save_checkpoint(model, data, run_dir)
         except Diverged as exc:
-            summary.update(status="diverged", diverged_step=exc.step, error=str(exc))
+            summary.update(status=rd.DIVERGED, diverged_step=exc.step, error=str(exc))
         except KeyboardInterrupt:
-            summary.update(status="interrupted", error="interrupted by the user (Ctrl-C)")
+            summary.update(status=rd.INTERRUPTED, error="interrupted by the user (Ctrl-C)")
             self._finish(summary, run_dir, start, metrics_fh, info)
             raise
         except Exception as exc:  # a run's crash is a result; the experiment goes on
-            summary.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-            (run_dir / "error.txt").write_text(traceback.format_exc())
+            summary.update(status=rd.FAILED, error=f"{type(exc).__name__}: {exc}")
+            (run_dir / rd.ERROR).write_text(traceback.format_exc())
         self._finish(summary, run_dir, start, metrics_fh, info)
         return summary
 
@@ -255,19 +228,19 @@ class ExperimentRunner:
         summary.pop("pid", None)
         if self.device.type == "cuda":
             summary["peak_memory"] = torch.cuda.max_memory_allocated(self.device)
-        write_json_atomic(run_dir / "summary.json", summary)
+        write_json_atomic(run_dir / rd.SUMMARY, summary)
         try:
             self.plugins.pm.hook.gptlab_run_end(run=info, summary=summary)
         except Exception as exc:  # a broken sink must not turn a finished run into a lost one
-            (run_dir / "error.txt").write_text(f"gptlab_run_end hook failed: {type(exc).__name__}: {exc}\n")
+            (run_dir / rd.ERROR).write_text(f"gptlab_run_end hook failed: {type(exc).__name__}: {exc}\n")
 
     def save_checkpoint(self, model: GPTModel, data: TokenData, run_dir: Path) -> None:
         from safetensors.torch import save_model
 
-        tmp = run_dir / ".model.safetensors.tmp"
+        tmp = run_dir / f".{rd.MODEL}.tmp"
         save_model(model, str(tmp))
-        os.replace(tmp, run_dir / "model.safetensors")
-        write_json_atomic(run_dir / "tokenizer.json", {"state": data.tokenizer.state_dict(),
+        os.replace(tmp, run_dir / rd.MODEL)
+        write_json_atomic(run_dir / rd.TOKENIZER, {"state": data.tokenizer.state_dict(),
                                                        "vocab_size": data.tokenizer.vocab_size})
 
     def versions(self) -> dict:

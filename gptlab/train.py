@@ -18,6 +18,7 @@ from .data import Batches, TokenData, eval_starts, windows
 from .devices import peak_flops, synchronize
 from .experiment import RunSpec
 from .model import GPTModel
+from .rundir import length_key
 
 
 class Diverged(Exception):
@@ -60,6 +61,35 @@ def make_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.opt
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), **extra)
 
 
+def train_step(step_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], grad_accum: int, ctx: Callable,
+               grad_clip: Optional[float], params: list, inspect: Optional[Callable[[], None]] = None,
+               logits_of: Callable[[Any], torch.Tensor] = lambda out: out) -> torch.Tensor:
+    """One optimizer step, the way every gptlab run and benchmark takes it.
+
+    ``grad_accum`` micro-batches from ``next_batch``: forward under ``ctx`` (autocast or nothing),
+    float32 cross-entropy, backward of loss / grad_accum; then ``inspect()`` (gradients are
+    complete), clipping to ``grad_clip`` (null or 0: off), the optimizer step and
+    zero_grad(set_to_none). Returns the mean micro-batch loss as a device tensor: reading it
+    is the caller's choice, so the GPU never waits on the host here.
+    """
+    total = None
+    for _ in range(grad_accum):
+        x, y = next_batch()
+        with ctx():
+            logits = logits_of(step_model(x))
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+        (loss / grad_accum).backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    if inspect is not None:
+        inspect()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / grad_accum
+
+
 def autocast_for(t, device: torch.device):
     use_bf16 = t.precision == "bf16" or (t.precision == "auto" and device.type == "cuda")
     if use_bf16:
@@ -87,10 +117,6 @@ def evaluate(model: GPTModel, tokens, seq_len: int, batches: int, batch_size: in
     return total / count
 
 
-def length_label(m: float) -> str:
-    return f"val_loss@{m:g}x"
-
-
 def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.device,
               on_log: Callable[[dict], None], on_eval: Callable[[dict], None],
               progress: Callable[[TrainState, dict], None] = lambda s, m: None) -> dict:
@@ -101,6 +127,7 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
     optimizer = make_optimizer(model, t, device)
     ctx = autocast_for(t, device)
     batches = Batches(data.train, t.batch_size, seq_len, spec.seed, device)
+    params = list(model.parameters())
     step_model, compile_note = model, None
     if t.compile:
         step_model, compile_note = compile_or_fallback(model, (t.batch_size, seq_len), device, ctx)
@@ -115,20 +142,10 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
         lr = lr_at(step, t)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for _ in range(t.grad_accum):
-            x, y = batches.next()
-            with ctx():
-                logits = step_model(x)
-                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
-            (loss / t.grad_accum).backward()
-            loss_sum += loss.detach()
-            loss_count += 1
-        if step == 1:  # Xiong et al. (2020): at init, post-LN gradients grow toward the output, pre-LN's are flat
-            state.init_grad_norms = block_grad_norms(model)
-        if t.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        # Xiong et al. (2020): at init, post-LN gradients grow toward the output, pre-LN's are flat
+        inspect = (lambda: setattr(state, "init_grad_norms", block_grad_norms(model))) if step == 1 else None
+        loss_sum += train_step(step_model, optimizer, batches.next, t.grad_accum, ctx, t.grad_clip, params, inspect)
+        loss_count += 1
         state.step, state.tokens = step, state.tokens + tokens_per_step
         interval_tokens += tokens_per_step
         if step == 1:  # the first step pays for warm-up (allocator, compile): keep it out of tokens/s
@@ -223,7 +240,7 @@ def length_extrapolation(model: GPTModel, data: TokenData, t, seq_len: int, devi
     out: dict[str, Any] = {}
     notes = {}
     for m in t.eval_lengths:
-        key = length_label(m)
+        key = length_key(m)
         length = int(round(m * seq_len))
         limit = model.max_length
         if limit is not None and length > limit:

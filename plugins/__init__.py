@@ -1,1 +1,17 @@
-"""Built-in gptlab variants. Each module here is an ordinary plugin, loaded like a user's own."""
+"""Built-in gptlab variants. Each module here is an ordinary plugin, loaded like a user's own.
+
+Only the modules in ``BUILTINS`` are gptlab's; any other file a user drops into this folder is
+loaded as the user's plugin (the README tutorial does exactly that). After changing a built-in,
+regenerate the listing manifest: ``python -m gptlab.plugin_manager``.
+"""
+
+BUILTINS = (
+    "attention_sdpa", "attention_vanilla",
+    "position_learned", "position_sinusoidal", "position_rope", "position_alibi", "position_none",
+    "norm_layernorm", "norm_rmsnorm",
+    "placement_pre", "placement_post", "placement_sandwich", "placement_parallel",
+    "activation_mlp", "activation_gated",
+    "dataset_python_docs", "dataset_text",
+    "tokenizer_bytes", "tokenizer_char", "tokenizer_tiktoken",
+    "import_gpt2",
+)

@@ -2,7 +2,7 @@
 import torch.nn.functional as F
 
 import gptlab
-from gptlab.layers import GatedMLP
+from gptlab import GatedMLP
 
 GATES = {
     "swiglu": (F.silu, "Gated MLP with a SiLU gate (SwiGLU); width 2/3 of 4x by default."),

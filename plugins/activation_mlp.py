@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import gptlab
-from gptlab.layers import MLP
+from gptlab import MLP
 
 
 def relu_squared(x):

@@ -2,7 +2,7 @@
 import torch.nn.functional as F
 
 import gptlab
-from gptlab.layers import CausalSelfAttention
+from gptlab import CausalSelfAttention
 
 
 class SDPAAttention(CausalSelfAttention):

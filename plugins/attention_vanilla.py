@@ -1,8 +1,10 @@
 """Attention 'vanilla': explicit masked softmax, the readable reference implementation."""
+import math
+
 import torch
 
 import gptlab
-from gptlab.layers import CausalSelfAttention, attention_scale
+from gptlab import CausalSelfAttention
 
 
 class VanillaAttention(CausalSelfAttention):
@@ -14,7 +16,7 @@ class VanillaAttention(CausalSelfAttention):
 
     def attend(self, q, k, v, ctx):
         k, v = self.expand_kv(k), self.expand_kv(v)
-        scores = (q @ k.transpose(-2, -1)) * attention_scale(q.shape[-1])
+        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
         if ctx.score_bias is not None:
             scores = scores + ctx.score_bias.to(scores.dtype)
         scores = scores.masked_fill(~ctx.causal_mask(q.device), float("-inf"))

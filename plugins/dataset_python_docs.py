@@ -7,8 +7,7 @@ import hashlib
 import sys
 
 import gptlab
-from gptlab.data import Corpus
-from gptlab.errors import ConfigError
+from gptlab import ConfigError, Corpus
 
 
 def _text():

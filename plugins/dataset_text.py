@@ -3,8 +3,7 @@ import glob
 import os
 
 import gptlab
-from gptlab.data import Corpus
-from gptlab.errors import ConfigError
+from gptlab import ConfigError, Corpus
 
 
 def _expand(patterns):

@@ -4,7 +4,7 @@ import math
 import torch
 
 import gptlab
-from gptlab.components import PositionalContext, PositionScheme
+from gptlab import PositionalContext, PositionScheme
 
 
 def alibi_slopes(n_heads):

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import gptlab
-from gptlab.components import PositionScheme
+from gptlab import PositionScheme
 
 
 class LearnedPositions(PositionScheme):

@@ -1,6 +1,6 @@
 """Position 'none' (NoPE): no positional signal; the causal mask alone orders tokens."""
 import gptlab
-from gptlab.components import PositionScheme
+from gptlab import PositionScheme
 
 
 class NoPositions(PositionScheme):

@@ -2,8 +2,8 @@
 import torch
 
 import gptlab
-from gptlab.components import PositionalContext, PositionScheme
-from gptlab.errors import ConfigError
+from gptlab import PositionalContext, PositionScheme
+from gptlab import ConfigError
 
 
 def rotate_half(x):

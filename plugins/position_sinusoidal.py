@@ -4,7 +4,7 @@ import math
 import torch
 
 import gptlab
-from gptlab.components import PositionScheme
+from gptlab import PositionScheme
 
 
 def sinusoid_table(n_positions, dim, base=10000.0):

@@ -1,6 +1,6 @@
 """Tokenizer 'bytes': UTF-8 bytes, 256 tokens, no vocabulary to learn or download."""
 import gptlab
-from gptlab.data import Tokenizer
+from gptlab import Tokenizer
 
 
 class ByteTokenizer(Tokenizer):

@@ -2,7 +2,7 @@
 import re
 
 import gptlab
-from gptlab.data import Tokenizer
+from gptlab import Tokenizer
 
 EOT, UNK = "<|endoftext|>", "<|unk|>"
 
@@ -17,10 +17,6 @@ class CharTokenizer(Tokenizer):
     @property
     def vocab_size(self):
         return len(self.itos)
-
-    @property
-    def eot_token(self):
-        return self.stoi.get(EOT)
 
     def fit(self, text):
         chars = sorted(set(text.replace(EOT, "")))

@@ -1,7 +1,6 @@
 """Tokenizer 'tiktoken': OpenAI BPE encodings (GPT-2 by default) through the tiktoken package."""
 import gptlab
-from gptlab.data import Tokenizer
-from gptlab.errors import ConfigError
+from gptlab import ConfigError, Tokenizer
 
 
 class TiktokenTokenizer(Tokenizer):
@@ -12,7 +11,7 @@ class TiktokenTokenizer(Tokenizer):
 
         try:
             self.enc = tiktoken.get_encoding(encoding)
-        except ValueError as exc:  # unknown encoding name
+        except ValueError:  # unknown encoding name
             raise ConfigError(f"unknown encoding '{encoding}'; known: {', '.join(tiktoken.list_encoding_names())}") from None
         except Exception as exc:
             raise ConfigError(
@@ -20,7 +19,6 @@ class TiktokenTokenizer(Tokenizer):
                 f"on a machine with network run `TIKTOKEN_CACHE_DIR=DIR python -c \"import tiktoken; "
                 f"tiktoken.get_encoding('{encoding}')\"`, copy DIR here and set TIKTOKEN_CACHE_DIR=DIR") from None
         self.vocab_size = self.enc.n_vocab
-        self.eot_token = self.enc.eot_token
 
     def encode(self, text):
         return self.enc.encode_ordinary(text)

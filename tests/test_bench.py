@@ -21,12 +21,7 @@ MODEL = ["bench", "model", "nano", "--json", "--steps", "2", "--warmup", "1", "-
 
 
 def parser() -> argparse.ArgumentParser:
-    """gptlab's parser with the bench subcommand (added here until cli.py wires it in)."""
-    p = cli.build_parser()
-    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-    if "bench" not in sub.choices:
-        bench.add_parser(sub)
-    return p
+    return cli.build_parser()
 
 
 def run_json(argv, capsys):
@@ -151,7 +146,6 @@ def test_bad_preset_is_a_config_error_with_suggestion(capsys):
     assert args.debug is True
 
 
-@pytest.mark.skipif("bench" not in cli.COMMANDS, reason="bench is not wired into gptlab.cli yet")
 def test_cli_one_line_error(capsys):
     assert cli.main(["bench", "model", "nanoo"]) == 2
     err = capsys.readouterr().err

@@ -1,7 +1,6 @@
 """gptlab compare: run directories written by hand (no training), statistics checked by hand."""
 from __future__ import annotations
 
-import argparse
 import fcntl
 import io
 import json
@@ -13,7 +12,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from gptlab.cli_results import COMMANDS, add_parsers
+from gptlab.cli import build_parser
 from gptlab.compare import compare_table, print_compare
 from gptlab.errors import ConfigError
 from gptlab.results import load_results
@@ -297,10 +296,9 @@ def test_sort_and_user_errors(exp, tmp_path):
 
 
 def test_compare_command(exp, capsys, monkeypatch):
-    parser = argparse.ArgumentParser()
-    add_parsers(parser.add_subparsers(dest="command"))
     monkeypatch.chdir(exp.parent.parent)
-    args = parser.parse_args(["compare", "--results-dir", str(exp.parent), "--format", "csv", "--by", "norm_placement"])
-    assert COMMANDS["compare"](args) == 0
+    args = build_parser().parse_args(["compare", "--results-dir", str(exp.parent), "--format", "csv",
+                                      "--by", "norm_placement"])
+    assert args.handler(args) == 0
     back = pd.read_csv(io.StringIO(capsys.readouterr().out))
     assert back["model.norm_placement"].tolist() == ["pre", "post"]

@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from gptlab import ConfigError, GPTModel  # noqa: E402
-from gptlab.hf import config_from_hf  # noqa: E402
+from gptlab.builtin_plugins.import_gpt2 import config_from_hf  # noqa: E402
 
 TINY = dict(vocab_size=101, n_positions=32, n_embd=48, n_layer=2, n_head=4,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,

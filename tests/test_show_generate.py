@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gptlab import cli
-from gptlab.cli_results import COMMANDS, add_parsers
+from gptlab.cli import build_parser
 from gptlab.errors import ConfigError
 
 from test_compare import make_experiment
@@ -24,15 +24,12 @@ seeds: [0]
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    """The results subcommands as gptlab.cli will wire them (add_parsers into its subparsers)."""
-    parser = argparse.ArgumentParser(prog="gptlab")
-    add_parsers(parser.add_subparsers(dest="command"))
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def run_cmd(argv: list[str]) -> int:
     args = parse(argv)
-    return COMMANDS[args.command](args)
+    return args.handler(args)
 
 
 @pytest.fixture(scope="module")

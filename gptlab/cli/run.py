@@ -1,19 +1,14 @@
-"""The ``gptlab`` command: run experiments, compare and show results, list plugins and components."""
+"""``gptlab run``: train an experiment with live progress, then print its comparison table."""
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import signal
-import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from .bench import add_parser as add_bench_parser
-from .bench import cmd_bench
-from .cli_results import COMMANDS as RESULT_COMMANDS
-from .cli_results import add_parsers as add_result_parsers
-from .errors import GptlabError
+from ..errors import GptlabError
+from ..fmt import num, yaml_value
 
 EXPERIMENT_FORMAT = """\
 experiment format (YAML; every key is checked, a typo is an error with a suggestion):
@@ -33,22 +28,9 @@ overrides: key=value pairs (OmegaConf dotlist) apply to every run, e.g. train.st
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors and exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-        sys.exit(2)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="gptlab", description="A plugin-based experiment registry for GPT architecture variants.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
-    r = sub.add_parser("run", help="train every variant of an experiment", epilog=EXPERIMENT_FORMAT,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    r = sub.add_parser("run", parents=[common], help="train every variant of an experiment",
+                       epilog=EXPERIMENT_FORMAT, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("experiment", type=Path, help="experiment YAML file")
     r.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     r.add_argument("--results-dir", type=Path, default=Path("results"), help="where runs are stored (default: results)")
@@ -56,40 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plugins-dir", type=Path, action="append", default=[], help="extra plugin folder (repeatable)")
     r.add_argument("--force", action="store_true", help="rerun runs that already finished")
     r.add_argument("--dry-run", action="store_true", help="list the runs and how they differ; train nothing")
-    r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-
-    for name, helptext in (("plugins", "list loaded plugins, where they came from and their versions"),
-                           ("components", "list registered components with their one-line docs")):
-        c = sub.add_parser(name, help=helptext)
-        if name == "components":
-            c.add_argument("kind", nargs="?", help="only this kind (attention, position, norm, ...)")
-        c.add_argument("--json", action="store_true", help="print JSON")
-        c.add_argument("--plugins-dir", type=Path, action="append", default=[], help="extra plugin folder")
-        c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    add_result_parsers(sub)
-    add_bench_parser(sub)
-    return p
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    # key=value overrides may come after options (argparse stops filling a positional list at the first option)
-    if args.command == "run":
-        args.overrides += [x for x in extra if not x.startswith("-") and "=" in x]
-        extra = [x for x in extra if x.startswith("-") or "=" not in x]
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        return COMMANDS[args.command](args)
-    except GptlabError as exc:
-        if args.debug:
-            raise
-        sys.stderr.write(f"gptlab: error: {exc}\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("gptlab: interrupted; finished runs are kept, rerun the same command to resume\n")
-        return 130
+    r.set_defaults(handler=cmd_run)
 
 
 def _console(stderr: bool = False):
@@ -99,10 +48,10 @@ def _console(stderr: bool = False):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .devices import resolve_device
-    from .experiment import load_experiment
-    from .plugin_manager import build_plugin_system
-    from .runner import ExperimentRunner, check_components
+    from ..devices import resolve_device
+    from ..experiment import load_experiment
+    from ..plugin_manager import build_plugin_system
+    from ..runner import ExperimentRunner, check_components
 
     exp = load_experiment(args.experiment, args.overrides)
     plugins = build_plugin_system(plugin_dirs=args.plugins_dir, extra=exp.plugins,
@@ -157,14 +106,10 @@ def _dry_run(runner, out, overrides: list[str]) -> int:
     for col in ("variant", "seed", "hash", "action", "differs from base"):
         table.add_column(col)
     for spec, _, action in runner.plan():
-        diff = ", ".join(f"{k}={_fmt_value(v)}" for k, v in spec.changes.items()) or "-"
+        diff = ", ".join(f"{k}={yaml_value(v)}" for k, v in spec.changes.items()) or "-"
         table.add_row(spec.variant, str(spec.seed), spec.config_hash, action, diff)
     out.print(table)
     return 0
-
-
-def _fmt_value(v: Any) -> str:
-    return json.dumps(v) if isinstance(v, (dict, list)) else str(v)
 
 
 def _run_with_progress(runner, err) -> list[dict]:
@@ -188,7 +133,7 @@ def _run_with_progress(runner, err) -> list[dict]:
 
 def _print_compare(results: list[dict], exp, out, err) -> None:
     """End a run with the comparison table of this invocation's runs (the experiment's compare block)."""
-    from .compare import print_compare
+    from ..compare import print_compare
 
     try:
         print_compare([r["_dir"] for r in results], **exp.compare)
@@ -204,65 +149,10 @@ def _print_run_table(results: list[dict], out) -> None:
     for col in ("variant", "seed", "status", "final val", "best val", "tok/s", "params", "wall s", ""):
         table.add_column(col, justify="right" if col not in ("variant", "status", "") else "left")
     for r in results:
-        def f(key, fmt="{:.4f}"):
+        def f(key, spec="{:.4f}"):
             v = r.get(key)
-            return fmt.format(v) if isinstance(v, (int, float)) else "n/a"
+            return num(v if isinstance(v, (int, float)) else None, spec)
         table.add_row(r.get("variant", "?"), str(r.get("seed")), r.get("status", "?"), f("final_val_loss"),
                       f("best_val_loss"), f("tokens_per_s", "{:,.0f}"), f("parameters", "{:,}"),
                       f("wall_time_s", "{:.1f}"), "(kept)" if r.get("_action") == "skip" else "")
     out.print(table)
-
-
-def cmd_plugins(args: argparse.Namespace) -> int:
-    from .plugin_manager import build_plugin_system
-
-    system = build_plugin_system(plugin_dirs=args.plugins_dir)
-    rows = [{"name": p.name, "source": p.source, "location": p.location, "version": p.version,
-             "components": p.components} for p in system.plugins]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    from rich.table import Table
-
-    table = Table(title=f"{len(rows)} plugins (in load order)")
-    for col in ("name", "source", "version", "registers", "location"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        table.add_row(r["name"], r["source"], r["version"], ", ".join(r["components"]), r["location"])
-    _console().print(table)
-    return 0
-
-
-def cmd_components(args: argparse.Namespace) -> int:
-    from .plugin_manager import build_plugin_system
-    from .registry import KINDS
-
-    system = build_plugin_system(plugin_dirs=args.plugins_dir)
-    if args.kind and args.kind not in KINDS:
-        from .errors import ConfigError, did_you_mean
-
-        raise ConfigError(f"unknown component kind '{args.kind}'{did_you_mean(args.kind, KINDS)}; "
-                          f"kinds: {', '.join(KINDS)}")
-    entries = system.registry.entries(args.kind)
-    rows = [{"kind": e.kind, "name": e.name, "plugin": e.plugin, "doc": e.doc,
-             "overrides": e.overrides} for e in entries]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    from rich.table import Table
-
-    table = Table(title="registered components")
-    for col in ("kind", "name", "plugin", "description"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        table.add_row(r["kind"], r["name"], r["plugin"] + (f" (overrides {r['overrides']})" if r["overrides"] else ""),
-                      r["doc"])
-    _console().print(table)
-    return 0
-
-
-COMMANDS = {"run": cmd_run, "plugins": cmd_plugins, "components": cmd_components, **RESULT_COMMANDS, "bench": cmd_bench}
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

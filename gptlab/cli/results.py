@@ -1,19 +1,15 @@
-"""The read-only commands: ``gptlab compare``, ``gptlab show`` and ``gptlab generate``.
+"""``gptlab compare`` and ``gptlab show``: tables and curves read from run directories.
 
-They only read run directories, so they live apart from the training CLI; ``gptlab.cli`` adds
-them with ``add_parsers(sub)`` and dispatches through ``COMMANDS``. Each handler takes the parsed
-arguments and returns an exit status; a mistake the user can fix raises ``ConfigError``.
+They only read, and import neither torch nor anything that does.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 COMPARE_HELP = """\
 PATH: experiment directories (results/<name>), run directories, or a folder of experiments;
@@ -23,9 +19,8 @@ several are merged into one table. Options left out come from the experiment's c
 """
 
 
-def add_parsers(sub: Any) -> None:
-    """Add the compare, show and generate subcommands to ``sub`` (argparse subparsers)."""
-    c = sub.add_parser("compare", help="one row per variant: mean ± std over seeds, Δ to a baseline with a 95%% CI",
+def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    c = sub.add_parser("compare", parents=[common], help="one row per variant: mean ± std over seeds, Δ to a baseline with a 95%% CI",
                        epilog=COMPARE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("paths", nargs="*", type=Path, metavar="PATH",
                    help="experiment or run directories (default: every experiment under --results-dir)")
@@ -36,29 +31,16 @@ def add_parsers(sub: Any) -> None:
     c.add_argument("--at-step", type=int, metavar="N", help="use the metric's value logged at step N")
     c.add_argument("--sort", metavar="COLUMN", help="sort rows by this column (default: declaration order)")
     c.add_argument("--format", default="table", metavar="FORMAT", help="table (default), csv, md or json")
-    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    c.set_defaults(handler=cmd_compare)
 
-    s = sub.add_parser("show", help="a run's config, summary and loss curves; or an experiment's curves overlaid")
+    s = sub.add_parser("show", parents=[common], help="a run's config, summary and loss curves; or an experiment's curves overlaid")
     s.add_argument("path", type=Path, help="run directory or experiment directory")
-    s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-
-    g = sub.add_parser("generate", help="sample text from a run's checkpoint")
-    g.add_argument("run_dir", type=Path, help="run directory holding model.safetensors")
-    g.add_argument("--prompt", required=True, help="text to continue")
-    g.add_argument("--max-new-tokens", type=int, default=100, help="default: 100")
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
-    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    g.add_argument("--plugins-dir", type=Path, action="append", default=[],
-                   help="extra plugin folder, for runs built with components from outside ./plugins")
-    g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    s.set_defaults(handler=cmd_show)
 
 
 # -- compare -----------------------------------------------------------------------------------
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import print_compare
+    from ..compare import print_compare
 
     print_compare(args.paths, by=args.by, baseline=args.baseline, metric=args.metric, at_step=args.at_step,
                   sort=args.sort, format=args.format, results_dir=args.results_dir)
@@ -69,7 +51,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .results import is_run_dir
+    from ..results import is_run_dir
 
     path = Path(args.path)
     if not path.exists():
@@ -92,7 +74,7 @@ def show_run(run_dir: Path, console: Any) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from .results import flatten_config, read_experiment, read_metrics, read_run
+    from ..results import flatten_config, read_experiment, read_metrics, read_run
 
     row, config = read_run(run_dir)
     status = row["status"]
@@ -136,8 +118,8 @@ def show_experiment(exp_dir: Path, console: Any) -> None:
     """Each variant's mean curve (over its completed seeds) overlaid, for val loss and train loss."""
     from rich.text import Text
 
-    from .compare import group_runs, mean_curve
-    from .results import load_results, read_experiment
+    from ..compare import group_runs, mean_curve
+    from ..results import load_results, read_experiment
 
     df = load_results(exp_dir)
     meta = read_experiment(exp_dir)
@@ -161,7 +143,7 @@ def show_experiment(exp_dir: Path, console: Any) -> None:
 def _print_plot(console: Any, title: str, series: list) -> None:
     from rich.text import Text
 
-    from .termplot import line_plot
+    from ..termplot import line_plot
 
     console.print(Text("\n" + title, style="bold"))
     plot = line_plot(series, colors=bool(console.is_terminal and console.color_system))
@@ -201,71 +183,3 @@ def _fmt(v: Any) -> str:
 _MISSING = object()
 _STATUS_STYLE = {"completed": "green", "diverged": "red", "failed": "red", "interrupted": "yellow",
                  "running": "cyan"}
-
-
-# -- generate ----------------------------------------------------------------------------------
-def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from .config import ModelConfig
-    from .data import build_tokenizer
-    from .devices import resolve_device
-    from .model import GPTModel
-    from .plugin_manager import build_plugin_system
-    from .results import is_run_dir, read_config
-    from .settings import DataConfig, parse_section
-
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir() or not is_run_dir(run_dir):
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass results/<experiment>/<run>")
-    ckpt = run_dir / "model.safetensors"
-    if not ckpt.is_file():
-        raise ConfigError(f"{run_dir} has no checkpoint (model.safetensors); set train.checkpoint=true and rerun, "
-                          f"e.g. gptlab run EXPERIMENT.yaml train.checkpoint=true")
-    if not (run_dir / "tokenizer.json").is_file():
-        raise ConfigError(f"{run_dir} has no tokenizer.json; rerun with train.checkpoint=true to save both")
-    _check_sampling(args)
-    config = read_config(run_dir)
-    plugins = build_plugin_system(plugin_dirs=args.plugins_dir)
-    model_cfg = ModelConfig.from_any(config.get("model") or {})
-    data = parse_section(DataConfig, config.get("data"), "data")
-    saved = json.loads((run_dir / "tokenizer.json").read_text())
-    tokenizer = build_tokenizer(data.tokenizer, plugins, saved.get("state"))
-    device = resolve_device(args.device)
-    model = GPTModel(model_cfg, plugins=plugins)
-    try:
-        from safetensors.torch import load_model
-
-        load_model(model, str(ckpt), device="cpu")
-    except Exception as exc:  # wrong shapes or a damaged file: say which, without a traceback
-        raise ConfigError(f"{ckpt}: cannot load into the model of config.yaml ({' '.join(str(exc).split())[:300]})") \
-            from None
-    model.to(device)
-
-    ids = tokenizer.encode(args.prompt)
-    if not ids:
-        raise ConfigError("--prompt encodes to no tokens; give some text")
-    torch.manual_seed(args.seed)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    out = model.generate(torch.tensor([ids], dtype=torch.long, device=device), args.max_new_tokens,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=generator)
-    # The model's vocabulary may be padded past the tokenizer's; those ids decode to nothing.
-    tokens = [t for t in out[0].tolist() if t < tokenizer.vocab_size]
-    sys.stdout.write(tokenizer.decode(tokens) + "\n")
-    return 0
-
-
-def _check_sampling(args: argparse.Namespace) -> None:
-    if not args.prompt:
-        raise ConfigError("--prompt is empty; give some text to continue")
-    if args.max_new_tokens < 0:
-        raise ConfigError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if args.temperature < 0 or not math.isfinite(args.temperature):
-        raise ConfigError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ConfigError(f"--top-p must be in (0, 1], got {args.top_p}")
-
-
-COMMANDS = {"compare": cmd_compare, "show": cmd_show, "generate": cmd_generate}

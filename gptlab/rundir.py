@@ -1,0 +1,164 @@
+"""The run directory format: file names, statuses and the few rules for reading and writing them.
+
+Every module that touches ``results/`` goes through these names, so the format is written down
+once. It imports neither torch nor pandas: the results commands read runs without either.
+
+    results/<experiment>/
+      experiment.json                      the experiment as resolved (base, variants, compare)
+      <variant>__<config-hash>__s<seed>/   one run
+        config.yaml    the resolved config (model, data, train) plus experiment, variant, seed, hash
+        metrics.jsonl  one JSON row per log step
+        summary.json   status and final numbers; replaced atomically
+        error.txt      the traceback of a failed run
+        model.safetensors, tokenizer.json  with train.checkpoint
+        .lock          flock'ed while a process trains the run
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+EXPERIMENT = "experiment.json"
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+ERROR = "error.txt"
+MODEL = "model.safetensors"
+TOKENIZER = "tokenizer.json"
+LOCK = ".lock"
+#: files a rerun of the run replaces (config.yaml and summary.json are overwritten atomically instead)
+OUTPUTS = (METRICS, ERROR, MODEL, TOKENIZER)
+
+RUNNING, COMPLETED, DIVERGED, FAILED, INTERRUPTED = "running", "completed", "diverged", "failed", "interrupted"
+STATUSES = (COMPLETED, DIVERGED, FAILED, INTERRUPTED, RUNNING)
+#: results: skipped on rerun unless --force
+FINISHED = (COMPLETED, DIVERGED)
+
+_LENGTH_KEY = re.compile(r"^val_loss@([0-9.eE+-]+)x$")
+
+
+def length_key(multiple: float) -> str:
+    """The summary key of the validation loss at ``multiple`` times the training length."""
+    return f"val_loss@{multiple:g}x"
+
+
+def length_multiple(key: str) -> Optional[float]:
+    """The multiple in a ``val_loss@Nx`` key, or None for any other key."""
+    m = _LENGTH_KEY.match(str(key))
+    return float(m[1]) if m else None
+
+
+def safe_name(label: str) -> str:
+    """A variant label as a folder-name fragment."""
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", label).strip("_")[:80] or "run"
+
+
+def run_dir_name(variant: str, config_hash: str, seed: int) -> str:
+    return f"{safe_name(variant)}__{config_hash}__s{seed}"
+
+
+def seed_from_name(name: str) -> Optional[int]:
+    m = re.search(r"__s(-?\d+)$", name)
+    return int(m[1]) if m else None
+
+
+def find_run_dir(exp_dir: Path, config_hash: str, seed: int) -> Optional[Path]:
+    """The directory of an earlier run with this config hash and seed, whatever its variant label."""
+    if not Path(exp_dir).is_dir():
+        return None
+    matches = sorted(Path(exp_dir).glob(f"*__{config_hash}__s{seed}"))
+    return matches[0] if matches else None
+
+
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / SUMMARY).is_file() or (Path(path) / CONFIG).is_file()
+
+
+def read_json(path: Path) -> Optional[dict]:
+    """A JSON object from ``path``, or None when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_summary(run_dir: Path) -> Optional[dict]:
+    return read_json(Path(run_dir) / SUMMARY)
+
+
+def read_experiment(exp_dir: Path) -> dict:
+    """experiment.json (name, base config, variants in declaration order, compare block), or {}."""
+    return read_json(Path(exp_dir) / EXPERIMENT) or {}
+
+
+def read_config(run_dir: Path) -> dict:
+    """The run's config.yaml as plain Python, or {} when it is missing or unreadable."""
+    from omegaconf import OmegaConf
+
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(Path(run_dir) / CONFIG), resolve=True)
+    except Exception:  # a half-written or hand-edited file must not hide the other runs
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def metric_rows(run_dir: Path) -> Iterator[dict]:
+    """The rows of metrics.jsonl; a line cut short by a kill is skipped."""
+    try:
+        fh = open(Path(run_dir) / METRICS)
+    except OSError:
+        return
+    with fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                yield row
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON so that a kill at any moment leaves either the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def run_status(run_dir: Path, summary: Optional[dict]) -> str:
+    """The recorded status, except that 'running' without a live lock holder is 'interrupted'.
+
+    A killed process (OOM, SIGKILL, power loss) never gets to write its final status; the kernel
+    drops its flock, so an unheld lock is the reliable sign that nobody is training the run.
+    """
+    status = (summary or {}).get("status")
+    if status in (None, RUNNING):
+        return RUNNING if lock_held(Path(run_dir)) else INTERRUPTED
+    return str(status)
+
+
+def lock_held(run_dir: Path) -> bool:
+    """Whether another process holds the run's lock (tested without creating or changing anything)."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)

@@ -1,0 +1,117 @@
+"""Importer 'gpt2': Hugging Face GPT-2 checkpoints, as the built-in components lay them out.
+
+Two things differ between the layouts: parameter names (``h.3.attn.c_attn`` here is
+``blocks.3.attn.qkv``) and weight orientation (GPT-2 uses Conv1D, stored (in, out), where
+nn.Linear stores (out, in)). HF config switches gptlab has no equivalent for are refused, not
+ignored. Reading the files and accounting for every tensor is ``gptlab.hf``'s job.
+"""
+import json
+from typing import Any
+
+import gptlab
+from gptlab import ConfigError, HFImport
+
+# Values transformers' GPT2Config assumes for keys a config.json leaves out; using the same ones
+# means a sparse config.json gives the model transformers itself would build from it.
+_HF_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12,
+                "n_inner": None, "activation_function": "gelu_new", "resid_pdrop": 0.1,
+                "layer_norm_epsilon": 1e-5}
+
+_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+# HF switches that change the computation, with the only value gptlab reproduces.
+_FIXED = {
+    "scale_attn_by_inverse_layer_idx": (False, "gptlab does not scale attention scores per layer"),
+    "reorder_and_upcast_attn": (False, "gptlab has no upcast/reordered attention path"),
+    "scale_attn_weights": (True, "gptlab always scales attention scores by 1/sqrt(head_dim)"),
+    "add_cross_attention": (False, "gptlab models are decoder-only, with no cross-attention"),
+    "tie_word_embeddings": (True, "the loader builds a tied head, as GPT-2 has"),
+}
+
+# Per-block tensors: HF suffix -> (gptlab suffix, stored as Conv1D and so needs a transpose).
+_BLOCK_KEYS = {
+    "ln_1.weight": ("norm1.weight", False), "ln_1.bias": ("norm1.bias", False),
+    "attn.c_attn.weight": ("attn.qkv.weight", True), "attn.c_attn.bias": ("attn.qkv.bias", False),
+    "attn.c_proj.weight": ("attn.out_proj.weight", True), "attn.c_proj.bias": ("attn.out_proj.bias", False),
+    "ln_2.weight": ("norm2.weight", False), "ln_2.bias": ("norm2.bias", False),
+    "mlp.c_fc.weight": ("mlp.fc.weight", True), "mlp.c_fc.bias": ("mlp.fc.bias", False),
+    "mlp.c_proj.weight": ("mlp.proj.weight", True), "mlp.c_proj.bias": ("mlp.proj.bias", False),
+}
+_TOP_KEYS = {
+    "wte.weight": ("tok_emb.weight", False), "wpe.weight": ("position.emb.weight", False),
+    "ln_f.weight": ("final_norm.weight", False), "ln_f.bias": ("final_norm.bias", False),
+}
+
+def config_from_hf(hf: dict, source: str = "config.json") -> dict:
+    """Translate an HF GPT-2 config dict into a gptlab model config dict.
+
+    ``source`` only labels error messages. Settings gptlab cannot express raise ConfigError
+    naming the key, since loading anyway would give a model that computes something else.
+    """
+    def get(key: str) -> Any:
+        return hf.get(key, _HF_DEFAULTS.get(key))
+
+    def integer(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{source}: {key} must be a positive integer, got {value!r}")
+        return value
+
+    for key, (ok, why) in _FIXED.items():
+        if key in hf and hf[key] != ok:
+            raise ConfigError(f"{source}: {key}={json.dumps(hf[key])} is not supported ({why})")
+
+    act = get("activation_function")
+    if act not in _ACTIVATIONS:
+        raise ConfigError(f"{source}: activation_function {act!r} is not supported; "
+                          f"expected one of {', '.join(sorted(_ACTIVATIONS))}")
+    # Old configs carry n_ctx beside n_positions; n_positions sizes the position table.
+    ctx_key = "n_positions" if "n_positions" in hf or "n_ctx" not in hf else "n_ctx"
+    eps = get("layer_norm_epsilon")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
+        raise ConfigError(f"{source}: layer_norm_epsilon must be a positive number, got {eps!r}")
+    drop = get("resid_pdrop")
+    if isinstance(drop, bool) or not isinstance(drop, (int, float)):
+        raise ConfigError(f"{source}: resid_pdrop must be a number, got {drop!r}")
+
+    cfg: dict[str, Any] = {
+        "vocab_size": integer("vocab_size", get("vocab_size")),
+        "context_length": integer(ctx_key, get(ctx_key)),
+        "emb_dim": integer("n_embd", get("n_embd")),
+        "n_heads": integer("n_head", get("n_head")),
+        "n_layers": integer("n_layer", get("n_layer")),
+        "drop_rate": float(drop),
+        "qkv_bias": True,
+        "bias": True,
+        "tie_embeddings": True,
+        "attention": "sdpa",
+        "position": "learned",
+        "norm": "layernorm" if eps == 1e-5 else {"name": "layernorm", "eps": float(eps)},
+        "norm_placement": "pre",
+        "activation": _ACTIVATIONS[act],
+    }
+    n_inner = get("n_inner")
+    if n_inner is not None:
+        cfg["ff_dim"] = integer("n_inner", n_inner)
+    return cfg
+
+
+
+def tensor_names(n_layers: int) -> dict[str, tuple[str, bool]]:
+    """HF tensor name (without 'transformer.') -> (gptlab parameter name, needs transpose)."""
+    names = dict(_TOP_KEYS)
+    for i in range(n_layers):
+        for hf_suffix, (ours, transpose) in _BLOCK_KEYS.items():
+            names[f"h.{i}.{hf_suffix}"] = (f"blocks.{i}.{ours}", transpose)
+    return names
+
+
+def gpt2(hf_config, source):
+    """Hugging Face GPT-2 (model_type gpt2): pre-LN, learned positions, Conv1D weights, tied head."""
+    cfg = config_from_hf(hf_config, source)
+    return HFImport(config=cfg, tensors=tensor_names(cfg["n_layers"]), prefix="transformer.",
+                    ignore_suffixes=(".attn.bias", ".attn.masked_bias"), tied_head="lm_head.weight")
+
+
+@gptlab.hookimpl
+def gptlab_register(register):
+    register("importer", "gpt2", gpt2)
