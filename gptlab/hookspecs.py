@@ -158,7 +158,7 @@ def gptlab_eval(run: RunInfo, step: int, metrics: Mapping[str, Any]) -> None:
 
 @hookspec
 def gptlab_run_end(run: RunInfo, summary: Mapping[str, Any]) -> None:
-    """A run ended: completed, diverged, failed or interrupted (``summary["status"]``).
+    """A run ended: completed, diverged, failed or interrupted (``summary["status"]``). Called once per run.
 
     ``summary`` is what was just saved to summary.json. An exception here is recorded in the run's
     error.txt and never changes the run's status. Return nothing.

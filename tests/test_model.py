@@ -22,7 +22,7 @@ V = TINY["vocab_size"]
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. every combination of the built-in components
+# every combination of the built-in components
 # ---------------------------------------------------------------------------------------------
 
 def _check_combo(cfg, plugins, idx, targets, t, prefill, chunk):
@@ -120,7 +120,7 @@ def test_post_norm_has_no_final_norm_and_pre_norm_has_one():
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. vanilla and sdpa attention, with and without grouped-query heads
+# vanilla and sdpa attention, with and without grouped-query heads
 # ---------------------------------------------------------------------------------------------
 
 def _attention(name, n_kv_heads):
@@ -184,7 +184,7 @@ def test_n_kv_heads_must_divide_n_heads():
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. the seed example and parameter counts
+# the seed example and parameter counts
 # ---------------------------------------------------------------------------------------------
 
 SEED_CONFIG = {"vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_heads": 12, "n_layers": 12,
@@ -259,7 +259,7 @@ def test_presets():
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. an independent plain-torch GPT following the seeds' architecture
+# an independent plain-torch GPT following the seeds' architecture
 # ---------------------------------------------------------------------------------------------
 
 class RefLayerNorm(nn.Module):
@@ -362,7 +362,7 @@ def test_matches_independent_reference_gpt(qkv_bias):
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. generation
+# generation
 # ---------------------------------------------------------------------------------------------
 
 def _greedy_by_hand(model, idx, n, window=None):
@@ -471,7 +471,7 @@ def test_sample_next_top_k_and_temperature():
 
 
 # ---------------------------------------------------------------------------------------------
-# 9. memory estimate
+# memory estimate
 # ---------------------------------------------------------------------------------------------
 
 def test_memory_estimate_accounting():
@@ -512,7 +512,7 @@ def test_memory_estimate_activations():
 
 
 # ---------------------------------------------------------------------------------------------
-# 10. gradient checkpointing
+# gradient checkpointing
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("position", ["learned", "rope", "alibi"])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 import gptlab
 import gptlab.plugin_manager as plugin_manager
 from gptlab import GPTModel
+from gptlab.builtin_plugins import BUILTINS
 
 from conftest import REPO_ROOT, TINY, build, clone_into, randomize_, tiny_cfg, write_plugin
 
@@ -22,7 +24,7 @@ MY_ATTENTION = '''
     import torch
 
     import gptlab
-    from gptlab.layers import CausalSelfAttention
+    from gptlab import CausalSelfAttention
 
 
     class MyAttention(CausalSelfAttention):
@@ -103,7 +105,7 @@ def test_attention_plugin_with_its_own_option(tmp_path):
         import torch.nn.functional as F
 
         import gptlab
-        from gptlab.layers import CausalSelfAttention
+        from gptlab import CausalSelfAttention
 
 
         class ScaledAttention(CausalSelfAttention):
@@ -307,7 +309,10 @@ def test_symlinked_builtins_folder_loads_once(tmp_path):
     link = tmp_path / "linked_plugins"
     link.symlink_to(REPO_ROOT / "plugins", target_is_directory=True)
     system = gptlab.build_plugin_system(plugin_dirs=[link])
-    assert all(p.source == "builtin" for p in system.plugins)
+    assert sorted(p.name for p in system.plugins if p.source == "builtin") == sorted(BUILTINS)
+    # anything else in that folder is a user's file, loaded once, as the user's
+    assert sorted(p.name for p in system.plugins if p.source != "builtin") == sorted(user_files(REPO_ROOT / "plugins"))
+    assert {p.source for p in system.plugins if p.source != "builtin"} <= {"plugins-dir"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,7 +323,7 @@ BLIND_ATTENTION = '''
     import torch.nn.functional as F
 
     import gptlab
-    from gptlab.layers import CausalSelfAttention
+    from gptlab import CausalSelfAttention
 
     BUILT = []
 
@@ -360,19 +365,50 @@ def test_incompatible_components_fail_at_build_time(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# 11. the built-ins ship as gptlab.builtin_plugins and load once from the checkout
+# the built-ins ship as gptlab.builtin_plugins and load once from the checkout
 # ---------------------------------------------------------------------------------------------
 
-def _builtin_stems(folder: Path) -> set:
-    return {p.stem for p in folder.glob("*.py") if not p.name.startswith("_")}
+def user_files(folder: Path) -> set:
+    """Plugin files in a built-ins folder that are not built-ins (a user's, e.g. the tutorial's)."""
+    return {p.stem for p in folder.glob("*.py") if not p.name.startswith("_")} - set(BUILTINS)
 
 
 def test_builtins_are_a_subpackage():
     pkg = importlib.import_module("gptlab.builtin_plugins")
     folder = Path(pkg.__file__).parent
-    assert _builtin_stems(folder) == _builtin_stems(REPO_ROOT / "plugins")
-    for stem in _builtin_stems(folder):
+    for stem in BUILTINS:
+        assert (folder / f"{stem}.py").is_file() and (REPO_ROOT / "plugins" / f"{stem}.py").is_file()
         importlib.import_module(f"gptlab.builtin_plugins.{stem}")
+
+
+def test_manifest_matches_the_builtins():
+    """plugins/manifest.json (what listings show without importing the built-ins) is current."""
+    assert plugin_manager.read_manifest(REPO_ROOT / "plugins") == plugin_manager.builtin_manifest(REPO_ROOT / "plugins"), \
+        "a built-in changed: regenerate the manifest with `python -m gptlab.plugin_manager`"
+
+
+def test_listing_equals_loading(monkeypatch):
+    """What `gptlab components` lists from the manifest is what importing the plugins registers."""
+    monkeypatch.chdir(REPO_ROOT)
+    listed = gptlab.build_plugin_system(listing=True)
+    loaded = gptlab.build_plugin_system()
+    assert [(e.kind, e.name, e.plugin, e.doc) for e in listed.registry.entries()] == \
+        [(e.kind, e.name, e.plugin, e.doc) for e in loaded.registry.entries()]
+    assert [(p.name, p.source, p.version, p.components) for p in listed.plugins] == \
+        [(p.name, p.source, p.version, p.components) for p in loaded.plugins]
+    with pytest.raises(gptlab.PluginError, match="listing"):
+        GPTModel(tiny_cfg(), plugins=listed)
+
+
+def test_a_stale_manifest_entry_is_not_trusted(tmp_path, monkeypatch):
+    """A built-in whose file no longer matches its manifest hash is imported, not listed from the manifest."""
+    shutil.copytree(REPO_ROOT / "plugins", tmp_path / "plugins", ignore=shutil.ignore_patterns("__pycache__"))
+    edited = tmp_path / "plugins" / "norm_rmsnorm.py"
+    edited.write_text(edited.read_text().replace("RMSNorm: rescale", "RMSNorm (edited): rescale"))
+    monkeypatch.chdir(tmp_path)
+    system = gptlab.build_plugin_system(listing=True)
+    assert system.registry.get("norm", "rmsnorm").doc.startswith("RMSNorm (edited)")
+    assert system.registry.get("norm", "layernorm").factory.__class__.__name__ == "_Listed"
 
 
 def test_pyproject_maps_plugins_into_the_wheel():
@@ -387,16 +423,15 @@ def test_pyproject_maps_plugins_into_the_wheel():
 @pytest.mark.parametrize("cwd", ["repo", "elsewhere"])
 def test_builtins_load_once_from_repo_root(monkeypatch, tmp_path, cwd):
     monkeypatch.chdir(REPO_ROOT if cwd == "repo" else tmp_path)
-    expected = sorted(_builtin_stems(REPO_ROOT / "plugins"))
+    users = user_files(REPO_ROOT / "plugins") if cwd == "repo" else set()
     for system in (gptlab.build_plugin_system(), None):
         if system is None:  # the process-wide default, rebuilt here (monkeypatch restores the old one)
             monkeypatch.setattr(plugin_manager, "_default", None)
             system = plugin_manager.default_plugins()
             assert plugin_manager.default_plugins() is system
-        assert sorted(p.name for p in system.plugins) == expected
-        assert {p.source for p in system.plugins} == {"builtin"}
-        for kind in ("attention", "position", "norm", "norm_placement", "activation"):
-            assert all(e.plugin in expected for e in system.registry.entries(kind))
+        assert sorted(p.name for p in system.plugins if p.source == "builtin") == sorted(BUILTINS)
+        assert sorted(p.name for p in system.plugins if p.source != "builtin") == sorted(users)
+        assert all(p.source == "plugins-dir" for p in system.plugins if p.source != "builtin")
 
 
 def test_builtin_registry_contents(builtin_system):
@@ -413,8 +448,6 @@ def test_builtin_registry_contents(builtin_system):
 def test_an_edited_checkout_plugins_folder_replaces_the_installed_builtins(tmp_path, monkeypatch):
     """Run from a checkout whose built-ins differ from the installed copy (an edit, a newer pull):
     ./plugins is the built-ins folder, so nothing registers twice and the local edit is what loads."""
-    import shutil
-
     from gptlab.plugin_manager import build_plugin_system
 
     shutil.copytree(REPO_ROOT / "plugins", tmp_path / "plugins", ignore=shutil.ignore_patterns("__pycache__"))
@@ -425,5 +458,35 @@ def test_an_edited_checkout_plugins_folder_replaces_the_installed_builtins(tmp_p
     entry = system.registry.get("norm", "rmsnorm")
     assert entry.doc.startswith("RMSNorm (edited)")
     builtins = [p for p in system.plugins if p.source == "builtin"]
-    assert len({p.name for p in builtins}) == len(builtins) == len(list((REPO_ROOT / "plugins").glob("[!_]*.py")))
+    assert sorted(p.name for p in builtins) == sorted(BUILTINS)
     assert all(str(tmp_path) in p.location for p in builtins)
+
+
+# ---------------------------------------------------------------------------------------------
+# the contract is written down where plugin authors read it
+# ---------------------------------------------------------------------------------------------
+
+def test_every_hook_and_kind_is_documented():
+    from gptlab import hookspecs
+
+    assert set(hookspecs.HOOKS) == {"gptlab_register", "gptlab_run_start", "gptlab_log", "gptlab_eval",
+                                    "gptlab_run_end"}
+    for name in hookspecs.HOOKS:
+        doc = getattr(hookspecs, name).__doc__
+        assert "Called" in doc and "Return nothing." in doc, name  # when it runs, what it returns
+    readme = (REPO_ROOT / "README.md").read_text()
+    for kind in hookspecs.KINDS.values():
+        assert kind.returns, kind.name
+        assert f"\n| {kind.name} | `factory(" in readme, f"README's contract table lacks kind '{kind.name}'"
+    assert gptlab.KINDS is hookspecs.KINDS and gptlab.RunInfo is hookspecs.RunInfo
+
+
+def test_plugin_base_classes_import_from_gptlab():
+    from gptlab import components, hf, layers, text
+
+    assert gptlab.CausalSelfAttention is layers.CausalSelfAttention and gptlab.MLP is layers.MLP
+    assert gptlab.GatedMLP is layers.GatedMLP and gptlab.PositionScheme is components.PositionScheme
+    assert gptlab.PositionalContext is components.PositionalContext and gptlab.KVCache is components.KVCache
+    assert gptlab.Corpus is text.Corpus and gptlab.Tokenizer is text.Tokenizer and gptlab.HFImport is hf.HFImport
+    with pytest.raises(AttributeError, match="no attribute 'NotAThing'"):
+        gptlab.NotAThing

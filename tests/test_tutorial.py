@@ -1,0 +1,115 @@
+"""The README's plugin tutorial, followed as written inside a copy of the checkout.
+
+The plugin file and the commands are read from README.md, so the tutorial and this test cannot
+drift apart. The user's file lands in the checkout's own plugins/ folder, next to the built-ins:
+it must be reported as the user's plugin, and the tests that inspect the built-ins folder must
+still pass with it there. (The installed-wheel path is covered in test_packaging.py.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gptlab.builtin_plugins import BUILTINS
+
+from conftest import REPO_ROOT
+
+
+def tutorial_section() -> str:
+    text = (REPO_ROOT / "README.md").read_text()
+    start = text.index("## Tutorial: write a new attention plugin")
+    return text[start:text.index("\n## ", start + 1)]
+
+
+def tutorial_plugin() -> tuple[str, str]:
+    """(relative path, source) of the tutorial's plugin file."""
+    block = re.search(r"```python\n(# (plugins/\S+\.py)\n.*?)```", tutorial_section(), re.S)
+    return block[2], block[1]
+
+
+def tutorial_commands() -> list[list[str]]:
+    block = re.search(r"```bash\n(.*?)```", tutorial_section(), re.S)[1]
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+
+
+def copy_checkout(dst: Path) -> Path:
+    """The repository's files (no venv, results, caches, or untracked user plugins)."""
+    shutil.copytree(REPO_ROOT, dst, ignore=shutil.ignore_patterns(
+        ".venv", "results", ".git", "__pycache__", ".pytest_cache", "build", "dist", "*.egg-info"))
+    for path in (dst / "plugins").glob("*.py"):
+        if path.stem not in BUILTINS and path.name != "__init__.py":
+            path.unlink()
+    (dst / "results").mkdir()
+    return dst
+
+
+def gptlab(argv: list[str], checkout: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``gptlab ARGS`` run from the checkout, importing the checkout's code."""
+    assert argv[0] == "gptlab"
+    env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "gptlab", *argv[1:]], cwd=checkout, env=env, timeout=timeout,
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory) -> Path:
+    root = copy_checkout(tmp_path_factory.mktemp("tutorial") / "gptlab")
+    rel, source = tutorial_plugin()
+    (root / rel).write_text(source)
+    return root
+
+
+def test_the_plugin_is_listed_as_the_users(checkout):
+    listed = json.loads(gptlab(["gptlab", "components", "attention", "--json"], checkout).stdout)
+    mine = [r for r in listed if r["name"] == "my_attention"]
+    assert len(mine) == 1 and mine[0]["plugin"] == "my_attention"
+    assert mine[0]["doc"] == "Causal attention whose scores are scaled by a learned per-head temperature."
+    plugins = {p["name"]: p for p in json.loads(gptlab(["gptlab", "plugins", "--json"], checkout).stdout)}
+    assert plugins["my_attention"]["source"] == "plugins-dir"
+    assert plugins["my_attention"]["location"] == str(checkout / "plugins" / "my_attention.py")
+    assert {n for n, p in plugins.items() if p["source"] == "builtin"} == set(BUILTINS)
+
+
+def test_the_tutorial_commands_run_as_written(checkout):
+    commands = tutorial_commands()
+    assert [c[:2] for c in commands] == [["gptlab", "components"], ["gptlab", "run"]]
+    listing = gptlab(commands[0], checkout)
+    assert listing.returncode == 0 and "my_attention" in listing.stdout
+    run = gptlab(commands[1], checkout)
+    assert run.returncode == 0, run.stderr[-2000:]
+    runs = sorted((checkout / "results" / "tutorial" / "preln_vs_postln").glob("*__s0"))
+    assert len(runs) == 3  # pre_ln, post_ln, post_ln_warmup
+    for run_dir in runs:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert summary["status"] == "completed" and summary["step"] == 50
+        assert config["model"]["attention"] == "my_attention"
+        assert summary["plugins"]["my_attention"].startswith("plugins-dir sha256:")
+
+
+def test_the_python_snippet_builds_the_model(checkout):
+    snippet = re.search(r"or in Python, `(GPTModel\(.*?\))`", tutorial_section())[1]
+    probe = (f"import gptlab, torch\nfrom gptlab import GPTModel\nmodel = {snippet}\n"
+             "print(type(model.blocks[0].attn).__name__, model(torch.zeros(1, 8, dtype=torch.long)).shape[-1])")
+    env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=checkout, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["TemperedAttention", "256"]
+
+
+def test_builtin_folder_tests_pass_with_the_plugin_present(checkout):
+    """The tests that look at plugins/ itself, run inside the checkout holding the user's file."""
+    env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_plugins.py"],
+                          cwd=checkout, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert (checkout / "plugins" / "my_attention.py").is_file()
