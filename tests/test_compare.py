@@ -1,11 +1,16 @@
-"""gptlab compare: run directories written by hand (no training), statistics checked by hand."""
+"""gptlab compare: run directories written by hand (no training), statistics checked by hand.
+
+compare_table (the library) is checked for numbers, print_compare (the CLI) for what is printed.
+"""
 from __future__ import annotations
 
 import fcntl
 import io
 import json
 import math
-from pathlib import Path
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -13,46 +18,12 @@ import pytest
 from scipy import stats
 
 from gptlab.cli import build_parser
-from gptlab.compare import compare_table, print_compare
+from gptlab.cli.table import print_compare
+from gptlab.compare import compare_table
 from gptlab.errors import ConfigError
 from gptlab.results import load_results
-
-BASE_MODEL = {"n_layers": 2, "emb_dim": 32, "position": "learned", "norm_placement": "pre", "activation": "gelu"}
-
-
-def make_run(exp_dir: Path, variant: str, seed: int, val: float | None, *, status: str = "completed",
-             model: dict | None = None, summary: dict | None = None, metrics: list | None = None,
-             chash: str | None = None) -> Path:
-    """A run directory as the runner leaves it: config.yaml, summary.json, metrics.jsonl."""
-    chash = chash or f"h{variant}"
-    run = exp_dir / f"{variant}__{chash}__s{seed}"
-    run.mkdir(parents=True)
-    meta = {"experiment": exp_dir.name, "variant": variant, "seed": seed, "config_hash": chash}
-    config = {**meta, "model": {**BASE_MODEL, **(model or {})}, "data": {"dataset": "python_docs"},
-              "train": {"steps": 20, "eval_lengths": [1, 2]}}
-    (run / "config.yaml").write_text(json.dumps(config))  # JSON is YAML
-    body = {**meta, "status": status, "final_val_loss": val, "best_val_loss": val, "best_val_step": 20,
-            "final_train_loss": None if val is None else val + 0.1, "tokens_per_s": 1000.0 + seed,
-            "parameters": 5000, "wall_time_s": 2.0, **(summary or {})}
-    (run / "summary.json").write_text(json.dumps(body))
-    if metrics is None and val is not None:
-        metrics = [{"step": s, "train_loss": val + 2.0 / s, "lr": 1e-3} for s in (5, 10, 15, 20)]
-        metrics[1]["val_loss"], metrics[3]["val_loss"] = val + 0.5, val
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics or []))
-    return run
-
-
-def make_experiment(root: Path, name: str, arms: dict, compare: dict | None = None, **kw) -> Path:
-    """``arms`` maps variant -> list of final val losses (one run per seed), in declaration order."""
-    exp = root / name
-    exp.mkdir(parents=True)
-    (exp / "experiment.json").write_text(json.dumps({
-        "name": name, "variants": list(arms), "compare": compare or {},
-        "base": {"model": BASE_MODEL, "data": {"dataset": "python_docs"}, "train": {"steps": 20}}}))
-    for variant, vals in arms.items():
-        for seed, val in enumerate(vals):
-            make_run(exp, variant, seed, val, **kw.get(variant, {}))
-    return exp
+from gptlab.stats import welch_ci
+from run_folders import make_experiment, make_run
 
 
 def hand_welch(a: list, b: list) -> tuple[float, float, float]:
@@ -117,6 +88,14 @@ def test_welch_interval_excludes_zero_and_is_marked(exp):
     assert f"{d:+.4f} ± {(hi - lo) / 2:.4f} *" in line
 
 
+def test_welch_edge_cases():
+    assert welch_ci([1.0, 2.0], [0.5, 0.7]) == pytest.approx(hand_welch([1.0, 2.0], [0.5, 0.7]))
+    d, lo, hi = welch_ci([1.0], [0.5, 0.7])  # one seed: a difference but no interval
+    assert d == pytest.approx(0.4) and math.isnan(lo) and math.isnan(hi)
+    assert welch_ci([2.0, 2.0], [1.0, 1.0]) == (1.0, 1.0, 1.0)  # no spread at all: the difference is exact
+    assert all(math.isnan(x) for x in welch_ci([], [1.0, 2.0]))
+
+
 def test_welch_interval_containing_zero_is_not_marked(exp):
     table = compare_table(load_results(exp))
     d, lo, hi = hand_welch(NOISY, BASE)
@@ -164,6 +143,7 @@ def test_csv_and_json_read_back_the_same_numbers(exp, fmt, capsys):
     out = io.StringIO()
     table = print_compare([exp], format=fmt, file=out)
     text = out.getvalue()
+    notes = capsys.readouterr().err
     back = pd.read_csv(io.StringIO(text)) if fmt == "csv" else pd.read_json(io.StringIO(text), orient="records")
     assert list(back.columns) == list(table.columns)
     for col in table.columns:
@@ -171,7 +151,8 @@ def test_csv_and_json_read_back_the_same_numbers(exp, fmt, capsys):
             np.testing.assert_allclose(back[col].to_numpy(float), table[col].to_numpy(float), rtol=1e-12)
         else:
             assert texts(back[col]) == texts(table[col])
-    assert "n < 3" not in text  # notes go to stderr, the data stays parseable
+    # the notes go to stderr, so the data stays parseable
+    assert "mean ± std over completed runs" in notes and "mean ± std" not in text
 
 
 def test_markdown_and_table_formats(exp):
@@ -279,7 +260,9 @@ def test_merged_experiments_and_rerun_config_stay_apart(tmp_path):
     labels = compare_table(load_results(e1)).iloc[:, 0].tolist()
     assert labels == ["a#ha", "a#hother"]
     assert len(load_results(e1, e1 / "a__ha__s0")) == 4  # the same run named twice counts once
-    assert e2.exists()
+    both = compare_table(load_results(e1, e2))  # the old config's label does not leak into "two"
+    assert both[["experiment", "variant", "n"]].values.tolist() == [["one", "a#ha", 3], ["one", "a#hother", 1],
+                                                                   ["two", "a", 3]]
 
 
 def test_sort_and_user_errors(exp, tmp_path):
@@ -302,3 +285,12 @@ def test_compare_command(exp, capsys, monkeypatch):
     assert args.handler(args) == 0
     back = pd.read_csv(io.StringIO(capsys.readouterr().out))
     assert back["model.norm_placement"].tolist() == ["pre", "post"]
+
+
+def test_compare_command_does_not_import_torch(exp):
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "gptlab", "compare", str(exp)],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "100"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[0].split()[:2] == ["variant", "position"]
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert "gptlab.compare" in imported and [m for m in imported if m.split(".")[0] == "torch"] == []

@@ -6,6 +6,7 @@ parsers and sets ``handler`` on them:
 
   run.py       gptlab run           train an experiment, live progress, the final table
   results.py   gptlab compare/show  tables and curves from run directories (no torch)
+  table.py     the comparison table as people read it (gptlab compare, the end of gptlab run)
   generate.py  gptlab generate      sample from a run's checkpoint
   plugins.py   gptlab plugins/components
   bench.py     gptlab bench attention/model

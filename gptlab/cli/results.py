@@ -5,11 +5,13 @@ They only read, and import neither torch nor anything that does.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
+from .. import fmt
 from ..errors import ConfigError
+from ..rundir import (COMPLETED, DIVERGED, EXPERIMENT, FAILED, INTERRUPTED, RUNNING, is_run_dir, length_multiple,
+                      read_experiment)
 
 COMPARE_HELP = """\
 PATH: experiment directories (results/<name>), run directories, or a folder of experiments;
@@ -40,7 +42,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 
 # -- compare -----------------------------------------------------------------------------------
 def cmd_compare(args: argparse.Namespace) -> int:
-    from ..compare import print_compare
+    from .table import print_compare
 
     print_compare(args.paths, by=args.by, baseline=args.baseline, metric=args.metric, at_step=args.at_step,
                   sort=args.sort, format=args.format, results_dir=args.results_dir)
@@ -51,15 +53,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from ..results import is_run_dir
-
     path = Path(args.path)
     if not path.exists():
         raise ConfigError(f"{path} does not exist; pass a run directory or an experiment directory (results/<name>)")
     console = Console(highlight=False)
     if path.is_dir() and is_run_dir(path):
         show_run(path, console)
-    elif path.is_dir() and ((path / "experiment.json").is_file() or any(
+    elif path.is_dir() and ((path / EXPERIMENT).is_file() or any(
             is_run_dir(p) for p in path.iterdir() if p.is_dir())):
         show_experiment(path, console)
     else:
@@ -74,7 +74,7 @@ def show_run(run_dir: Path, console: Any) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from ..results import flatten_config, read_experiment, read_metrics, read_run
+    from ..results import flatten_config, read_metrics, read_run
 
     row, config = read_run(run_dir)
     status = row["status"]
@@ -86,9 +86,9 @@ def show_run(run_dir: Path, console: Any) -> None:
                        "  (no experiment.json next to the run: nothing to compare against)")
     console.print(Text("\n" + head, style="bold"))
     if differs:
-        console.print(Text("differs from base: " + ", ".join(f"{k}={_fmt(config[k])}" for k in config if k in differs),
-                           style="bold yellow"))
-    console.print(Columns([Text(("* " if k in differs else "") + f"{k}={_fmt(v)}",
+        changed = ", ".join(f"{k}={fmt.yaml_value(config[k])}" for k in config if k in differs)
+        console.print(Text("differs from base: " + changed, style="bold yellow"))
+    console.print(Columns([Text(("* " if k in differs else "") + f"{k}={fmt.yaml_value(v)}",
                                 style="bold yellow" if k in differs else "") for k, v in config.items()],
                           padding=(0, 2)))
 
@@ -101,11 +101,10 @@ def show_run(run_dir: Path, console: Any) -> None:
         cells = [x for pair in pairs[i:i + 2] for x in pair]
         grid.add_row(*[Text(str(c), style="dim" if j % 2 == 0 else "") for j, c in enumerate(cells)])
     console.print(grid)
-    for key in sorted(k for k in row if k.startswith("val_loss@")):
+    for key in sorted(k for k in row if length_multiple(k) is not None):
         value = row[key]
         note = row.get(f"notes.{key}")
-        console.print(Text(f"{key}: " + (f"{value:.4f}" if isinstance(value, (int, float)) else "n/a")
-                           + (f" ({note})" if note and value is None else "")))
+        console.print(Text(f"{key}: " + _num(value) + (f" ({note})" if note and value is None else "")))
     if row.get("error"):
         console.print(Text(f"error: {row['error']}", style="red"))
 
@@ -119,7 +118,7 @@ def show_experiment(exp_dir: Path, console: Any) -> None:
     from rich.text import Text
 
     from ..compare import group_runs, mean_curve
-    from ..results import load_results, read_experiment
+    from ..results import load_results
 
     df = load_results(exp_dir)
     meta = read_experiment(exp_dir)
@@ -132,8 +131,8 @@ def show_experiment(exp_dir: Path, console: Any) -> None:
     for key, title in (("val_loss", "validation loss, mean of seeds"), ("train_loss", "training loss, mean of seeds")):
         series = []
         for g in groups:
-            done = [i for i in g.index if df["status"].iloc[i] == "completed"]
-            idx = done or [i for i in g.index if df["status"].iloc[i] in ("running", "interrupted")]
+            done = [i for i in g.index if df["status"].iloc[i] == COMPLETED]
+            idx = done or [i for i in g.index if df["status"].iloc[i] in (RUNNING, INTERRUPTED)]
             curve = mean_curve(df["run_dir"].iloc[idx], key)
             series.append((f"{g.label} (n={len(idx)})", list(curve.index), list(curve.to_numpy())))
         _print_plot(console, title, series)
@@ -157,29 +156,27 @@ def _xy(metrics: Any, key: str) -> tuple[list, list]:
     return list(rows["step"]), list(rows[key])
 
 
+def _num(v: Any, spec: str = "{:.4f}") -> str:
+    """fmt.num for a summary value, which may hold text where a number belongs (a hand-edited file)."""
+    return fmt.num(v if isinstance(v, (int, float)) else None, spec)
+
+
 def _summary_pairs(row: dict) -> list[tuple[str, str]]:
-    def num(key: str, fmt: str = "{:.4f}") -> str:
-        v = row.get(key)
-        return fmt.format(v) if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)) else "n/a"
+    def num(key: str, spec: str = "{:.4f}") -> str:
+        return _num(row.get(key), spec)
 
     best = num("best_val_loss") + (f" @{row['best_val_step']}" if row.get("best_val_step") is not None else "")
     memory = num("peak_memory", "{:,.0f} B")
-    if memory == "n/a" and row.get("memory_estimate") is not None:
+    if memory == fmt.NA and row.get("memory_estimate") is not None:
         memory = f"~{row['memory_estimate']:,.0f} B (estimate)"
     pairs = [("status", str(row["status"]) + (f" at step {row['diverged_step']}" if row.get("diverged_step") else "")),
              ("step", num("step", "{:,}")), ("final val", num("final_val_loss")), ("best val", best),
              ("final train", num("final_train_loss")), ("tokens", num("tokens", "{:,}")),
              ("tok/s", num("tokens_per_s", "{:,.0f}")), ("MFU", num("mfu", "{:.1%}")),
              ("params", num("parameters", "{:,}")), ("memory", memory),
-             ("wall", num("wall_time_s", "{:.1f} s")), ("device", str(row.get("device") or "n/a"))]
+             ("wall", num("wall_time_s", "{:.1f} s")), ("device", str(row.get("device") or fmt.NA))]
     return pairs
 
 
-def _fmt(v: Any) -> str:
-    """Values as the YAML spells them (null, true), so they can be pasted back as overrides."""
-    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
-
-
 _MISSING = object()
-_STATUS_STYLE = {"completed": "green", "diverged": "red", "failed": "red", "interrupted": "yellow",
-                 "running": "cyan"}
+_STATUS_STYLE = {COMPLETED: "green", DIVERGED: "red", FAILED: "red", INTERRUPTED: "yellow", RUNNING: "cyan"}

@@ -133,7 +133,7 @@ def _run_with_progress(runner, err) -> list[dict]:
 
 def _print_compare(results: list[dict], exp, out, err) -> None:
     """End a run with the comparison table of this invocation's runs (the experiment's compare block)."""
-    from ..compare import print_compare
+    from .table import print_compare
 
     try:
         print_compare([r["_dir"] for r in results], **exp.compare)
