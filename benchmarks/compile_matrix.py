@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from gptlab import GPTModel
-from gptlab.bench import environment
+from gptlab.bench.timing import environment
 from gptlab.hookspecs import MODEL_KINDS as COMPONENT_KINDS
 from gptlab.devices import resolve_device, synchronize
 from gptlab.errors import ConfigError, IncompatibleComponents, did_you_mean

@@ -31,17 +31,18 @@ import statistics
 import sys
 import tempfile
 import warnings
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gptlab import PRESETS, GPTModel
-from gptlab.bench import (autocast, environment, make_train_step, peak_memory, resolve_dtype, time_calls,
-                          train_settings)
+from gptlab.bench.model import train_settings
+from gptlab.bench.timing import autocast, environment, peak_memory, resolve_dtype, time_calls
 from gptlab.devices import resolve_device, synchronize
 from gptlab.errors import ConfigError, did_you_mean
-from gptlab.train import make_optimizer
+from gptlab.train import make_optimizer, train_step
 
 MODELS = ("gptlab", "hf", "hand")
 
@@ -253,6 +254,10 @@ def run(args) -> dict:
     g = torch.Generator().manual_seed(args.seed + 1)
     x = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=g).to(device)
     y = torch.randint(0, args.vocab, (args.batch, args.seq_len), generator=g).to(device)
+
+    def fixed_batch():
+        return x, y
+
     steps, compile_errors = {}, {}
     for name, m in models.items():
         m.to(device).train()
@@ -263,7 +268,8 @@ def run(args) -> dict:
                 fwd = torch.compile(fwd)
             except Exception as exc:  # noqa: BLE001
                 compile_errors[name] = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-        steps[name] = make_train_step(fwd, m.parameters(), opt, ctx, x, y, t.grad_clip)
+        # gptlab's own training step (the one `gptlab run` takes), on one fixed batch, no accumulation
+        steps[name] = partial(train_step, fwd, opt, fixed_batch, 1, ctx, t.grad_clip, list(m.parameters()))
     for name, step in list(steps.items()):
         try:
             for _ in range(max(1, args.warmup)):  # with --compile the first step compiles

@@ -7,12 +7,15 @@ import argparse
 import importlib.util
 import json
 import shlex
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from gptlab import ConfigError, cli
-from gptlab import bench
+from gptlab.bench.attention import bench_attention
+from gptlab.bench.model import bench_model, load_model_config
 from conftest import REPO_ROOT
 
 ATTN = ["bench", "attention", "--json", "--seq-lens", "16,32", "--batch", "2", "--heads", "2", "--head-dim", "8",
@@ -24,8 +27,14 @@ def parser() -> argparse.ArgumentParser:
     return cli.build_parser()
 
 
+def handle(argv) -> int:
+    """Parse ``argv`` as the gptlab command does and run the subcommand's handler."""
+    args = parser().parse_args(argv)
+    return args.handler(args)
+
+
 def run_json(argv, capsys):
-    rc = bench.cmd_bench(parser().parse_args(argv))
+    rc = handle(argv)
     out = capsys.readouterr().out
     return rc, json.loads(out)
 
@@ -117,7 +126,7 @@ def test_compile_failure_is_a_row_not_a_crash(capsys, monkeypatch):
 
 def test_tables_print_device_versions_and_command(capsys):
     argv = [a for a in ATTN if a != "--json"]
-    assert bench.cmd_bench(parser().parse_args(argv)) == 0
+    assert handle(argv) == 0
     out = capsys.readouterr().out
     assert "device:" in out and f"torch {torch.__version__}" in out
     assert "rerun: gptlab bench attention" in out and "fwd+bwd ms" in out
@@ -126,30 +135,69 @@ def test_tables_print_device_versions_and_command(capsys):
 def test_config_files_and_overrides(tmp_path):
     yml = tmp_path / "m.yaml"
     yml.write_text("model:\n  preset: nano\n  n_layers: 3\n")
-    assert bench.load_model_config(str(yml)).n_layers == 3
+    assert load_model_config(str(yml)).n_layers == 3
     js = tmp_path / "m.json"
     js.write_text(json.dumps({"vocab_size": 64, "context_length": 32, "emb_dim": 32, "n_heads": 2, "n_layers": 1}))
-    cfg = bench.load_model_config(str(js), ["emb_dim=48", "model.n_heads=3"])
+    cfg = load_model_config(str(js), ["emb_dim=48", "model.n_heads=3"])
     assert (cfg.emb_dim, cfg.n_heads, cfg.context_length) == (48, 3, 32)
     with pytest.raises(ConfigError, match="did you mean 'n_layers'"):
-        bench.load_model_config("nano", ["n_layer=2"])
+        load_model_config("nano", ["n_layer=2"])
     with pytest.raises(ConfigError, match="no such file"):
-        bench.load_model_config(str(tmp_path / "missing.yaml"))
+        load_model_config(str(tmp_path / "missing.yaml"))
 
 
 def test_bad_preset_is_a_config_error_with_suggestion(capsys):
     with pytest.raises(ConfigError, match=r"unknown model preset 'nanoo' \(did you mean 'nano'\?\)"):
-        bench.cmd_bench(parser().parse_args(["bench", "model", "nanoo", "--json"]))
+        handle(["bench", "model", "nanoo", "--json"])
     with pytest.raises(ConfigError, match="did you mean 'sdpa'"):
-        bench.cmd_bench(parser().parse_args(["bench", "attention", "--attention", "sdpaa"]))
-    args = parser().parse_args(["bench", "model", "nano", "--debug"])  # accepted, hidden from --help
+        handle(["bench", "attention", "--attention", "sdpaa"])
+    args = parser().parse_args(["bench", "model", "nano", "--debug"])  # accepted after the benchmark name
     assert args.debug is True
+
+
+def test_debug_shows_the_traceback_instead_of_one_line():
+    with pytest.raises(ConfigError, match="unknown model preset 'nanoo'"):
+        cli.main(["bench", "model", "nanoo", "--debug"])
+
+
+def test_bad_preset_inside_a_file_names_the_file(tmp_path):
+    yml = tmp_path / "m.yaml"
+    yml.write_text("preset: nanoo\nn_layers: 1\n")
+    with pytest.raises(ConfigError, match=r"m\.yaml: unknown model preset 'nanoo' \(did you mean 'nano'\?\)"):
+        load_model_config(str(yml))
 
 
 def test_cli_one_line_error(capsys):
     assert cli.main(["bench", "model", "nanoo"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "did you mean 'nano'" in err
+
+
+def test_library_takes_keyword_arguments_and_restores_threads():
+    threads = torch.get_num_threads()
+    res = bench_attention(attention=["sdpa"], seq_lens=(16,), batch=1, heads=2, head_dim=8, repeats=1, warmup=0,
+                          device="cpu", threads=1)
+    assert torch.get_num_threads() == threads
+    assert res["env"]["cpu_threads"] == 1
+    assert [(r["seq_len"], r["attention"], r["status"]) for r in res["rows"]] == [(16, "sdpa", "ok")]
+    assert res["command"].endswith("--device cpu --dtype fp32 --threads 1")  # no --json: that is the CLI's
+    res = bench_model("nano", ["n_layers=1"], steps=1, warmup=0, gen_tokens=0, device="cpu")
+    assert res["model"]["config"]["n_layers"] == 1 and res["generate"] == []
+    assert [r["status"] for r in res["train"]] == ["ok"]
+    assert shlex.split(res["command"])[:5] == ["gptlab", "bench", "model", "nano", "n_layers=1"]
+
+
+def test_json_rerun_command_ends_with_the_shared_options_and_json(capsys):
+    rc, res = run_json(ATTN + ["--attention", "sdpa", "--seq-lens", "16", "--threads", "1"], capsys)
+    assert rc == 0
+    assert res["command"].endswith("--device cpu --dtype fp32 --threads 1 --json")
+
+
+def test_parser_and_help_load_no_torch():
+    code = ("import sys; from gptlab import cli; cli.build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_vs_reference_smoke(capsys):
