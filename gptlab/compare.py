@@ -23,14 +23,14 @@ import pandas as pd
 
 from .errors import ConfigError, did_you_mean
 from .results import META, SECTIONS, load_results, read_metrics
-from .rundir import COMPLETED, STATUSES, length_multiple, read_experiment
+from .rundir import COMPLETED, METRIC_ALIASES, STATUSES, length_multiple, read_experiment
 from .stats import welch_ci
 from .termplot import sparkline
 
 __all__ = ["ALIASES", "EXPORTS", "MEANS", "SMALL_N", "Group", "cell", "cell_text", "compare_results", "compare_table",
            "experiment_blocks", "export", "group_runs", "mean_curve", "metric_values", "resolve_by", "welch_ci"]
 
-ALIASES = {"val_loss": "final_val_loss", "train_loss": "final_train_loss"}
+ALIASES = METRIC_ALIASES
 LOGGED_AS = {"final_val_loss": "val_loss", "final_train_loss": "train_loss"}  # names in metrics.jsonl
 MEANS = ("best_val_loss", "best_val_step", "final_train_loss", "tokens_per_s", "mfu", "parameters",
          "peak_memory", "memory_estimate", "wall_time_s")
@@ -40,12 +40,16 @@ EXPORTS = ("csv", "json")  # formats that are the DataFrame itself
 
 @dataclass
 class Group:
-    """Runs that form one table row: ``label`` is what --baseline matches and the table shows."""
+    """Runs that form one table row: ``label`` is what the table shows; --baseline matches the
+    label, or ``name`` (the variant, or the --by values) when only one row has it."""
 
     label: str
     keys: dict
     index: list = field(default_factory=list)
-    variant: Optional[str] = None
+    name: Optional[str] = None
+
+
+MAX_SPLIT = 6  # more config keys than this splitting a --by group: the table would be unreadable
 
 
 # -- grouping and metric lookup ----------------------------------------------------------------
@@ -76,15 +80,20 @@ def resolve_by(df: pd.DataFrame, by: Any) -> list[str]:
 def group_runs(df: pd.DataFrame, by_keys: list[str]) -> list[Group]:
     """Groups in order of first appearance (load_results orders runs as the experiment declares them).
 
-    The default group is "everything except the seed": one variant at one config hash, so runs of
-    an edited YAML or a CLI override never get averaged with the old ones (the label then carries
-    the hash), and variants of merged experiments stay apart (the label carries the experiment).
+    Only seeds are ever pooled. The default group is one variant at one config hash, so runs of an
+    edited YAML or a CLI override never get averaged with the others (the label then carries the
+    hash), and variants of merged experiments stay apart (the label carries the experiment). With
+    ``by_keys``, every other key whose value differs inside a --by group (the experiment included)
+    becomes a group key too, so those runs are separate rows that show what sets them apart.
     """
     groups: dict[tuple, Group] = {}
     if by_keys:
-        for pos, key in enumerate(zip(*(df[k].map(cell) for k in by_keys))):
+        keys = by_keys + split_keys(df, by_keys)
+        # a list, not Series.map: pandas would turn cell()'s None back into NaN, and NaN != NaN as a key
+        for pos, key in enumerate(zip(*([cell(v) for v in df[k]] for k in keys))):
             label = ",".join(cell_text(v) for v in key)
-            groups.setdefault(key, Group(label, dict(zip(by_keys, key)))).index.append(pos)
+            name = ",".join(cell_text(v) for v in key[:len(by_keys)])
+            groups.setdefault(key, Group(label, dict(zip(keys, key)), name=name)).index.append(pos)
         return list(groups.values())
     merged = df["experiment"].nunique(dropna=False) > 1
     hashes = df.groupby(["experiment", "variant"], dropna=False)["config_hash"].nunique(dropna=False)
@@ -94,8 +103,19 @@ def group_runs(df: pd.DataFrame, by_keys: list[str]) -> list[Group]:
             name += f"#{str(chash)[:6]}"
         label = f"{exp}/{name}" if merged else name
         keys = {"experiment": exp, "variant": name} if merged else {"variant": name}
-        groups.setdefault((exp, variant, chash), Group(label, keys, variant=str(variant))).index.append(pos)
+        groups.setdefault((exp, variant, chash), Group(label, keys, name=str(variant))).index.append(pos)
     return list(groups.values())
+
+
+def split_keys(df: pd.DataFrame, by_keys: list[str]) -> list[str]:
+    """Keys besides ``by_keys`` whose value differs among runs that share the --by values."""
+    text = {c: df[c].map(cell_text) for c in ["experiment", *config_columns(df)] if c not in by_keys}
+    by = df[by_keys].map(cell_text).apply(tuple, axis=1) if len(df) else pd.Series(dtype=object)
+    out = [c for c, col in text.items() if col.groupby(by).nunique().max() > 1]
+    if len(out) > MAX_SPLIT:
+        raise ConfigError(f"--by {','.join(by_keys)} would pool runs whose config differs in {len(out)} other keys "
+                          f"({', '.join(out)}); compare fewer experiments at once or add the keys that matter to --by")
+    return out
 
 
 def metric_values(df: pd.DataFrame, metric: str, at_step: Optional[int] = None) -> tuple[pd.Series, str]:
@@ -167,7 +187,9 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
     best_val_loss and best_val_step (median); final_train_loss; tokens_per_s, mfu, parameters,
     peak_memory and wall_time_s means; ``val_loss@Nx`` means; ``n_<status>`` counts; ``notes`` (why an
     extrapolation is missing); ``curve`` (sparkline of the mean val loss, or train loss when val
-    was evaluated fewer than 3 times). ``table.attrs`` records the choices for the renderers.
+    was evaluated fewer than 3 times); ``defined`` (the experiment's file defines this config as
+    it stands now) and ``overrides`` (the command-line overrides its runs were made with).
+    ``table.attrs`` records the choices for the renderers.
     Default baseline: the experiment's ``compare.baseline``, else the first group.
     """
     if df is None or len(df) == 0:
@@ -212,6 +234,9 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
         row["notes"] = "; ".join(f"{c}: {r}" for c in extrap if math.isnan(row[c])
                                  for r in [_reason(df, g.index, c)] if r)
         row["curve"] = sparkline(curves[curve_key][gi].to_numpy())
+        first = g.index[0]  # one config per group, so these hold for every run of it
+        row["defined"] = bool(df.at[first, "defined"]) if "defined" in df.columns else True
+        row["overrides"] = cell_text(df.at[first, "overrides"]) if "overrides" in df.columns else ""
         rows.append(row)
     table = pd.DataFrame(rows)
     if sort:
@@ -224,27 +249,37 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
 
 
 def _pick_baseline(df: pd.DataFrame, groups: list[Group], baseline: Optional[str]) -> int:
+    defined = [bool(df["defined"].iloc[g.index].all()) if "defined" in df.columns else True for g in groups]
+
     def find(name: str) -> Optional[int]:
-        for i, g in enumerate(groups):
-            if g.label == name:
-                return i
-        return next((i for i, g in enumerate(groups) if name in (g.variant, g.label.split("/")[-1])), None)
+        exact = [i for i, g in enumerate(groups) if name in (g.label, g.label.split("/")[-1])]
+        if exact:
+            return exact[0]
+        named = [i for i, g in enumerate(groups) if g.name == name]
+        current = [i for i in named if defined[i]]
+        if len(named) > 1 and len(current) == 1:  # the file's own config wins over smoke runs and old versions
+            return current[0]
+        if len(named) > 1:
+            raise ConfigError(f"baseline '{name}' is ambiguous: rows {', '.join(groups[i].label for i in named)} "
+                              f"share it (their configs differ); pass one of those labels")
+        return named[0] if named else None
 
     if baseline is not None:
         found = find(str(baseline))
-        same_variant = [g.label for g in groups if g.label != str(baseline) and str(baseline) == g.variant]
-        if found is not None and groups[found].label != str(baseline) and len(same_variant) > 1:
-            raise ConfigError(f"baseline '{baseline}' is ambiguous: rows {', '.join(same_variant)} share that variant "
-                              f"name (runs of an older config); pass one of those labels")
         if found is None:
             labels = [g.label for g in groups]
             raise ConfigError(f"unknown baseline '{baseline}'{did_you_mean(str(baseline), labels)}; "
                               f"rows: {', '.join(labels)}")
         return found
     for block in experiment_blocks(df):
-        if block.get("baseline") is not None and find(str(block["baseline"])) is not None:
-            return find(str(block["baseline"]))
-    return 0
+        if block.get("baseline") is not None:
+            try:
+                found = find(str(block["baseline"]))
+            except ConfigError:
+                found = None
+            if found is not None:
+                return found
+    return next((i for i, d in enumerate(defined) if d), 0)
 
 
 def experiment_blocks(df: pd.DataFrame) -> list[dict]:
@@ -297,26 +332,53 @@ def cell_text(v: Any) -> str:
 
 # -- loading and export ------------------------------------------------------------------------
 def compare_results(*paths: Any, results_dir: Any = "results", by: Any = None, baseline: Optional[str] = None,
-                    metric: Optional[str] = None, at_step: Optional[int] = None,
-                    sort: Optional[str] = None) -> pd.DataFrame:
-    """``compare_table`` of the runs under ``paths``, with unset options taken from the experiments.
+                    metric: Optional[str] = None, at_step: Optional[int] = None, sort: Optional[str] = None,
+                    merge: bool = False, all_runs: bool = False) -> list[pd.DataFrame]:
+    """The comparison tables of the runs under ``paths``: one per experiment, or one for all with ``merge``.
 
-    by, metric and sort fall back to the first experiment ``compare`` block that sets them (the
-    baseline does so inside compare_table), so a table shows what the experiment's YAML asked for.
+    Each experiment is measured against its own baseline. By default only the runs each
+    experiment's file defines as it stands now are shown (``all_runs``: every run, with the
+    overrides it was made with); a run directory named in ``paths`` is always shown. by, metric,
+    sort and baseline fall back to the experiment's ``compare`` block. ``table.attrs`` also holds
+    ``experiment`` (its name, or None for a merged table) and ``hidden`` (runs left out).
     """
     df = load_results(*paths, results_dir=results_dir)
-    blocks = experiment_blocks(df)
+    parts = [df] if merge else [part for _, part in df.groupby(df["run_dir"].map(lambda d: str(Path(d).parent)),
+                                                               sort=False)]
+    tables = []
+    for part in parts:
+        hidden = part[~part["defined"].astype(bool)] if not all_runs else part.iloc[:0]
+        shown = part.drop(hidden.index).reset_index(drop=True)
+        name = None if merge else str(part["experiment"].iloc[0])
+        if shown.empty:
+            table = pd.DataFrame()
+            table.attrs.update(experiment=name, hidden=len(hidden), metric=None)
+            tables.append(table)
+            continue
+        blocks = experiment_blocks(shown)
 
-    def default(key: str) -> Any:
-        return next((b[key] for b in blocks if b.get(key) is not None), None)
+        def default(key: str) -> Any:
+            return next((b[key] for b in blocks if b.get(key) is not None), None)
 
-    return compare_table(df, by=by if by is not None else default("by"), baseline=baseline,
-                         metric=metric or default("metric") or "val_loss", at_step=at_step,
-                         sort=sort or default("sort"))
+        table = compare_table(shown, by=by if by is not None else default("by"), baseline=baseline,
+                              metric=metric or default("metric") or "val_loss", at_step=at_step,
+                              sort=sort or default("sort"))
+        table.attrs.update(experiment=name, hidden=len(hidden))
+        tables.append(table)
+    return tables
 
 
-def export(table: pd.DataFrame, fmt: str) -> str:
-    """The table as csv or json text that pandas reads back to the same numbers (json keeps 15 digits)."""
+def export(table: Any, fmt: str) -> str:
+    """A table (or several per-experiment tables, stacked with an ``experiment`` column first) as csv
+    or json text that pandas reads back to the same numbers (json keeps 15 digits)."""
+    if isinstance(table, list) and len(table) == 1:
+        table = table[0]
+    if isinstance(table, list):
+        frames = [t if "experiment" in t.columns else t.assign(experiment=t.attrs.get("experiment"))
+                  for t in table if len(t)]
+        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        if "experiment" in table.columns:
+            table = table[["experiment", *[c for c in table.columns if c != "experiment"]]]
     if fmt == "csv":
         return table.to_csv(index=False)
     if fmt == "json":

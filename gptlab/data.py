@@ -40,8 +40,9 @@ def build_tokenizer(spec, plugins: PluginSystem, state: Optional[dict] = None) -
     return tok
 
 
-def prepare_tokens(data: DataConfig, plugins: PluginSystem, cache_dir: Path) -> TokenData:
-    """Tokenize the corpus once and memory-map the cached token array."""
+def prepare_tokens(data: DataConfig, plugins: PluginSystem, cache_dir: Path, write: bool = True) -> TokenData:
+    """Tokenize the corpus once and memory-map the cached token array (``write=False``: use the cache
+    if it is there, else tokenize in memory and write nothing)."""
     entry = plugins.registry.lookup("dataset", data.dataset.name, data.dataset.options)
     try:
         corpus = entry.factory(**data.dataset.options)
@@ -51,7 +52,6 @@ def prepare_tokens(data: DataConfig, plugins: PluginSystem, cache_dir: Path) -> 
     key = hashlib.sha256(json.dumps(
         [data.dataset.name, data.dataset.options, data.tokenizer.name, data.tokenizer.options, corpus.fingerprint],
         sort_keys=True, default=str).encode()).hexdigest()[:16]
-    cache_dir.mkdir(parents=True, exist_ok=True)
     bin_path, meta_path = cache_dir / f"{key}.bin", cache_dir / f"{key}.json"
     if meta_path.exists() and bin_path.exists():
         meta = json.loads(meta_path.read_text())
@@ -63,6 +63,10 @@ def prepare_tokens(data: DataConfig, plugins: PluginSystem, cache_dir: Path) -> 
         tokenizer.fit(text)
         ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
         dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32
+        if not write:  # a dry run checks the data without leaving a cache behind
+            n_val = int(len(ids) * data.val_fraction)
+            return TokenData(ids[: len(ids) - n_val], ids[len(ids) - n_val:], tokenizer)
+        cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = bin_path.with_suffix(f".tmp{os.getpid()}")
         ids.astype(dtype).tofile(tmp)
         os.replace(tmp, bin_path)

@@ -58,9 +58,14 @@ class Experiment:
     path: Optional[Path]
     plugins: list
     runs: list
-    base: dict  # resolved base config (no variant applied)
+    base: dict  # resolved base config as the file defines it (no variant, no command-line override)
     compare: dict
     variants: list  # variant labels in declaration order
+    overrides: list = field(default_factory=list)  # key=value given on the command line
+    #: config hash -> variant label of every run the file defines (no command-line override of
+    #: model/data/train): what ``gptlab compare`` shows by default
+    defined: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)  # settings that are legal but probably a mistake
 
 
 def config_hash(resolved: dict) -> str:
@@ -117,6 +122,7 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
     where = str(path) if path is not None else "experiment"
     if cfg is None:
         cfg = load_yaml(path)
+    source_cfg = cfg
     for key in cfg.keys():
         if key not in TOP_KEYS:
             raise ConfigError(f"{where}: unknown section '{key}'{did_you_mean(key, TOP_KEYS)}; "
@@ -187,11 +193,59 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
             seen[h] = label
             labels.append(label)
             runs.extend(RunSpec(label, s, model, data, train, changes) for s in seeds)
+    _check_compare(compare, runs, where)
+    warnings = [f"{where}: variant '{spec.variant}': train.warmup_steps ({spec.train.warmup_steps}) is not shorter than "
+                f"train.steps ({spec.train.steps}): the learning rate never leaves the warmup"
+                for spec in runs[::len(seeds)] if spec.train.warmup_steps >= spec.train.steps > 0]
     base_model, base_data, base_train = _resolve(OmegaConf.merge(base, section_ov), where)
-    base_resolved = {"model": base_model.to_dict(), "data": to_plain(base_data),
-                     "train": to_plain(base_train)}
+    base_resolved = {"model": base_model.to_dict(), "data": to_plain(base_data), "train": to_plain(base_train)}
+    defined = {config_hash(spec.resolved()): spec.variant for spec in runs}
+    if section_ov:  # what the file alone defines: runs made with overrides are set apart from those
+        try:
+            plain = load_experiment(path, [o for o in overrides if _section(o) not in CONFIG_SECTIONS], source_cfg)
+            defined, base_resolved = plain.defined, plain.base
+        except ConfigError:  # the file is only valid with the overrides: no run is as the file defines it
+            defined = {}
     return Experiment(name, str(description), Path(path) if path else None, plugins, runs, base_resolved,
-                      compare, labels)
+                      compare, labels, list(overrides), defined, warnings)
+
+
+def _check_compare(compare: dict, runs: list, where: str) -> None:
+    """The compare block names a metric, --by keys and a baseline the runs will have, so a typo
+    stops the command now rather than after all the training."""
+    from .results import flatten_config
+    from .rundir import METRIC_ALIASES, SUMMARY_METRICS, length_key
+
+    metric = compare.get("metric")
+    if metric is not None:
+        known = [*METRIC_ALIASES, *SUMMARY_METRICS,
+                 *dict.fromkeys(length_key(m) for spec in runs for m in spec.train.eval_lengths)]
+        if metric not in known:
+            raise ConfigError(f"{where}: compare.metric '{metric}' is not a metric of these runs"
+                              f"{did_you_mean(str(metric), known)}; metrics: {', '.join(known)}")
+    flat = [flatten_config(spec.resolved()) for spec in runs]
+    by = compare.get("by")
+    keys = [k.strip() for k in (by.split(",") if isinstance(by, str) else by or []) if str(k).strip()]
+    if keys == ["variant"]:
+        keys = []
+    for i, key in enumerate(keys):
+        matches = [key] if key in flat[0] else [c for c in flat[0] if c.endswith("." + key)]
+        if len(matches) != 1:
+            raise ConfigError(f"{where}: compare.by '{key}' is not a config key{did_you_mean(key, flat[0])}; "
+                              f"use dotted keys such as model.position" if not matches else
+                              f"{where}: compare.by '{key}' is ambiguous ({', '.join(matches)}); use the full key")
+        keys[i] = matches[0]
+    baseline = compare.get("baseline")
+    if baseline is not None:
+        rows = list(dict.fromkeys(",".join("-" if f.get(k) is None else str(f.get(k)) for k in keys) for f in flat)
+                    if keys else dict.fromkeys(spec.variant for spec in runs))
+        if str(baseline) not in rows:
+            raise ConfigError(f"{where}: compare.baseline '{baseline}' is not a row of the table"
+                              f"{did_you_mean(str(baseline), rows)}; rows: {', '.join(rows)}")
+
+
+def _section(override: str) -> str:
+    return override.split("=", 1)[0].strip().split(".", 1)[0]
 
 
 def _short(v: Any) -> str:

@@ -11,19 +11,19 @@ import json
 import math
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import pandas as pd
 
 from .errors import ConfigError
-from .rundir import (CONFIG, EXPERIMENT, METRICS, SUMMARY, is_run_dir, metric_rows, read_config, read_experiment,
-                     read_summary, run_status, seed_from_name)
+from .rundir import (CONFIG, EXPERIMENT, METRICS, SUMMARY, finished_at, is_run_dir, metric_rows, read_config,
+                     read_experiment, read_summary, run_status, seed_from_name)
 
-META = ("experiment", "variant", "seed", "status", "run_dir", "config_hash")
+META = ("experiment", "variant", "seed", "status", "run_dir", "config_hash", "defined", "overrides", "finished_at")
 SECTIONS = ("model", "data", "train")
 # The keys every metrics row has; any other key in metrics.jsonl was logged by a plugin.
 STANDARD_LOG_KEYS = ("step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_s")
-_SKIP_SUMMARY = {"changes", "plugins", "pid"}  # config columns already say what changed
+_SKIP_SUMMARY = {"changes", "plugins", "pid", "overrides"}  # config columns already say what changed
 
 
 def load_results(*paths: Any, results_dir: Any = "results") -> pd.DataFrame:
@@ -34,25 +34,59 @@ def load_results(*paths: Any, results_dir: Any = "results") -> pd.DataFrame:
     plugin logged to metrics.jsonl but not to the summary; and the resolved config flattened to
     dotted keys (``model.position`` = component name, ``model.position.base`` = its option).
     With no paths, every experiment under ``results_dir``. Rows follow the experiments' variant
-    declaration order, then seed, so tables built from them are stable.
+    declaration order (a variant's runs of the file's own config first), then seed, so tables
+    built from them are stable.
+
+    ``defined`` is False for a run the experiment's file does not define as it stands now (made
+    with command-line overrides, or by an earlier version of the file); a run directory named in
+    ``paths`` itself always counts as defined. ``overrides`` holds the command-line overrides a
+    run was made with, as typed.
     """
     run_dirs = find_runs(paths, results_dir)
+    named = {p.resolve() for p in map(Path, paths) if p.is_dir() and is_run_dir(p)}
     experiments: dict[str, dict] = {}
+    defined: dict[str, Optional[set]] = {}
     rows = []
     for run_dir in run_dirs:
         exp_dir = str(run_dir.parent)
         if exp_dir not in experiments:
             experiments[exp_dir] = read_experiment(run_dir.parent)
+            defined[exp_dir] = definition(run_dir.parent)
         row, config = read_run(run_dir)
+        known = defined[exp_dir]
+        row["defined"] = known is None or row["config_hash"] in known or run_dir.resolve() in named
         declared = experiments[exp_dir].get("variants") or []
         rank = declared.index(row["variant"]) if row["variant"] in declared else len(declared)
-        rows.append((list(experiments).index(exp_dir), rank, str(row["variant"]), str(row["config_hash"]),
-                     row["seed"] if isinstance(row["seed"], int) else -1, row, config))
-    rows.sort(key=lambda r: r[:5])
+        rows.append((list(experiments).index(exp_dir), rank, str(row["variant"]), not row["defined"],
+                     str(row["config_hash"]), row["seed"] if isinstance(row["seed"], int) else -1, row, config))
+    rows.sort(key=lambda r: r[:6])
     summary_cols = sorted({k for *_, row, _ in rows for k in row} - set(META))
     config_cols = list(dict.fromkeys(k for *_, config in rows for k in config))
     records = [{**row, **config} for *_, row, config in rows]
     return pd.DataFrame.from_records(records, columns=list(META) + summary_cols + config_cols)
+
+
+def definition(exp_dir: Path) -> Optional[set]:
+    """Config hashes of the runs an experiment's file defines now; None when that cannot be known.
+
+    The file named in experiment.json is read again (it may have been edited since the runs); when
+    it is gone or no longer valid, the definition recorded at the last ``gptlab run`` is used.
+    Results written before either existed give None: every run counts.
+    """
+    from .errors import GptlabError
+    from .experiment import load_experiment
+
+    meta = read_experiment(exp_dir)
+    source = meta.get("source")
+    if isinstance(source, str) and Path(source).is_file():
+        try:
+            exp = load_experiment(Path(source))
+        except GptlabError:
+            exp = None
+        if exp is not None and exp.name == meta.get("name"):
+            return set(exp.defined)
+    recorded = meta.get("defined")
+    return set(recorded) if isinstance(recorded, dict) else None
 
 
 def find_runs(paths: Iterable[Any], results_dir: Any = "results") -> list[Path]:
@@ -102,7 +136,9 @@ def read_run(run_dir: Path) -> tuple[dict, dict]:
         "status": run_status(run_dir, summary),
         "run_dir": str(run_dir),
         "config_hash": summary.get("config_hash") or config.get("config_hash"),
+        "finished_at": finished_at(run_dir, summary),
     }
+    row["overrides"] = " ".join(map(str, summary.get("overrides") or config.get("overrides") or []))
     for key, value in summary.items():
         if key in META or key in _SKIP_SUMMARY:
             continue

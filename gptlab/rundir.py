@@ -38,6 +38,13 @@ STATUSES = (COMPLETED, DIVERGED, FAILED, INTERRUPTED, RUNNING)
 #: results: skipped on rerun unless --force
 FINISHED = (COMPLETED, DIVERGED)
 
+#: numbers summary.json holds for a finished run, besides ``val_loss@Nx`` for each train.eval_lengths
+SUMMARY_METRICS = ("final_val_loss", "final_train_loss", "best_val_loss", "best_val_step", "tokens", "tokens_per_s",
+                   "train_time_s", "mfu", "flops_per_token", "parameters", "memory_estimate", "peak_memory",
+                   "wall_time_s")
+#: short names tables accept for summary metrics
+METRIC_ALIASES = {"val_loss": "final_val_loss", "train_loss": "final_train_loss"}
+
 _LENGTH_KEY = re.compile(r"^val_loss@([0-9.eE+-]+)x$")
 
 
@@ -162,3 +169,21 @@ def lock_held(run_dir: Path) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def finished_at(run_dir: Path, summary: Optional[dict]) -> float:
+    """When a run last changed (epoch seconds): its summary's finish or start time, else the
+    directory's mtime. The runner writes those times as local time without a zone."""
+    import time
+
+    for key in ("finished", "started"):
+        stamp = (summary or {}).get(key)
+        if isinstance(stamp, str):
+            try:
+                return time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S"))
+            except ValueError:
+                pass
+    try:
+        return Path(run_dir).stat().st_mtime
+    except OSError:
+        return 0.0

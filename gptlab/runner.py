@@ -9,6 +9,7 @@ import fcntl
 import json
 import os
 import platform
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -31,12 +32,21 @@ from .train import Diverged, train_run
 
 
 def check_writable(results_dir: Path) -> None:
-    """Fail early, creating nothing, when the results directory could not be written."""
+    """Fail early, leaving nothing behind, when the results directory could not be written.
+
+    Permission bits say little to root or on special file systems (/proc), so the nearest existing
+    folder is tried for real: a temporary folder is made in it and removed at once.
+    """
     probe = Path(results_dir).absolute()
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        reason = "is not a directory" if not probe.is_dir() else "is not writable"
+    reason = "is not a directory" if not probe.is_dir() else None
+    if reason is None:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".gptlab-probe-", dir=probe))
+        except OSError as exc:
+            reason = f"is not writable ({exc.strerror or type(exc).__name__})"
+    if reason:
         raise ConfigError(f"results directory {results_dir} cannot be created: {probe} {reason}; "
                           f"choose another with --results-dir")
 
@@ -75,8 +85,11 @@ def check_components(exp: Experiment, plugins: PluginSystem) -> None:
                               f"{' '.join(str(exc).split())[:200]}); check the component options in {chosen}") from None
 
 
-def preflight(exp: Experiment, plugins: PluginSystem, cache_dir: Path) -> dict[str, TokenData]:
-    """Check everything a user can get wrong before the first run starts: components, data, lengths."""
+def preflight(exp: Experiment, plugins: PluginSystem, cache_dir: Path, write: bool = True) -> dict[str, TokenData]:
+    """Check everything a user can get wrong before the first run starts: components, data, lengths.
+
+    ``write=False`` (a dry run) makes the same checks without creating the token cache.
+    """
     check_components(exp, plugins)
     data_by_key: dict[str, TokenData] = {}
     for spec in exp.runs:
@@ -84,7 +97,7 @@ def preflight(exp: Experiment, plugins: PluginSystem, cache_dir: Path) -> dict[s
         key = data_key(spec)
         if key not in data_by_key:
             try:
-                data_by_key[key] = prepare_tokens(spec.data, plugins, cache_dir)
+                data_by_key[key] = prepare_tokens(spec.data, plugins, cache_dir, write=write)
             except ConfigError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
         data = data_by_key[key]
@@ -127,10 +140,13 @@ class ExperimentRunner:
                 out.append((spec, None, "run"))
         return out
 
-    def prepare(self) -> None:
-        """Check the results directory, the components and the data before anything trains."""
+    def prepare(self, write: bool = True) -> None:
+        """Check the results directory, the components and the data before anything trains.
+
+        A dry run (``write=False``) makes exactly these checks and creates nothing.
+        """
         check_writable(self.results_dir)
-        self._data = preflight(self.exp, self.plugins, self.cache_dir)
+        self._data = preflight(self.exp, self.plugins, self.cache_dir, write=write)
 
     def run(self, on_progress: Callable[..., Any] = None) -> list[dict]:
         if getattr(self, "_data", None) is None:
@@ -139,8 +155,9 @@ class ExperimentRunner:
         self.exp_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.exp_dir / rd.EXPERIMENT, {
             "name": self.exp.name, "description": self.exp.description,
-            "source": str(self.exp.path) if self.exp.path else None, "base": self.exp.base,
-            "variants": self.exp.variants, "compare": self.exp.compare})
+            "source": str(self.exp.path.resolve()) if self.exp.path else None, "base": self.exp.base,
+            "variants": list(dict.fromkeys(self.exp.defined.values())) or self.exp.variants,
+            "defined": self.exp.defined, "compare": self.exp.compare})
         results = []
         for spec, existing, action in self.plan():
             if action == "skip":
@@ -170,7 +187,7 @@ class ExperimentRunner:
             (run_dir / stale).unlink(missing_ok=True)
         resolved = spec.resolved()
         meta = {"experiment": self.exp.name, "variant": spec.variant, "seed": spec.seed,
-                "config_hash": spec.config_hash, "changes": spec.changes}
+                "config_hash": spec.config_hash, "changes": spec.changes, "overrides": self.exp.overrides}
         tmp = run_dir / f".{rd.CONFIG}.tmp"
         OmegaConf.save(OmegaConf.create({**meta, **resolved}), tmp)
         os.replace(tmp, run_dir / rd.CONFIG)

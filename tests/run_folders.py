@@ -37,14 +37,19 @@ def make_run(exp_dir: Path, variant: str, seed: int, val: float | None, *, statu
     return run
 
 
-def make_experiment(root: Path, name: str, arms: dict, compare: dict | None = None, **kw) -> Path:
+def make_experiment(root: Path, name: str, arms: dict, compare: dict | None = None, defined: dict | None = None,
+                    **kw) -> Path:
     """``root/name`` with experiment.json and, for each variant of ``arms`` (variant -> final val
-    losses, one run per seed, in declaration order), its runs; ``kw[variant]`` goes to make_run."""
+    losses, one run per seed, in declaration order), its runs; ``kw[variant]`` goes to make_run.
+    ``defined`` (config hash -> variant) is what the experiment's file defines; without it every
+    run counts as defined, as for results written before gptlab recorded it."""
     exp = root / name
     exp.mkdir(parents=True)
-    (exp / EXPERIMENT).write_text(json.dumps({
-        "name": name, "variants": list(arms), "compare": compare or {},
-        "base": {"model": BASE_MODEL, "data": {"dataset": "python_docs"}, "train": {"steps": 20}}}))
+    meta = {"name": name, "variants": list(arms), "compare": compare or {},
+            "base": {"model": BASE_MODEL, "data": {"dataset": "python_docs"}, "train": {"steps": 20}}}
+    if defined is not None:
+        meta["defined"] = defined
+    (exp / EXPERIMENT).write_text(json.dumps(meta))
     for variant, vals in arms.items():
         for seed, val in enumerate(vals):
             make_run(exp, variant, seed, val, **kw.get(variant, {}))

@@ -115,11 +115,16 @@ def test_only_differing_config_keys_become_columns(exp):
 
 def test_group_by_config_keys(exp):
     df = load_results(exp)
+    # base and noisy share norm_placement=pre but differ in position: never pooled, split and shown
     table = compare_table(df, by="model.norm_placement")
-    assert table["model.norm_placement"].tolist() == ["pre", "post"]
-    assert table["n"].tolist() == [7, 3]
-    assert row(table, "pre")["val_loss_mean"] == pytest.approx(np.mean(BASE + NOISY))
-    assert compare_table(df, by="norm_placement")["model.norm_placement"].tolist() == ["pre", "post"]  # suffix
+    assert table.attrs["group_cols"] == ["model.norm_placement", "model.position", "model.position.base"]
+    assert table["model.norm_placement"].tolist() == ["pre", "post", "pre"]
+    assert table["model.position"].tolist() == ["learned", "learned", "rope"]
+    assert table["n"].tolist() == [4, 3, 3]  # only seeds are pooled
+    assert table["val_loss_mean"].tolist() == pytest.approx([np.mean(BASE), np.mean(WORSE), np.mean(NOISY)])
+    assert table["delta"].iloc[1] == pytest.approx(hand_welch(WORSE, BASE)[0])
+    suffix = compare_table(df, by="norm_placement")  # a unique suffix names the key
+    assert suffix["model.norm_placement"].tolist() == ["pre", "post", "pre"]
     two = compare_table(df, by=["model.norm_placement", "model.position"])
     assert list(two.columns[:2]) == ["model.norm_placement", "model.position"] and len(two) == 3
     with pytest.raises(ConfigError, match="did you mean 'model.position'"):
@@ -141,7 +146,7 @@ def test_baseline_explicit_from_experiment_and_default(tmp_path, exp):
 @pytest.mark.parametrize("fmt", ["csv", "json"])
 def test_csv_and_json_read_back_the_same_numbers(exp, fmt, capsys):
     out = io.StringIO()
-    table = print_compare([exp], format=fmt, file=out)
+    (table,) = print_compare([exp], format=fmt, file=out)
     text = out.getvalue()
     notes = capsys.readouterr().err
     back = pd.read_csv(io.StringIO(text)) if fmt == "csv" else pd.read_json(io.StringIO(text), orient="records")
@@ -184,10 +189,16 @@ def test_small_n_note(tmp_path, exp):
     two = make_experiment(tmp_path / "t", "two", {"a": [1.0, 1.1], "b": [1.2, 1.3]})
     out = io.StringIO()
     print_compare([two], file=out, width=100)
-    assert "n < 3" in flat(out.getvalue()) and "1 time in 6" in flat(out.getvalue())
+    assert "note: n = 2 for a, b: with 2 seeds per arm" in flat(out.getvalue())
+    assert "1 time in 6" in flat(out.getvalue()) and "n = 1" not in flat(out.getvalue())
+    one = make_experiment(tmp_path / "o", "one", {"a": [1.0], "b": [1.2, 1.3]})
+    out = io.StringIO()
+    print_compare([one], file=out, width=200)
+    text = flat(out.getvalue())  # the 2-seed odds are not quoted for a single run
+    assert "note: n = 1 for a: one run per row has no spread" in text and "n = 2 for b" in text
     out = io.StringIO()
     print_compare([exp], file=out, width=100)
-    assert "n < 3" not in flat(out.getvalue())
+    assert "note: n =" not in flat(out.getvalue())
 
 
 def test_extrapolation_columns_with_reason_for_missing(tmp_path):
@@ -284,7 +295,8 @@ def test_compare_command(exp, capsys, monkeypatch):
                                       "--by", "norm_placement"])
     assert args.handler(args) == 0
     back = pd.read_csv(io.StringIO(capsys.readouterr().out))
-    assert back["model.norm_placement"].tolist() == ["pre", "post"]
+    assert back["model.norm_placement"].tolist() == ["pre", "post", "pre"]  # pre splits by position
+    assert back["model.position"].tolist() == ["learned", "learned", "rope"] and back["n"].tolist() == [4, 3, 3]
 
 
 def test_compare_command_does_not_import_torch(exp):

@@ -5,9 +5,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from gptlab import GPTModel
 from gptlab.components import PositionalContext
 from gptlab.config import ModelConfig
 

@@ -130,3 +130,25 @@ def test_dataclass_config_is_checked_like_a_dict():
     assert model.components["position"] == "rope" and model.config.position == gptlab.ComponentSpec("rope")
     with pytest.raises(ConfigError, match="model.position"):
         GPTModel(ModelConfig(**dict(TINY, position=3)))
+
+
+def test_readme_example_experiment_states_the_real_defaults(tmp_path):
+    """The README's experiment example says every data and train key shows its default: check it."""
+    import re
+
+    import yaml
+
+    from gptlab.config import to_plain
+    from gptlab.experiment import load_experiment
+    from gptlab.settings import DataConfig, TrainConfig
+
+    from conftest import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = re.search(r"```yaml\n(name: preln_vs_postln.*?)```", readme, re.S)[1]
+    doc = yaml.safe_load(block)
+    assert doc["train"] == to_plain(TrainConfig()) and doc["data"] == to_plain(DataConfig())
+    path = tmp_path / "example.yaml"
+    path.write_text(block)
+    exp = load_experiment(path)
+    assert len(exp.runs) == 3 * 2 * 3 and exp.warnings == []  # variants x grid x seeds, nothing suspicious

@@ -304,6 +304,34 @@ def test_overrides_apply_to_every_run_and_change_the_hash(copied, inproc):
         assert snapshot(exp_dir / name) == files
 
 
+def test_a_smoke_run_stays_out_of_the_experiments_table(copied, inproc):
+    exp_dir = copied / "results" / "tiny"
+    rc, out, err = inproc("run", copied / "tiny.yaml", "train.steps=4", "--results-dir", copied / "results",
+                          "--device", "cpu")
+    assert rc == 0, err
+    meta = json.loads((exp_dir / "experiment.json").read_text())
+    assert meta["base"]["train"]["steps"] == TRAIN["steps"]  # the file's definition, not the override's
+    assert sorted(meta["defined"].values()) == ["a", "b"] and meta["source"] == str((copied / "tiny.yaml").resolve())
+    smoke = [d for d in run_dirs(exp_dir).values() if summary(d)["overrides"] == ["train.steps=4"]]
+    assert len(smoke) == 4 and all(summary(d)["config_hash"] not in meta["defined"] for d in smoke)
+
+    rc, out, err = inproc("compare", exp_dir, "--format", "csv")
+    rows = [line.split(",") for line in out.strip().splitlines()]
+    assert rc == 0 and [r[0] for r in rows[1:]] == ["a", "b"]  # the smoke runs are neither rows nor baseline
+    assert "4 run(s) not shown" in err
+    rc, out, err = inproc("compare", exp_dir, "--format", "json", "--all")
+    table = json.loads(out)
+    assert [r["n"] for r in table] == [2, 2, 2, 2] and sum(r["overrides"] == "train.steps=4" for r in table) == 2
+    assert [r["baseline"] for r in table] == [True, False, False, False] and table[0]["defined"]
+
+    # the file changes: every run is now of an earlier version, and the table says so instead of mixing
+    doc = yaml.safe_load((copied / "tiny.yaml").read_text())
+    doc["train"]["lr"] = 0.002
+    write_yaml(copied / "tiny.yaml", doc)
+    rc, out, err = inproc("compare", exp_dir)
+    assert rc == 0 and "no runs of the experiment as its file defines it now; 8 run(s) not shown" in " ".join(out.split())
+
+
 def test_compact_component_override_from_the_readme(inproc, tmp_path):
     """README: ``model.position={name:rope,base:500}`` is a valid override."""
     exp = write_yaml(tmp_path / "tiny.yaml", BASE)

@@ -7,6 +7,7 @@ parsers and sets ``handler`` on them:
   run.py       gptlab run           train an experiment, live progress, the final table
   results.py   gptlab compare/show  tables and curves from run directories (no torch)
   table.py     the comparison table as people read it (gptlab compare, the end of gptlab run)
+  runs.py      gptlab runs/clean    list runs; remove the ones a filter names
   generate.py  gptlab generate      sample from a run's checkpoint
   plugins.py   gptlab plugins/components
   bench.py     gptlab bench attention/model
@@ -57,14 +58,14 @@ def common_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, generate, plugins, results, run
+    from . import bench, generate, plugins, results, run, runs
 
     p = Parser(prog="gptlab", description="A plugin-based experiment registry for GPT architecture variants.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     common = common_options()
-    for module in (run, results, generate, plugins, bench):
+    for module in (run, results, runs, generate, plugins, bench):
         module.add_parsers(sub, common)
     return p
 

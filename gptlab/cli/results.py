@@ -15,7 +15,8 @@ from ..rundir import (COMPLETED, DIVERGED, EXPERIMENT, FAILED, INTERRUPTED, RUNN
 
 COMPARE_HELP = """\
 PATH: experiment directories (results/<name>), run directories, or a folder of experiments;
-several are merged into one table. Options left out come from the experiment's compare block.
+each experiment gets its own table against its own baseline (--merge: one table). Options left
+out come from the experiment's compare block. Only seeds are ever pooled into one row.
 --metric: val_loss (final), best_val_loss, train_loss, val_loss@2x, or any metric a plugin logged.
 --sort: a column of --format csv (e.g. tokens_per_s, delta); prefix - for descending.
 """
@@ -33,6 +34,12 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     c.add_argument("--at-step", type=int, metavar="N", help="use the metric's value logged at step N")
     c.add_argument("--sort", metavar="COLUMN", help="sort rows by this column (default: declaration order)")
     c.add_argument("--format", default="table", metavar="FORMAT", help="table (default), csv, md or json")
+    c.add_argument("--merge", action="store_true",
+                   help="one table for every experiment given (default: one table per experiment, each against "
+                        "its own baseline); keys that differ between their runs become columns")
+    c.add_argument("--all", action="store_true",
+                   help="also runs made with command-line overrides or by an earlier version of the experiment "
+                        "file (marked in a 'made with' column)")
     c.set_defaults(handler=cmd_compare)
 
     s = sub.add_parser("show", parents=[common], help="a run's config, summary and loss curves; or an experiment's curves overlaid")
@@ -45,7 +52,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .table import print_compare
 
     print_compare(args.paths, by=args.by, baseline=args.baseline, metric=args.metric, at_step=args.at_step,
-                  sort=args.sort, format=args.format, results_dir=args.results_dir)
+                  sort=args.sort, format=args.format, results_dir=args.results_dir, merge=args.merge,
+                  all_runs=args.all)
     return 0
 
 

@@ -51,19 +51,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
     from ..experiment import load_experiment
     from ..plugin_manager import build_plugin_system
-    from ..runner import ExperimentRunner, check_components
+    from rich.markup import escape
+
+    from ..runner import ExperimentRunner
 
     exp = load_experiment(args.experiment, args.overrides)
     plugins = build_plugin_system(plugin_dirs=args.plugins_dir, extra=exp.plugins,
                                   base_dir=args.experiment.resolve().parent)
     device = resolve_device(args.device)
     runner = ExperimentRunner(exp, plugins, args.results_dir, device, force=args.force)
-    out = _console()
+    out, err = _console(), _console(stderr=True)
+    for warning in exp.warnings:
+        err.print(f"[yellow]warning: {escape(warning)}[/]")
+    runner.prepare(write=not args.dry_run)  # a dry run makes every check the real run makes
     if args.dry_run:
-        check_components(exp, plugins)
         return _dry_run(runner, out, args.overrides)
-    runner.prepare()
-    err = _console(stderr=True)
     kept = sum(action == "skip" for _, _, action in runner.plan())
     err.print(f"[bold]{exp.name}[/]: {len(exp.runs)} runs on {device}  ->  {runner.exp_dir}"
               + (f"  ({kept} finished runs kept, {len(exp.runs) - kept} to train)" if kept else ""))

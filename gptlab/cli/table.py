@@ -41,7 +41,12 @@ def display_columns(table: pd.DataFrame) -> list[Column]:
     label = a["metric"]
     cols = [Column(k, [cell_text(v) for v in table[k]], 0, "left") for k in a["group_cols"]]
     short = _short_names(a["config_cols"])
-    cols += [Column(short[k], [cell_text(v) for v in table[k]], 6, "left") for k in a["config_cols"]]
+    # the keys that tell rows apart are never dropped
+    cols += [Column(short[k], [cell_text(v) for v in table[k]], 0, "left") for k in a["config_cols"]]
+    if "defined" in table.columns and not table["defined"].all():
+        made = [("" if d else (o if o and o != "-" else "earlier version of the file"))
+                for d, o in zip(table["defined"], table["overrides"])]
+        cols.append(Column("made with", made, 0, "left"))
     cols.append(Column("n", [f"{n}/{t}" for n, t in zip(table["n"], table["n_total"])], 1))
     trouble = table[[f"n_{s}" for s in TROUBLE]].to_numpy().sum() > 0
     status = [_status_text(r) for _, r in table.iterrows()]
@@ -60,7 +65,7 @@ def display_columns(table: pd.DataFrame) -> list[Column]:
         cells = [fmt.num(v, "{:.4f}") if not math.isnan(v) else fmt.NA + marks.get((i, col), "")
                  for i, v in enumerate(table[col])]
         header = "@" + col.partition("@")[2]  # val_loss@2x -> @2x
-        cols.append(Column(header, cells, 9 if length_multiple(col) == 1 else 7))  # @1x repeats the val loss
+        cols.append(Column(header, cells, 9 if length_multiple(col) == 1 else 3))  # @1x repeats the val loss
     cols.append(Column("best val", [fmt.num(v, "{:.4f}") + (f" @{s:.0f}" if not math.isnan(s) else "")
                                      for v, s in zip(table["best_val_loss"], table["best_val_step"])], 8))
     cols.append(Column("train", [fmt.num(v, "{:.4f}") for v in table["final_train_loss"]], 9))
@@ -82,16 +87,23 @@ def table_notes(table: pd.DataFrame) -> list[str]:
     if len(table) > 1:
         notes.append(f"{a['metric']}: mean ± std over completed runs; Δ: difference to {a['baseline']} "
                      f"± half-width of its 95% CI (Welch's t); * = the CI excludes 0")
-    small = [_row_label(table, i) for i in range(len(table)) if table["n"].iloc[i] < SMALL_N]
-    if small:
-        notes.append(f"note: n < {SMALL_N} for {', '.join(small)}: with 2 seeds per arm one variant beats the "
-                     f"other on both seeds by chance 1 time in 6; treat these differences as anecdotes and "
-                     f"add seeds (e.g. seeds: [0, 1, 2, 3, 4])")
+    for n, why in ((0, "no completed run: nothing to average"),
+                   (1, "one run per row has no spread, so no interval can be given"),
+                   (2, "with 2 seeds per arm one variant beats the other on both seeds by chance 1 time in 6")):
+        rows = [_row_label(table, i) for i in range(len(table)) if table["n"].iloc[i] == n]
+        if rows and n < SMALL_N:
+            notes.append(f"note: n = {n} for {', '.join(rows)}: {why}"
+                         + ("" if n == 0 else "; treat differences as anecdotes and add seeds (e.g. seeds: [0, 1, 2, 3, 4])"))
     if table[[f"n_{s}" for s in TROUBLE]].to_numpy().sum():
         notes.append("diverged, failed, interrupted and running runs are counted in status and left out of "
                      "every mean")
     if a["extrap_cols"]:
         notes.append("@Nx: validation loss at N times the training length")
+    if "defined" in table.columns and not table["defined"].all():
+        notes.append("made with: rows whose config the experiment's file does not define as it stands now "
+                     "(command-line overrides, or an earlier version of the file)")
+    if a.get("hidden"):
+        notes.append(hidden_note(a["hidden"]))
     for reason, mark in _footnote_reasons(table).items():
         notes.append(f"{mark} {reason}")
     return notes
@@ -120,25 +132,51 @@ def _footnote_marks(table: pd.DataFrame) -> dict[tuple, str]:
 def print_compare(paths: Iterable[Any] = (), *, by: Any = None, baseline: Optional[str] = None,
                   metric: Optional[str] = None, at_step: Optional[int] = None, sort: Optional[str] = None,
                   format: str = "table", results_dir: Any = "results", file: Any = None,
-                  width: Optional[int] = None) -> pd.DataFrame:
-    """Load runs, aggregate them and print one format; returns the aggregated table.
+                  width: Optional[int] = None, merge: bool = False, all_runs: bool = False) -> list[pd.DataFrame]:
+    """Load runs, aggregate them and print one format; returns the tables (one per experiment unless merged).
 
-    Options left unset come from the experiment's ``compare`` block (see compare_results). csv and
+    Options left unset come from each experiment's ``compare`` block (see compare_results). csv and
     json go to the output alone, their notes to stderr, so the output can be piped into pandas.
     """
     _check_format(format)
-    table = compare_results(*paths, results_dir=results_dir, by=by, baseline=baseline, metric=metric,
-                            at_step=at_step, sort=sort)
+    tables = compare_results(*paths, results_dir=results_dir, by=by, baseline=baseline, metric=metric,
+                             at_step=at_step, sort=sort, merge=merge, all_runs=all_runs)
     out = file or sys.stdout
+    if format in EXPORTS:
+        out.write(export(tables, format))
+        notes = [f"{t.attrs['experiment']}: {line}" if len(tables) > 1 else line
+                 for t in tables for line in (table_notes(t) if len(t) else [_empty_note(t)])]
+        sys.stderr.write("".join(line + "\n" for line in notes))
+        return tables
+    console = None
     if format == "table":
         from rich.console import Console
 
-        render(table, "table", Console(file=out, highlight=False, width=width), width)
-    else:
-        out.write(render(table, format))
-        if format in EXPORTS:
-            sys.stderr.write("".join(line + "\n" for line in table_notes(table)))
-    return table
+        console = Console(file=out, highlight=False, width=width)
+    for i, table in enumerate(tables):
+        title = table.attrs.get("experiment") if len(tables) > 1 else None
+        if format == "md":
+            out.write(("\n" if i else "") + (f"### {title}\n\n" if title else "")
+                      + (render(table, "md") if len(table) else _empty_note(table) + "\n"))
+            continue
+        from rich.text import Text
+
+        if title:
+            console.print(Text(("\n" if i else "") + title, style="bold"))
+        if len(table):
+            render(table, "table", console, width)
+        else:
+            console.print(Text(_empty_note(table), style="yellow"))
+    return tables
+
+
+def hidden_note(n: int) -> str:
+    return (f"{n} run(s) not shown: made with command-line overrides or by an earlier version of the "
+            f"experiment file; --all shows them, `gptlab runs` lists them, `gptlab clean` removes them")
+
+
+def _empty_note(table: pd.DataFrame) -> str:
+    return ("no runs of the experiment as its file defines it now; " + hidden_note(table.attrs.get("hidden", 0)))
 
 
 def render(table: pd.DataFrame, kind: str = "table", console: Any = None, width: Optional[int] = None) -> str:
