@@ -66,10 +66,23 @@ class CausalSelfAttention(nn.Module):
         return "explicit"
 
 
+def _activation_factory(cls, act: Callable[[torch.Tensor], torch.Tensor], doc: str) -> Callable[..., nn.Module]:
+    """A factory to register as an activation: ``cls(cfg, act, hidden_dim)``, shown with ``doc``."""
+    def factory(cfg, hidden_dim: Optional[int] = None) -> nn.Module:
+        return cls(cfg, act, hidden_dim)
+
+    factory.__doc__ = doc
+    return factory
+
+
 class MLP(nn.Module):
-    """Linear -> activation -> linear, hidden width ``ff_dim`` (default 4 x emb_dim)."""
+    """Linear -> activation -> linear, hidden width ``ff_dim`` (default 4 x emb_dim).
+
+    ``MLP.factory(F.relu, "doc")`` is a ready activation factory, option ``hidden_dim``.
+    """
 
     gated = False
+    factory = classmethod(_activation_factory)
 
     def __init__(self, cfg, act: Callable[[torch.Tensor], torch.Tensor], hidden_dim: Optional[int] = None) -> None:
         super().__init__()
@@ -84,9 +97,11 @@ class MLP(nn.Module):
 
 class GatedMLP(nn.Module):
     """act(x W_gate) * (x W_up), then W_down. Default hidden width is 2/3 of 4 x emb_dim, which
-    keeps the weight count of the ungated 4x MLP (3*d*h = 8*d*d); ``ff_dim`` sets it explicitly."""
+    keeps the weight count of the ungated 4x MLP (3*d*h = 8*d*d); ``ff_dim`` sets it explicitly.
+    ``GatedMLP.factory(F.silu, "doc")`` is a ready activation factory."""
 
     gated = True
+    factory = classmethod(_activation_factory)
 
     def __init__(self, cfg, act: Callable[[torch.Tensor], torch.Tensor], hidden_dim: Optional[int] = None) -> None:
         super().__init__()

@@ -11,15 +11,7 @@ GATES = {
 }
 
 
-def make_factory(fn, doc):
-    def factory(cfg, hidden_dim=None):
-        return GatedMLP(cfg, fn, hidden_dim)
-
-    factory.__doc__ = doc
-    return factory
-
-
 @gptlab.hookimpl
 def gptlab_register(register):
     for name, (fn, doc) in GATES.items():
-        register("activation", name, make_factory(fn, doc))
+        register("activation", name, GatedMLP.factory(fn, doc))

@@ -21,15 +21,7 @@ ACTIVATIONS = {
 }
 
 
-def make_factory(fn, doc):
-    def factory(cfg, hidden_dim=None):
-        return MLP(cfg, fn, hidden_dim)
-
-    factory.__doc__ = doc
-    return factory
-
-
 @gptlab.hookimpl
 def gptlab_register(register):
     for name, (fn, doc) in ACTIVATIONS.items():
-        register("activation", name, make_factory(fn, doc))
+        register("activation", name, MLP.factory(fn, doc))
