@@ -1,6 +1,7 @@
 """Device choice and the peak dense bf16 FLOP/s used for MFU."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -71,3 +72,35 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a scheduler or taskset may limit)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def cpu_threads(requested: Optional[int], jobs: int = 1) -> int:
+    """CPU threads per run: as asked (``--threads``, else OMP_NUM_THREADS when set), else this
+    process's cores shared among the runs in flight."""
+    if requested:
+        return requested
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, available_cores() // max(1, jobs))
+
+
+def resolve_jobs(value: str, device: torch.device) -> int:
+    """``--jobs``: a positive integer, or auto (one run per visible GPU; 1 on CPU)."""
+    if str(value) == "auto":
+        return max(1, torch.cuda.device_count()) if device.type == "cuda" else 1
+    try:
+        jobs = int(value)
+    except ValueError:
+        jobs = 0
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be a positive integer or auto, got {value!r}")
+    return jobs

@@ -20,7 +20,7 @@ from .config import ModelConfig, parse_section, to_plain
 from .errors import ConfigError, did_you_mean
 from .presets import apply_preset
 from .rundir import run_dir_name
-from .settings import DataConfig, TrainConfig
+from .settings import OPERATIONAL_TRAIN_KEYS, DataConfig, TrainConfig
 
 TOP_KEYS = ("name", "description", "plugins", "model", "data", "train", "variants", "grid", "seeds", "compare")
 CONFIG_SECTIONS = ("model", "data", "train")
@@ -69,7 +69,9 @@ class Experiment:
 
 
 def config_hash(resolved: dict) -> str:
-    blob = json.dumps(resolved, sort_keys=True, separators=(",", ":"), default=str)
+    """The run's identity: a hash of every key that can change what it computes."""
+    train = {k: v for k, v in (resolved.get("train") or {}).items() if k not in OPERATIONAL_TRAIN_KEYS}
+    blob = json.dumps({**resolved, "train": train}, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 

@@ -71,6 +71,7 @@ class PluginSystem:
         self.plugins: list[PluginInfo] = []
         self._seen_paths: set[str] = set()
         self._seen_hashes: dict[str, str] = {}
+        self.build_args: dict = {}  # set by build_plugin_system: how a worker process builds its twin
 
     # -- loading -------------------------------------------------------------------------------
     def register_plugin(self, obj: Any, name: str, source: str, location: str, version: str) -> PluginInfo | None:
@@ -231,7 +232,11 @@ def build_plugin_system(plugin_dirs: Iterable[Path] = (), default_dir: bool = Tr
     ``listing``: for ``gptlab plugins/components`` only; unchanged built-ins are taken from the
     manifest instead of imported, and their entries cannot build anything.
     """
+    extra, plugin_dirs = list(extra), list(plugin_dirs)
     system = PluginSystem()
+    # how to build the same system again, in a worker process (``gptlab run --jobs``)
+    system.build_args = {"plugin_dirs": [Path(d).absolute() for d in plugin_dirs], "default_dir": default_dir,
+                         "extra": list(extra), "base_dir": base_dir, "cwd": Path.cwd()}
     system.load_builtins(_checkout_builtins() if default_dir else None, deferred=listing)
     system.load_entry_points()
     if default_dir:

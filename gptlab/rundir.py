@@ -11,6 +11,7 @@ once. It imports neither torch nor pandas: the results commands read runs withou
         summary.json   status and final numbers; replaced atomically
         error.txt      the traceback of a failed run
         model.safetensors, tokenizer.json  with train.checkpoint
+        resume/        resumable states while the run is unfinished (gptlab.resume)
         .lock          flock'ed while a process trains the run
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ ERROR = "error.txt"
 MODEL = "model.safetensors"
 TOKENIZER = "tokenizer.json"
 LOCK = ".lock"
+RESUME = "resume"  #: resumable states, one folder per saved step (gptlab.resume)
 #: files a rerun of the run replaces (config.yaml and summary.json are overwritten atomically instead)
 OUTPUTS = (METRICS, ERROR, MODEL, TOKENIZER)
 
@@ -128,6 +130,20 @@ def metric_rows(run_dir: Path) -> Iterator[dict]:
                 continue
             if isinstance(row, dict):
                 yield row
+
+
+def keep_metric_rows(run_dir: Path, n: int) -> None:
+    """Cut metrics.jsonl back to its first ``n`` complete rows (the ones a resumable state saw),
+    atomically, so a resumed run neither repeats nor skips a step."""
+    path = Path(run_dir) / METRICS
+    try:
+        lines = path.read_text().splitlines(keepends=True)
+    except FileNotFoundError:
+        lines = []
+    kept = [line for line in lines if line.endswith("\n")][:n]
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -19,6 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from . import __version__
+from . import resume
 from . import rundir as rd
 from .data import TokenData, prepare_tokens
 from .devices import device_name
@@ -120,20 +121,28 @@ class ExperimentRunner:
     """Trains every pending run of an experiment and records each one in its own directory."""
 
     def __init__(self, exp: Experiment, plugins: PluginSystem, results_dir: Path, device: torch.device,
-                 force: bool = False) -> None:
-        self.exp, self.plugins, self.device, self.force = exp, plugins, device, force
+                 force: bool = False, restart: bool = False, should_stop: Callable[[], bool] = lambda: False,
+                 warn: Callable[[str], None] = lambda message: None) -> None:
+        self.exp, self.plugins, self.device, self.force, self.restart = exp, plugins, device, force, restart
         self.results_dir = Path(results_dir)
         self.exp_dir = self.results_dir / exp.name
         self.cache_dir = self.results_dir / ".cache" / "tokens"
+        self.should_stop, self.warn = should_stop, warn
 
     def plan(self) -> list[tuple[RunSpec, Optional[Path], str]]:
-        """(spec, existing dir, action) for every run; action is run, skip or redo."""
+        """(spec, existing dir, action) for every run; action is run, skip, resume or redo.
+
+        Finished runs are skipped (``force``: trained again from scratch); an unfinished run with a
+        resumable state continues from it (``restart``: from scratch); any other is redone.
+        """
         out = []
         for spec in self.exp.runs:
             existing = rd.find_run_dir(self.exp_dir, spec.config_hash, spec.seed)
             summary = read_summary(existing) if existing else None
             if summary and summary.get("status") in rd.FINISHED and not self.force:
                 out.append((spec, existing, "skip"))
+            elif existing and resume.states(existing) and not (self.restart or self.force):
+                out.append((spec, existing, "resume"))
             elif existing:
                 out.append((spec, existing, "redo"))
             else:
@@ -148,7 +157,23 @@ class ExperimentRunner:
         check_writable(self.results_dir)
         self._data = preflight(self.exp, self.plugins, self.cache_dir, write=write)
 
-    def run(self, on_progress: Callable[..., Any] = None) -> list[dict]:
+    @classmethod
+    def rebuild(cls, job: dict, plugin_args: dict, **kwargs: Any) -> "ExperimentRunner":
+        """The runner of a worker process: the parent's experiment and settings, its own plugin system."""
+        from .devices import resolve_device
+        from .plugin_manager import build_plugin_system
+
+        plugins = build_plugin_system(**plugin_args)
+        return cls(job["exp"], plugins, job["results_dir"], resolve_device(job["device"]), force=job["force"],
+                   restart=job["restart"], **kwargs)
+
+    def run(self, on_progress: Callable[..., Any] = None, jobs: int = 1, threads: Optional[int] = None,
+            signals: Optional[Callable[[], int]] = None,
+            on_finish: Callable[[RunSpec, dict], None] = lambda spec, summary: None) -> list[dict]:
+        """Train every pending run; with ``jobs`` > 1, that many at once in worker processes
+        (``threads`` CPU threads each). ``on_progress(spec, state, row)`` is called at each log
+        step, ``on_finish(spec, summary)`` as each run ends. Returns one summary per run, in the
+        experiment's order."""
         if getattr(self, "_data", None) is None:
             self.prepare()
         data_by_key = self._data
@@ -158,15 +183,26 @@ class ExperimentRunner:
             "source": str(self.exp.path.resolve()) if self.exp.path else None, "base": self.exp.base,
             "variants": list(dict.fromkeys(self.exp.defined.values())) or self.exp.variants,
             "defined": self.exp.defined, "compare": self.exp.compare})
-        results = []
-        for spec, existing, action in self.plan():
-            if action == "skip":
-                results.append(read_summary(existing) | {"_dir": str(existing), "_action": "skip"})
-                continue
-            run_dir = existing or self.exp_dir / spec.dir_name
-            summary, action = self.run_one(spec, run_dir, data_by_key[data_key(spec)], on_progress, action)
-            results.append(summary | {"_dir": str(run_dir), "_action": action})
-        return results
+        plan = self.plan()
+        todo = [(i, spec, existing, action) for i, (spec, existing, action) in enumerate(plan) if action != "skip"]
+        done: dict[int, dict] = {}
+        if jobs > 1 and len(todo) > 1:
+            from .workers import run_parallel
+
+            done = run_parallel(self, todo, jobs, threads, on_progress, on_finish,
+                                signals or (lambda: int(self.should_stop())))
+            if any(r.get("_action") == "interrupted" for r in done.values()) or self.should_stop():
+                raise KeyboardInterrupt
+        else:
+            for i, spec, existing, action in todo:
+                if self.should_stop():  # a stop arrived between runs: the pending ones stay pending
+                    raise KeyboardInterrupt
+                run_dir = existing or self.exp_dir / spec.dir_name
+                summary, action = self.run_one(spec, run_dir, data_by_key[data_key(spec)], on_progress, action)
+                done[i] = summary | {"_dir": str(run_dir), "_action": action}
+                on_finish(spec, summary)
+        return [done[i] if action != "skip" else read_summary(existing) | {"_dir": str(existing), "_action": "skip"}
+                for i, (spec, existing, action) in enumerate(plan)]
 
     def run_one(self, spec: RunSpec, run_dir: Path, data: TokenData, on_progress=None,
                 action: str = "run") -> tuple[dict, str]:
@@ -180,11 +216,23 @@ class ExperimentRunner:
             summary = read_summary(run_dir)
             if summary and summary.get("status") in rd.FINISHED and not self.force:
                 return summary, "skip"  # finished by another process since we planned
-            return self._train_locked(spec, run_dir, data, on_progress), action
+            found = resume.latest(run_dir, self.warn) if action == "resume" else None
+            if found is None:
+                action = "redo" if action == "resume" else action
+            return self._train_locked(spec, run_dir, data, on_progress, found, summary), action
 
-    def _train_locked(self, spec: RunSpec, run_dir: Path, data: TokenData, on_progress) -> dict:
-        for stale in rd.OUTPUTS:
-            (run_dir / stale).unlink(missing_ok=True)
+    def _train_locked(self, spec: RunSpec, run_dir: Path, data: TokenData, on_progress,
+                      found: Optional[resume.Resumable] = None, previous: Optional[dict] = None) -> dict:
+        if found is None:  # from scratch: nothing of an earlier attempt may survive
+            resume.remove(run_dir)
+            for stale in rd.OUTPUTS:
+                (run_dir / stale).unlink(missing_ok=True)
+            rows, wall_before, resumed = 0, 0.0, []
+        else:  # continue: metrics.jsonl back to the rows the state had seen
+            rows = found.info["metrics_rows"]
+            rd.keep_metric_rows(run_dir, rows)
+            wall_before = float(found.info.get("wall_time_s", 0.0))
+            resumed = [*((previous or {}).get("resumed_from") or []), found.step]
         resolved = spec.resolved()
         meta = {"experiment": self.exp.name, "variant": spec.variant, "seed": spec.seed,
                 "config_hash": spec.config_hash, "changes": spec.changes, "overrides": self.exp.overrides}
@@ -194,22 +242,26 @@ class ExperimentRunner:
         summary: dict[str, Any] = {
             **meta, "status": rd.RUNNING, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid(),
             "device": device_name(self.device), "versions": self.versions(), "plugins": self.plugin_versions()}
+        if resumed:
+            summary["resumed_from"] = resumed
         write_json_atomic(run_dir / rd.SUMMARY, summary)
         info = RunInfo(run_dir, spec.variant, spec.seed, {**meta, **resolved}, self.exp.name)
         hook = self.plugins.pm.hook
         metrics_fh = open(run_dir / rd.METRICS, "a")
 
+        written = [rows]
+
         def on_log(row: dict) -> None:
             metrics_fh.write(json.dumps(row) + "\n")
             metrics_fh.flush()
+            written[0] += 1
             summary["step"] = row["step"]
             hook.gptlab_log(run=info, step=row["step"], metrics=row)
 
         def on_eval(row: dict) -> None:
             hook.gptlab_eval(run=info, step=row["step"], metrics=row)
 
-        start = time.perf_counter()
-        model = None
+        start = time.perf_counter() - wall_before
         try:
             torch.manual_seed(spec.seed)
             model = GPTModel(spec.model, plugins=self.plugins)
@@ -222,14 +274,20 @@ class ExperimentRunner:
                 torch.cuda.reset_peak_memory_stats(self.device)
             hook.gptlab_run_start(run=info)
             progress = (lambda st, row: on_progress(spec, st, row)) if on_progress else (lambda st, row: None)
-            summary.update(train_run(spec, data, model, self.device, on_log, on_eval, progress))
+            state_info = lambda: {"metrics_rows": written[0], "wall_time_s": time.perf_counter() - start}  # noqa: E731
+            summary.update(train_run(spec, data, model, self.device, on_log, on_eval, progress, state_dir=run_dir,
+                                     resume_from=found, state_info=state_info, should_stop=self.should_stop))
             summary["status"] = rd.COMPLETED
             if spec.train.checkpoint:
                 self.save_checkpoint(model, data, run_dir)
+            resume.remove(run_dir)
         except Diverged as exc:
             summary.update(status=rd.DIVERGED, diverged_step=exc.step, error=str(exc))
+            resume.remove(run_dir)
         except KeyboardInterrupt:
-            summary.update(status=rd.INTERRUPTED, error="interrupted by the user (Ctrl-C)")
+            last = resume.states(run_dir)
+            summary.update(status=rd.INTERRUPTED, error="interrupted (Ctrl-C or SIGTERM)"
+                           + (f"; resumable from step {last[-1]}" if last else ""))
             self._finish(summary, run_dir, start, metrics_fh, info)
             raise
         except Exception as exc:  # a run's crash is a result; the experiment goes on
@@ -265,3 +323,12 @@ class ExperimentRunner:
 
     def plugin_versions(self) -> dict:
         return {p.name: f"{p.source} {p.version}" for p in self.plugins.plugins}
+
+
+def run_in_process(runner: ExperimentRunner, spec: RunSpec, run_dir: Path, action: str, threads: Optional[int],
+                   on_progress: Optional[Callable] = None) -> tuple[dict, str]:
+    """Train one run in this process with ``threads`` CPU threads (a worker's whole job)."""
+    if threads:
+        torch.set_num_threads(threads)
+    data = prepare_tokens(spec.data, runner.plugins, runner.cache_dir)
+    return runner.run_one(spec, run_dir, data, on_progress, action)

@@ -47,10 +47,16 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
     compile: bool = False
     checkpoint: bool = False  # save model.safetensors at the end
+    checkpoint_every: Optional[int] = 500  # steps between resumable states; null or 0: none
+    checkpoint_keep: int = 2  # resumable states kept (the newest)
 
     def validate(self) -> None:
-        for key in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every", "seq_len"):
+        for key in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every", "seq_len",
+                    "checkpoint_keep"):
             positive(self, "train", key)
+        if self.checkpoint_every is not None and self.checkpoint_every < 0:
+            raise ConfigError(f"train.checkpoint_every must be >= 0 (0 or null: no resumable states), "
+                              f"got {self.checkpoint_every}")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be positive, got {self.lr}")
         if self.warmup_steps < 0:
@@ -60,3 +66,8 @@ class TrainConfig:
         for m in self.eval_lengths:
             if isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0:
                 raise ConfigError(f"train.eval_lengths holds multiples of seq_len (e.g. [1, 2, 4]), got {m!r}")
+
+
+#: train keys that change how a run is kept, never what it computes: left out of the config hash,
+#: so changing them neither reruns finished runs nor sets a run apart from the experiment's
+OPERATIONAL_TRAIN_KEYS = ("checkpoint_every", "checkpoint_keep")

@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -18,6 +19,7 @@ from .data import Batches, TokenData, eval_starts, windows
 from .devices import peak_flops, synchronize
 from .experiment import RunSpec
 from .model import GPTModel
+from .resume import Resumable, restore, save
 from .rundir import length_key
 
 
@@ -119,8 +121,17 @@ def evaluate(model: GPTModel, tokens, seq_len: int, batches: int, batch_size: in
 
 def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.device,
               on_log: Callable[[dict], None], on_eval: Callable[[dict], None],
-              progress: Callable[[TrainState, dict], None] = lambda s, m: None) -> dict:
-    """Train ``model`` per ``spec.train``; returns the summary metrics. Raises Diverged."""
+              progress: Callable[[TrainState, dict], None] = lambda s, m: None, *,
+              state_dir: Optional[Path] = None, resume_from: Optional[Resumable] = None,
+              state_info: Callable[[], dict] = dict, should_stop: Callable[[], bool] = lambda: False) -> dict:
+    """Train ``model`` per ``spec.train``; returns the summary metrics. Raises Diverged.
+
+    With ``state_dir`` (the run directory), a resumable state is saved every
+    ``train.checkpoint_every`` steps, with ``state_info()`` added to it (the runner's counters),
+    and when ``should_stop()`` turns true at the end of a step, after which KeyboardInterrupt is
+    raised. ``resume_from`` continues from such a state: on CPU the result is bit for bit the run
+    that was never stopped.
+    """
     t = spec.train
     seq_len = t.seq_len or spec.model.context_length
     model.to(device).train()
@@ -135,10 +146,25 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
     tokens_per_step = t.batch_size * t.grad_accum * seq_len
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
+    generators = rng_generators(batches, device)
+    first = 1
+    if resume_from is not None:
+        restore(resume_from, model, optimizer, generators)
+        loop = resume_from.info["loop"]
+        state = TrainState(**{**loop["state"], "best_val": _inf(loop["state"]["best_val"])})
+        loss_sum.fill_(loop["loss_sum"])
+        loss_count = loop["loss_count"]
+        first = resume_from.step + 1
+
+    def save_state(step: int) -> None:
+        loop = {"state": {**asdict(state), "best_val": _finite(state.best_val)},
+                "loss_sum": loss_sum.item(), "loss_count": loss_count}
+        save(state_dir, step, model, optimizer, generators, {"loop": loop, **state_info()}, t.checkpoint_keep)
+
     synchronize(device)
     interval_start = time.perf_counter()
     interval_tokens = 0
-    for step in range(1, t.steps + 1):
+    for step in range(first, t.steps + 1):
         lr = lr_at(step, t)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -148,34 +174,39 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
         loss_count += 1
         state.step, state.tokens = step, state.tokens + tokens_per_step
         interval_tokens += tokens_per_step
-        if step == 1:  # the first step pays for warm-up (allocator, compile): keep it out of tokens/s
+        if step == first:  # the first step pays for warm-up (allocator, compile): keep it out of tokens/s
             synchronize(device)
             interval_start, interval_tokens = time.perf_counter(), 0
-        if step % t.log_every and step % t.eval_every and step != t.steps:
-            continue
-        train_loss = (loss_sum / max(1, loss_count)).item()  # the only host sync in the loop
-        elapsed = time.perf_counter() - interval_start
-        if interval_tokens:
-            state.train_time += elapsed
-            state.timed_tokens += interval_tokens
-        loss_sum.zero_()
-        loss_count = 0
-        if not math.isfinite(train_loss):
-            raise Diverged(step, train_loss)
-        state.last_train = train_loss
-        row = {"step": step, "tokens": state.tokens, "train_loss": train_loss, "lr": lr,
-               "tokens_per_s": interval_tokens / elapsed if interval_tokens and elapsed > 0 else None}
-        if step % t.eval_every == 0 or step == t.steps:
-            val = evaluate(model, data.val, seq_len, t.eval_batches, t.batch_size, device, ctx)
-            row["val_loss"] = val
-            state.last_val = val
-            if val is not None and val < state.best_val:
-                state.best_val, state.best_val_step = val, step
-            on_eval({"step": step, "val_loss": val})
-        on_log(row)
-        progress(state, row)
-        synchronize(device)
-        interval_start, interval_tokens = time.perf_counter(), 0
+        if not (step % t.log_every and step % t.eval_every and step != t.steps):
+            train_loss = (loss_sum / max(1, loss_count)).item()  # the only host sync in the loop
+            elapsed = time.perf_counter() - interval_start
+            if interval_tokens:
+                state.train_time += elapsed
+                state.timed_tokens += interval_tokens
+            loss_sum.zero_()
+            loss_count = 0
+            if not math.isfinite(train_loss):
+                raise Diverged(step, train_loss)
+            state.last_train = train_loss
+            row = {"step": step, "tokens": state.tokens, "train_loss": train_loss, "lr": lr,
+                   "tokens_per_s": interval_tokens / elapsed if interval_tokens and elapsed > 0 else None}
+            if step % t.eval_every == 0 or step == t.steps:
+                val = evaluate(model, data.val, seq_len, t.eval_batches, t.batch_size, device, ctx)
+                row["val_loss"] = val
+                state.last_val = val
+                if val is not None and val < state.best_val:
+                    state.best_val, state.best_val_step = val, step
+                on_eval({"step": step, "val_loss": val})
+            on_log(row)
+            progress(state, row)
+            synchronize(device)
+            interval_start, interval_tokens = time.perf_counter(), 0
+        if state_dir is not None and step < t.steps:
+            stop = should_stop()
+            if stop or (t.checkpoint_every and step % t.checkpoint_every == 0):
+                save_state(step)
+            if stop:
+                raise KeyboardInterrupt
 
     summary = {
         "final_train_loss": state.last_train,
@@ -195,6 +226,23 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
     summary["mfu"] = (summary["tokens_per_s"] * flops / peak) if peak and summary["tokens_per_s"] else None
     summary.update(length_extrapolation(model, data, t, seq_len, device, ctx))
     return summary
+
+
+def rng_generators(batches: Batches, device: torch.device) -> dict:
+    """Every random stream a run draws from: torch's global generator (dropout, init), the batch
+    sampler's, and CUDA's on a GPU. Their states are part of a resumable state."""
+    gens = {"torch": torch.random.default_generator, "batches": batches.gen}
+    if device.type == "cuda":
+        gens["cuda"] = torch.cuda.default_generators[device.index or 0]
+    return gens
+
+
+def _finite(x: float) -> Optional[float]:
+    return x if math.isfinite(x) else None
+
+
+def _inf(x: Optional[float]) -> float:
+    return math.inf if x is None else x
 
 
 def block_grad_norms(model: GPTModel) -> list[float]:
@@ -219,9 +267,11 @@ def compile_or_fallback(model: GPTModel, shape: tuple, device: torch.device,
     counters.clear()
     try:
         compiled = torch.compile(model)
-        with ctx():
-            out = compiled(torch.zeros(shape, dtype=torch.long, device=device))
-        out.float().sum().backward()
+        # the probe's dropout must not advance the random streams: a resumed run probes again
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            with ctx():
+                out = compiled(torch.zeros(shape, dtype=torch.long, device=device))
+            out.float().sum().backward()
         model.zero_grad(set_to_none=True)
     except Exception as exc:  # dynamo/inductor errors come in many types
         model.zero_grad(set_to_none=True)

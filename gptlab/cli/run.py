@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import GptlabError
+from ..errors import ConfigError, GptlabError
 from ..fmt import num, yaml_value
+from .progress import make_reporter
 
 EXPERIMENT_FORMAT = """\
 experiment format (YAML; every key is checked, a typo is an error with a suggestion):
@@ -36,8 +37,16 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     r.add_argument("--results-dir", type=Path, default=Path("results"), help="where runs are stored (default: results)")
     r.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     r.add_argument("--plugins-dir", type=Path, action="append", default=[], help="extra plugin folder (repeatable)")
-    r.add_argument("--force", action="store_true", help="rerun runs that already finished")
+    r.add_argument("--force", action="store_true", help="train every run again from scratch, finished ones too")
+    r.add_argument("--restart", action="store_true",
+                   help="start unfinished runs over instead of resuming them from their last resumable state")
     r.add_argument("--dry-run", action="store_true", help="list the runs and how they differ; train nothing")
+    r.add_argument("--jobs", default="1", metavar="N|auto",
+                   help="train up to N runs at once, in worker processes: on CPU they share the cores, on CUDA "
+                        "each gets its own GPU (auto: one per visible GPU; 1 on CPU). Default 1")
+    r.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads per run (default: the cores this process may use, divided among --jobs)")
+    r.add_argument("--quiet", action="store_true", help="print only errors and the final table")
     r.set_defaults(handler=cmd_run)
 
 
@@ -48,29 +57,47 @@ def _console(stderr: bool = False):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from ..devices import resolve_device
-    from ..experiment import load_experiment
-    from ..plugin_manager import build_plugin_system
     from rich.markup import escape
 
+    from ..devices import cpu_threads, resolve_device, resolve_jobs
+    from ..experiment import load_experiment
+    from ..plugin_manager import build_plugin_system
     from ..runner import ExperimentRunner
 
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be a positive integer, got {args.threads}")
     exp = load_experiment(args.experiment, args.overrides)
     plugins = build_plugin_system(plugin_dirs=args.plugins_dir, extra=exp.plugins,
                                   base_dir=args.experiment.resolve().parent)
     device = resolve_device(args.device)
-    runner = ExperimentRunner(exp, plugins, args.results_dir, device, force=args.force)
+    jobs = resolve_jobs(args.jobs, device)
+    threads = cpu_threads(args.threads, jobs) if device.type == "cpu" else None
+    stop = _GracefulStop()
+    runner = ExperimentRunner(exp, plugins, args.results_dir, device, force=args.force, restart=args.restart,
+                              should_stop=lambda: stop.requested, warn=lambda m: sys.stderr.write(f"warning: {m}\n"))
     out, err = _console(), _console(stderr=True)
     for warning in exp.warnings:
         err.print(f"[yellow]warning: {escape(warning)}[/]")
     runner.prepare(write=not args.dry_run)  # a dry run makes every check the real run makes
     if args.dry_run:
         return _dry_run(runner, out, args.overrides)
-    kept = sum(action == "skip" for _, _, action in runner.plan())
-    err.print(f"[bold]{exp.name}[/]: {len(exp.runs)} runs on {device}  ->  {runner.exp_dir}"
-              + (f"  ({kept} finished runs kept, {len(exp.runs) - kept} to train)" if kept else ""))
-    with _sigterm_interrupts():
-        results = _run_with_progress(runner, err)
+    plan = runner.plan()
+    kept = sum(action == "skip" for _, _, action in plan)
+    resumed = sum(action == "resume" for _, _, action in plan)
+    if not args.quiet:
+        err.print(f"[bold]{escape(exp.name)}[/]: {len(exp.runs)} runs on {device}"
+                  + (f", {threads} CPU thread(s) per run" if threads else "") + (f", {jobs} at once" if jobs > 1 else "")
+                  + f"  ->  {escape(str(runner.exp_dir))}"
+                  + (f"  ({kept} finished runs kept)" if kept else "")
+                  + (f"  ({resumed} resumed from their last state)" if resumed else ""))
+    if threads and jobs == 1:
+        import torch
+
+        torch.set_num_threads(threads)
+    reporter = make_reporter(exp, plan, args.quiet, err)
+    with stop, reporter:
+        results = runner.run(on_progress=reporter.progress, on_finish=reporter.finish, jobs=jobs, threads=threads,
+                             signals=lambda: stop.count)
     _print_compare(results, exp, out, err)
     busy = [r for r in results if r.get("_action") == "busy"]
     if busy:
@@ -83,21 +110,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """Treat SIGTERM (a scheduler's preemption, `kill`) like Ctrl-C: the current run is marked interrupted."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+class _GracefulStop:
+    """Ctrl-C or SIGTERM (a scheduler's preemption, `kill`): the current run finishes its step, saves a
+    resumable state and is marked interrupted, and the command exits 130. A second signal stops at
+    once (the run resumes from its last saved state)."""
 
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    count = 0  # stop signals received
+
+    @property
+    def requested(self) -> bool:
+        return self.count > 0
+
+    def __enter__(self) -> "_GracefulStop":
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+        if self.count > 1:
+            raise KeyboardInterrupt
+        sys.stderr.write("\ngptlab: stopping after the current step and saving a resumable state "
+                         "(signal again to stop at once)\n")
 
 
 def _dry_run(runner, out, overrides: list[str]) -> int:
@@ -112,25 +154,6 @@ def _dry_run(runner, out, overrides: list[str]) -> int:
         table.add_row(spec.variant, str(spec.seed), spec.config_hash, action, diff)
     out.print(table)
     return 0
-
-
-def _run_with_progress(runner, err) -> list[dict]:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    tasks: dict[str, Any] = {}
-    with Progress(*columns, console=err, transient=False) as progress:
-        def on_progress(spec, state, row):
-            key = spec.dir_name
-            if key not in tasks:
-                tasks[key] = progress.add_task(f"{spec.variant} s{spec.seed}", total=spec.train.steps,
-                                               loss="-", tps="-")
-            tps = row.get("tokens_per_s")
-            progress.update(tasks[key], completed=state.step, loss=f"{row['train_loss']:.3f}",
-                            tps=f"{tps:,.0f}" if tps else "-")
-        return runner.run(on_progress=on_progress)
 
 
 def _print_compare(results: list[dict], exp, out, err) -> None:

@@ -1,0 +1,169 @@
+"""Long runs resume: a run killed at a random step and rerun ends exactly like one never stopped.
+
+Every run here is a real ``python -m gptlab run`` subprocess on one CPU thread, with dropout on
+(so the random streams matter) and a resumable state every 5 steps. A tiny plugin sleeps at each
+log step so a watcher can kill the run mid-way; it changes no number.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+STEPS = 40
+EXPERIMENT = {
+    "name": "long",
+    "plugins": ["slow.py"],
+    "model": {"preset": "nano", "n_layers": 2, "context_length": 32, "drop_rate": 0.1},
+    "train": {"steps": STEPS, "batch_size": 4, "log_every": 3, "eval_every": 10, "eval_batches": 1,
+              "checkpoint_every": 5, "checkpoint_keep": 2, "checkpoint": True, "warmup_steps": 4},
+    "seeds": [0],
+}
+SLOW = '''
+import time
+import gptlab
+
+@gptlab.hookimpl
+def gptlab_log(run, step, metrics):
+    time.sleep(0.15)
+'''
+ROW_KEYS = ("step", "tokens", "train_loss", "val_loss", "lr")
+
+
+def env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", COLUMNS="200")
+
+
+def start(root: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "gptlab", "run", "exp.yaml", "--device", "cpu", *extra],
+                            cwd=root, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out + err
+
+
+def lab(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "exp.yaml").write_text(yaml.safe_dump(EXPERIMENT))
+    (path / "slow.py").write_text(SLOW)
+    return path
+
+
+def run_dir(root: Path) -> Path:
+    (found,) = (root / "results" / "long").glob("*__s0")
+    return found
+
+
+def rows(root: Path) -> list[tuple]:
+    lines = (run_dir(root) / "metrics.jsonl").read_text().splitlines()
+    return [tuple(json.loads(line).get(k) for k in ROW_KEYS) for line in lines]
+
+
+def last_step(root: Path) -> int:
+    try:
+        return max((r[0] for r in rows(root)), default=0)
+    except (ValueError, FileNotFoundError):
+        return 0
+
+
+def kill_at(root: Path, step: int, sig: int) -> subprocess.Popen:
+    proc = start(root)
+    deadline = time.time() + 300
+    while last_step(root) < step and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(sig)
+    return proc
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert rows(b) == rows(a)  # every logged step once, with the same numbers
+    assert [r[0] for r in rows(b)] == sorted({r[0] for r in rows(b)})
+    wa, wb = load_file(run_dir(a) / "model.safetensors"), load_file(run_dir(b) / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    sa, sb = (json.loads((run_dir(r) / "summary.json").read_text()) for r in (a, b))
+    for key in ("final_train_loss", "final_val_loss", "best_val_loss", "best_val_step", "tokens", "init_grad_norms"):
+        assert sa[key] == sb[key], key
+    assert sb["status"] == "completed" and not (run_dir(b) / "resume").exists()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    root = lab(tmp_path_factory.mktemp("ref") / "lab")
+    rc, out = finish(start(root))
+    assert rc == 0, out
+    return root
+
+
+def test_sigkill_at_a_random_step_then_resume_equals_the_uninterrupted_run(reference, tmp_path):
+    target = random.Random().randrange(6, STEPS - 6)
+    root = lab(tmp_path / "lab")
+    proc = kill_at(root, target, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    summary = json.loads((run_dir(root) / "summary.json").read_text())
+    states = sorted(p.name for p in (run_dir(root) / "resume").iterdir())
+    assert summary["status"] == "running" and 1 <= len(states) <= 2, (target, states)  # killed, pruned to 2
+    saved = int(states[-1].split("_")[1])
+    assert saved % 5 == 0 and saved <= last_step(root) + 5, (target, saved)
+
+    rc, out = finish(start(root))
+    assert rc == 0, out
+    resumed = json.loads((run_dir(root) / "summary.json").read_text())["resumed_from"]
+    assert resumed == [saved], (target, resumed)
+    assert_same_run(reference, root)
+
+
+def test_ctrl_c_saves_at_the_step_it_arrives_and_exits_130(reference, tmp_path):
+    root = lab(tmp_path / "lab")
+    proc = kill_at(root, 7, signal.SIGINT)
+    rc, out = finish(proc)
+    assert rc == 130, out
+    summary = json.loads((run_dir(root) / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "resumable from step" in summary["error"]
+    step = int(summary["error"].rsplit(" ", 1)[1])
+    assert step >= 7 and f"step_{step:08d}" in os.listdir(run_dir(root) / "resume")
+    rc, out = finish(start(root))
+    assert rc == 0, out
+    assert json.loads((run_dir(root) / "summary.json").read_text())["resumed_from"] == [step]
+    assert_same_run(reference, root)
+
+
+def test_a_damaged_newest_state_falls_back_to_the_one_before(reference, tmp_path):
+    root = lab(tmp_path / "lab")
+    proc = kill_at(root, 16, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    states = sorted((run_dir(root) / "resume").iterdir())
+    assert len(states) == 2
+    newest = states[-1] / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-8] + b"\0" * 8)  # same size, wrong bytes
+    (run_dir(root) / "resume" / ".step_00000099.tmp1").mkdir()  # a write a kill cut short
+    rc, out = finish(start(root))
+    assert rc == 0, out
+    assert "damaged resumable state ignored" in out and states[-1].name in out
+    older = int(states[0].name.split("_")[1])
+    assert json.loads((run_dir(root) / "summary.json").read_text())["resumed_from"] == [older]
+    assert_same_run(reference, root)
+
+
+def test_restart_starts_an_unfinished_run_over(reference, tmp_path):
+    root = lab(tmp_path / "lab")
+    proc = kill_at(root, 12, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    rc, out = finish(start(root, "--restart"))
+    assert rc == 0, out
+    assert "resumed_from" not in json.loads((run_dir(root) / "summary.json").read_text())
+    assert_same_run(reference, root)
+    shutil.rmtree(root)
