@@ -12,7 +12,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 from .errors import ConfigError, GptlabError, IncompatibleComponents, PluginError
-from .hookspecs import KINDS, RunInfo, hookimpl
+from .hookspecs import KINDS, Range, RunInfo, hookimpl
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {
@@ -29,8 +29,8 @@ _LAZY = {
     "load_results": "results",
 }
 
-__all__ = ["__version__", "ConfigError", "GptlabError", "IncompatibleComponents", "PluginError", "KINDS", "RunInfo",
-           "hookimpl", *_LAZY]
+__all__ = ["__version__", "ConfigError", "GptlabError", "IncompatibleComponents", "PluginError", "KINDS", "Range",
+           "RunInfo", "hookimpl", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

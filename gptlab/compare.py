@@ -23,7 +23,7 @@ import pandas as pd
 
 from .errors import ConfigError, did_you_mean
 from .results import META, SECTIONS, load_results, read_metrics
-from .rundir import COMPLETED, METRIC_ALIASES, STATUSES, length_multiple, read_experiment
+from .rundir import COMPLETED, METRIC_ALIASES, STATUSES, SUMMARY_METRICS, length_multiple, read_experiment
 from .stats import welch_ci
 from .termplot import sparkline
 
@@ -129,6 +129,8 @@ def metric_values(df: pd.DataFrame, metric: str, at_step: Optional[int] = None) 
     col = ALIASES.get(name, name)
     if at_step is None:
         known = _metric_columns(df)
+        if col in df.columns and (name in ALIASES or col in MEANS or col in SUMMARY_METRICS):
+            return pd.to_numeric(df[col], errors="coerce").astype(float), name  # text where a number belongs: n/a
         if col not in df.columns and (name in ALIASES or col in MEANS):
             # a standard metric no run reached (every run failed early): all n/a, not an error
             return pd.Series(math.nan, index=df.index, dtype=float), name
@@ -170,7 +172,7 @@ def mean_curve(run_dirs: Iterable[str], key: str) -> pd.Series:
     for run_dir in run_dirs:
         m = read_metrics(run_dir)
         if key in m.columns and "step" in m.columns:
-            frames.append(m[["step", key]].dropna())
+            frames.append(m[["step", key]].apply(pd.to_numeric, errors="coerce").dropna())
     if not frames:
         return pd.Series(dtype=float)
     return pd.concat(frames).groupby("step")[key].mean()

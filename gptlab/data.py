@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -18,7 +19,7 @@ import torch
 
 from .errors import ConfigError
 from .plugin_manager import PluginSystem
-from .rundir import write_json_atomic
+from .rundir import refuse_link, write_json_atomic
 from .settings import DataConfig
 
 
@@ -53,8 +54,8 @@ def prepare_tokens(data: DataConfig, plugins: PluginSystem, cache_dir: Path, wri
         [data.dataset.name, data.dataset.options, data.tokenizer.name, data.tokenizer.options, corpus.fingerprint],
         sort_keys=True, default=str).encode()).hexdigest()[:16]
     bin_path, meta_path = cache_dir / f"{key}.bin", cache_dir / f"{key}.json"
-    if meta_path.exists() and bin_path.exists():
-        meta = json.loads(meta_path.read_text())
+    meta = _verified_cache(bin_path, meta_path) if meta_path.exists() or bin_path.exists() else None
+    if meta is not None:
         tokenizer.load_state_dict(meta["tokenizer_state"])
     else:
         text = corpus.read()
@@ -66,17 +67,40 @@ def prepare_tokens(data: DataConfig, plugins: PluginSystem, cache_dir: Path, wri
         if not write:  # a dry run checks the data without leaving a cache behind
             n_val = int(len(ids) * data.val_fraction)
             return TokenData(ids[: len(ids) - n_val], ids[len(ids) - n_val:], tokenizer)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = bin_path.with_suffix(f".tmp{os.getpid()}")
-        ids.astype(dtype).tofile(tmp)
-        os.replace(tmp, bin_path)
+        blob = ids.astype(dtype).tobytes()
         meta = {"dtype": np.dtype(dtype).name, "n_tokens": int(ids.size), "vocab_size": tokenizer.vocab_size,
-                "tokenizer_state": tokenizer.state_dict(), "dataset": data.dataset.to_plain(),
-                "tokenizer": data.tokenizer.to_plain()}
-        write_json_atomic(meta_path, meta)
+                "sha256": hashlib.sha256(blob).hexdigest(), "tokenizer_state": tokenizer.state_dict(),
+                "dataset": data.dataset.to_plain(), "tokenizer": data.tokenizer.to_plain()}
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = bin_path.with_name(f".{bin_path.name}.tmp{os.getpid()}")
+            refuse_link(bin_path)
+            tmp.unlink(missing_ok=True)  # a stale one, or a planted link: never written through
+            tmp.write_bytes(blob)
+            os.replace(tmp, bin_path)
+            write_json_atomic(meta_path, meta)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the token cache in {cache_dir} ({exc.strerror}); make it writable "
+                              f"or choose another --results-dir") from None
     tokens = np.memmap(bin_path, dtype=np.dtype(meta["dtype"]), mode="r")
     n_val = int(len(tokens) * data.val_fraction)
     return TokenData(tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:], tokenizer)
+
+
+def _verified_cache(bin_path: Path, meta_path: Path) -> Optional[dict]:
+    """The cache's metadata when the token file matches it (length and sha256); otherwise None,
+    after a warning, and the cache is rebuilt: a damaged cache would silently change the data."""
+    try:
+        meta = json.loads(meta_path.read_text())
+        blob = bin_path.read_bytes()
+        if blob and len(blob) == meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize and \
+                hashlib.sha256(blob).hexdigest() == meta["sha256"] and isinstance(meta["tokenizer_state"], dict):
+            return meta
+        reason = "its tokens do not match its length and checksum"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        reason = f"unreadable ({type(exc).__name__})"
+    sys.stderr.write(f"gptlab: warning: token cache {bin_path} is damaged ({reason}); rebuilding it\n")
+    return None
 
 
 class Batches:

@@ -112,6 +112,15 @@ def _space_flow_keys(item: str) -> str:
     return f"{key}={value}"
 
 
+def _merge(where: str, *cfgs: Any) -> DictConfig:
+    """OmegaConf.merge, with a clash (a list where the file has a mapping, say) as a user error."""
+    try:
+        return OmegaConf.merge(*cfgs)
+    except (OmegaConfBaseException, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: an override does not fit the experiment ({' '.join(str(exc).split())[:200]}); "
+                          f"override a value with a value of the same kind, e.g. seeds=[0,1]") from None
+
+
 def _plain(cfg: Any, where: str) -> Any:
     try:
         return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
@@ -139,7 +148,7 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
     for k in CONFIG_SECTIONS:
         if k in ov:
             del ov[k]
-    cfg = OmegaConf.merge(cfg, ov)
+    cfg = _merge(where, cfg, ov)
     try:
         name = cfg.get("name")
     except OmegaConfBaseException as exc:
@@ -151,10 +160,10 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
     if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
         raise ConfigError(f"{where}: 'plugins' must be a list of module names or .py paths")
     seeds = _plain(cfg.get("seeds", [0]), where)
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        seeds = [seeds]
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ConfigError(f"{where}: 'seeds' must be a non-empty list of integers, e.g. [0, 1, 2]")
+    if not isinstance(seeds, list) or not seeds or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 63 for s in seeds):
+        raise ConfigError(f"{where}: 'seeds' must be a non-empty list of integers from 0 to 2**63-1, "
+                          f"e.g. [0, 1, 2], got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"{where}: 'seeds' lists a seed twice: {seeds}")
     compare = _plain(cfg.get("compare"), where) or {}
@@ -165,14 +174,18 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
             raise ConfigError(f"{where}: unknown compare key '{key}'{did_you_mean(key, COMPARE_KEYS)}")
 
     base = OmegaConf.create({k: cfg.get(k) or {} for k in CONFIG_SECTIONS})
-    variants = cfg.get("variants") or OmegaConf.create({})
-    if not isinstance(variants, DictConfig):
-        raise ConfigError(f"{where}: 'variants' must map variant names to partial configs")
+    variants = cfg.get("variants")
+    if variants is None:
+        variants = OmegaConf.create({})
+    elif not isinstance(variants, DictConfig) or not len(variants):
+        raise ConfigError(f"{where}: 'variants' must map variant names to partial configs, e.g. "
+                          f"{{pre_ln: {{model: {{norm_placement: pre}}}}}}; leave it out for a single run of the base")
     variant_items = [(str(k), v) for k, v in variants.items()] or [("base", OmegaConf.create({}))]
     grid_points = _grid_points(cfg.get("grid"), where)
 
     runs, labels, seen = [], [], {}
     for vname, vcfg in variant_items:
+        _check_variant_name(vname, where)
         if vcfg is None:
             vcfg = OmegaConf.create({})
         if not isinstance(vcfg, DictConfig):
@@ -184,7 +197,7 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
         for point in grid_points:
             suffix = ",".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in point.items())
             label = (f"{vname},{suffix}" if variants else suffix) if point else vname
-            merged = OmegaConf.merge(base, vcfg, _point_cfg(point), section_ov)
+            merged = _merge(f"{where}: variant '{vname}'", base, vcfg, _point_cfg(point), section_ov)
             ctx = f"{where}: variant '{label}'" if (variants or point) else where
             model, data, train = _resolve(merged, ctx)
             changes = _changes(vcfg, point)
@@ -199,7 +212,7 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
     warnings = [f"{where}: variant '{spec.variant}': train.warmup_steps ({spec.train.warmup_steps}) is not shorter than "
                 f"train.steps ({spec.train.steps}): the learning rate never leaves the warmup"
                 for spec in runs[::len(seeds)] if spec.train.warmup_steps >= spec.train.steps > 0]
-    base_model, base_data, base_train = _resolve(OmegaConf.merge(base, section_ov), where)
+    base_model, base_data, base_train = _resolve(_merge(where, base, section_ov), where)
     base_resolved = {"model": base_model.to_dict(), "data": to_plain(base_data), "train": to_plain(base_train)}
     defined = {config_hash(spec.resolved()): spec.variant for spec in runs}
     if section_ov:  # what the file alone defines: runs made with overrides are set apart from those
@@ -244,6 +257,16 @@ def _check_compare(compare: dict, runs: list, where: str) -> None:
         if str(baseline) not in rows:
             raise ConfigError(f"{where}: compare.baseline '{baseline}' is not a row of the table"
                               f"{did_you_mean(str(baseline), rows)}; rows: {', '.join(rows)}")
+
+
+def _check_variant_name(name: str, where: str) -> None:
+    """A variant name becomes a folder name, a table label and a --baseline value: refuse the
+    names that could not be all three (hidden folders, paths, control characters)."""
+    bad = (not name.strip() or name.startswith((".", "-")) or "/" in name or "\\" in name or len(name) > 80
+           or any(ord(c) < 32 or ord(c) == 127 for c in name))
+    if bad:
+        raise ConfigError(f"{where}: variant name {name!r} cannot be used: use up to 80 characters, no '/' or "
+                          f"control characters, not starting with '.' or '-'")
 
 
 def _section(override: str) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import pluggy
 
@@ -42,13 +42,40 @@ class Attr:
 
 
 @dataclass(frozen=True)
+class Range:
+    """Bounds on a numeric option, declared once on the factory's keyword argument::
+
+        def rmsnorm(cfg, dim, eps: Annotated[float, Range(gt=0)] = 1e-5): ...
+
+    The registry checks every option a config sets against its annotation (int, float, bool, str,
+    Optional[...], a Union of those, list) and these bounds before anything is built, so a
+    plugin's options get the same one-line errors as the built-ins'.
+    """
+
+    gt: Optional[float] = None
+    ge: Optional[float] = None
+    lt: Optional[float] = None
+    le: Optional[float] = None
+
+    def describe(self) -> str:
+        parts = [f"{op} {v:g}" for op, v in ((">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le))
+                 if v is not None]
+        return " and ".join(parts)
+
+    def holds(self, value: float) -> bool:
+        return ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
+                and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))
+
+
+@dataclass(frozen=True)
 class Kind:
     """How gptlab calls the factories of one kind, and what it reads back.
 
     A factory is called as ``factory(*positional, *reserved keywords, **options)``: ``positional``
     are supplied by gptlab in that order, ``reserved`` keywords too, and every other keyword
     argument of the factory is a user option, set in the config as ``{name: ..., option: value}``
-    and checked against the factory's signature before anything is built. A factory may also
+    and checked against the factory's signature, the option's type annotation and its ``Range``
+    before anything is built. A factory may also
     have ``check(cfg, **options)``, called before anything is allocated, that raises
     ``gptlab.ConfigError`` for a config it cannot serve. ``model_key``: the kind is chosen by a
     key of the model config of the same name.

@@ -2,13 +2,17 @@
 step, and the feed-forward networks. They name no variant; plugins pick the math."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Annotated, Callable, Optional
 
 import torch
 from torch import nn
 
 from .components import KVCache, PositionalContext, mark_residual, merge_heads, split_heads
 from .errors import ConfigError
+from .hookspecs import Range
+
+#: the type and bounds of a width or head-count option (checked by the registry)
+Positive = Annotated[Optional[int], Range(ge=1)]
 
 
 class CausalSelfAttention(nn.Module):
@@ -19,7 +23,7 @@ class CausalSelfAttention(nn.Module):
 
     accepts = frozenset({"rotation", "score_bias"})
 
-    def __init__(self, cfg, n_kv_heads: Optional[int] = None) -> None:
+    def __init__(self, cfg, n_kv_heads: Positive = None) -> None:
         super().__init__()
         self.check(cfg, n_kv_heads)
         self.n_heads = cfg.n_heads
@@ -68,7 +72,7 @@ class CausalSelfAttention(nn.Module):
 
 def _activation_factory(cls, act: Callable[[torch.Tensor], torch.Tensor], doc: str) -> Callable[..., nn.Module]:
     """A factory to register as an activation: ``cls(cfg, act, hidden_dim)``, shown with ``doc``."""
-    def factory(cfg, hidden_dim: Optional[int] = None) -> nn.Module:
+    def factory(cfg, hidden_dim: Positive = None) -> nn.Module:
         return cls(cfg, act, hidden_dim)
 
     factory.__doc__ = doc

@@ -6,11 +6,14 @@ only stores entries and checks a user's options against that contract.
 from __future__ import annotations
 
 import inspect
+import math
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from .errors import ConfigError, PluginError, did_you_mean
-from .hookspecs import KINDS
+from .hookspecs import KINDS, Range
 
 
 @dataclass
@@ -110,6 +113,63 @@ def check_options(entry: Entry, options: dict) -> None:
         if key not in accepted:
             raise ConfigError(f"{entry.kind} '{entry.name}' has no option '{key}'{did_you_mean(key, accepted)}; "
                               f"options: {', '.join(accepted) or '(none)'}")
+    hints = _hints(entry.factory)
+    for key, value in options.items():
+        if key in hints:
+            problem = _violation(hints[key], value)
+            if problem:
+                raise ConfigError(f"{entry.kind} '{entry.name}' option {key} must be {problem}, got {value!r}")
+
+
+def _hints(factory: Any) -> dict:
+    """The annotations of a factory's arguments (a class's ``__init__``), Annotated extras kept."""
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        return typing.get_type_hints(target, include_extras=True)
+    except Exception:  # an annotation that does not resolve checks nothing rather than crashing
+        return {}
+
+
+def _violation(hint: Any, value: Any) -> Optional[str]:
+    """What ``value`` should have been under ``hint`` (type and Range), or None when it fits."""
+    bounds = None
+    if typing.get_origin(hint) is typing.Annotated:
+        hint, *extras = typing.get_args(hint)
+        bounds = next((e for e in extras if isinstance(e, Range)), None)
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None:
+        return None if type(None) in options else _describe(options, bounds)
+    for option in options:
+        if option is type(None):
+            continue
+        if _is(option, value):
+            if bounds is not None and isinstance(value, (int, float)) and not (
+                    math.isfinite(value) and bounds.holds(value)):
+                return _describe(options, bounds)
+            return None
+    return _describe(options, bounds)
+
+
+def _is(option: Any, value: Any) -> bool:
+    origin = typing.get_origin(option) or option
+    if origin is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, origin) if isinstance(origin, type) else True
+
+
+def _describe(options: tuple, bounds: Optional[Range]) -> str:
+    names = {float: "a number", int: "an integer", bool: "true or false", str: "a string", list: "a list",
+             type(None): "null"}
+    words = []
+    for option in options:
+        base = typing.get_origin(option) or option
+        word = names.get(base, getattr(base, "__name__", str(base)))
+        words.append(word + (f" {bounds.describe()}" if bounds is not None and base in (int, float) else ""))
+    return " or ".join(dict.fromkeys(words))
 
 
 def _accepted_by(fn: Any, options: dict) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -16,7 +17,7 @@ from typing import Any, Iterable, Optional
 import pandas as pd
 
 from .errors import ConfigError
-from .rundir import (CONFIG, EXPERIMENT, METRICS, SUMMARY, finished_at, is_run_dir, metric_rows, read_config,
+from .rundir import (CONFIG, EXPERIMENT, METRICS, SUMMARY, damage, finished_at, is_run_dir, metric_rows, read_config,
                      read_experiment, read_summary, run_status, seed_from_name)
 
 META = ("experiment", "variant", "seed", "status", "run_dir", "config_hash", "defined", "overrides", "finished_at")
@@ -42,7 +43,15 @@ def load_results(*paths: Any, results_dir: Any = "results") -> pd.DataFrame:
     ``paths`` itself always counts as defined. ``overrides`` holds the command-line overrides a
     run was made with, as typed.
     """
-    run_dirs = find_runs(paths, results_dir)
+    run_dirs = []
+    for run_dir in find_runs(paths, results_dir):
+        reason = damage(run_dir)
+        if reason:  # one line, and the table still prints
+            sys.stderr.write(f"gptlab: warning: skipping damaged run {run_dir}: {reason}\n")
+        else:
+            run_dirs.append(run_dir)
+    if not run_dirs:
+        raise ConfigError(f"no readable runs under {', '.join(map(str, paths)) or results_dir}")
     named = {p.resolve() for p in map(Path, paths) if p.is_dir() and is_run_dir(p)}
     experiments: dict[str, dict] = {}
     defined: dict[str, Optional[set]] = {}
@@ -169,7 +178,8 @@ def flatten_config(config: dict) -> dict:
             out[key] = _scalar(value)
 
     for section in SECTIONS:
-        for key, value in (config.get(section) or {}).items():
+        values = config.get(section)
+        for key, value in (values.items() if isinstance(values, dict) else ()):
             put(f"{section}.{key}", value)
     return out
 

@@ -106,20 +106,55 @@ def read_experiment(exp_dir: Path) -> dict:
 
 
 def read_config(run_dir: Path) -> dict:
-    """The run's config.yaml as plain Python, or {} when it is missing or unreadable."""
-    from omegaconf import OmegaConf
+    """The run's config.yaml as plain data, or {} when it is missing or unreadable.
+
+    Read with a plain YAML loader: nothing in it is evaluated (no ``${oc.env:...}``
+    interpolation), so a planted file cannot make gptlab print an environment variable.
+    """
+    import yaml
 
     try:
-        data = OmegaConf.to_container(OmegaConf.load(Path(run_dir) / CONFIG), resolve=True)
-    except Exception:  # a half-written or hand-edited file must not hide the other runs
+        data = yaml.safe_load((Path(run_dir) / CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # a damaged file must not hide the other runs
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def damage(run_dir: Path) -> Optional[str]:
+    """Why a run directory cannot be trusted, or None: a summary.json or config.yaml that is not
+    what gptlab writes, or a metrics row that is not a JSON object of numbers (the last line of a
+    killed run may be cut short; that is not damage)."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    if (run_dir / SUMMARY).exists() and read_summary(run_dir) is None:
+        return f"{SUMMARY} is not a JSON object"
+    if (run_dir / CONFIG).exists():
+        try:
+            data = yaml.safe_load((run_dir / CONFIG).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            return f"{CONFIG} is not valid YAML"
+        if not isinstance(data, dict) or any(not isinstance(data.get(s, {}), dict) for s in ("model", "data", "train")):
+            return f"{CONFIG} is not a mapping of model, data and train"
+    try:
+        lines = (run_dir / METRICS).read_bytes().split(b"\n")
+    except OSError:
+        return None
+    for number, line in enumerate(lines[:-1], 1):  # every complete line
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return f"{METRICS} line {number} is not JSON"
+        if not isinstance(row, dict) or any(k in row and row[k] is not None and not isinstance(row[k], (int, float))
+                                            for k in ("step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_s")):
+            return f"{METRICS} line {number} is not a row of numbers"
+    return None
 
 
 def metric_rows(run_dir: Path) -> Iterator[dict]:
     """The rows of metrics.jsonl; a line cut short by a kill is skipped."""
     try:
-        fh = open(Path(run_dir) / METRICS)
+        fh = open(Path(run_dir) / METRICS, encoding="utf-8", errors="replace")
     except OSError:
         return
     with fh:
@@ -132,6 +167,45 @@ def metric_rows(run_dir: Path) -> Iterator[dict]:
                 yield row
 
 
+def refuse_link(path: Path) -> None:
+    """Writing through a link someone planted could overwrite any file: refuse, naming it."""
+    if Path(path).is_symlink():
+        from .errors import ConfigError
+
+        raise ConfigError(f"{path} is a symbolic link gptlab did not create; remove it (gptlab never writes "
+                          f"through links or outside --results-dir)")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` so that a kill leaves the old file or the new one, never through a link."""
+    path = Path(path)
+    refuse_link(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()  # a stale one, or a link someone planted: the link goes, not its target
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def open_no_follow(path: Path, mode: str = "a") -> Any:
+    """Open for appending ('a') or for a lock ('lock', never truncated) without following a link."""
+    path = Path(path)
+    refuse_link(path)
+    flags = os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | (os.O_WRONLY | os.O_APPEND if mode == "a" else os.O_RDWR)
+    return os.fdopen(os.open(path, flags, 0o644), "a" if mode == "a" else "r+")
+
+
+def clean_stale_temporaries(directory: Path) -> None:
+    """Remove the ``.NAME.tmpPID`` files a killed writer left behind (never following links)."""
+    for stale in Path(directory).glob(".*.tmp*"):
+        if stale.is_symlink() or stale.is_file():
+            stale.unlink(missing_ok=True)
+
+
 def keep_metric_rows(run_dir: Path, n: int) -> None:
     """Cut metrics.jsonl back to its first ``n`` complete rows (the ones a resumable state saw),
     atomically, so a resumed run neither repeats nor skips a step."""
@@ -141,21 +215,12 @@ def keep_metric_rows(run_dir: Path, n: int) -> None:
     except FileNotFoundError:
         lines = []
     kept = [line for line in lines if line.endswith("\n")][:n]
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON so that a kill at any moment leaves either the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def run_status(run_dir: Path, summary: Optional[dict]) -> str:

@@ -129,6 +129,17 @@ class ExperimentRunner:
         self.cache_dir = self.results_dir / ".cache" / "tokens"
         self.should_stop, self.warn = should_stop, warn
 
+    def check_inside(self, path: Path) -> None:
+        """Refuse to write into ``path`` when it is a planted link or resolves outside --results-dir."""
+        path = Path(path)
+        for part in (path, *path.parents):  # the folders gptlab made below --results-dir
+            if part == self.results_dir or part in (Path("."), Path(path.anchor)):
+                break
+            rd.refuse_link(part)
+        root = self.results_dir.resolve()
+        if path.exists() and not path.resolve().is_relative_to(root):
+            raise ConfigError(f"{path} resolves outside --results-dir {self.results_dir}; remove it")
+
     def plan(self) -> list[tuple[RunSpec, Optional[Path], str]]:
         """(spec, existing dir, action) for every run; action is run, skip, resume or redo.
 
@@ -155,6 +166,10 @@ class ExperimentRunner:
         A dry run (``write=False``) makes exactly these checks and creates nothing.
         """
         check_writable(self.results_dir)
+        for folder in (self.exp_dir, self.results_dir / ".cache", self.cache_dir):
+            if folder.exists():  # already there: each must be writable, and not a planted link
+                self.check_inside(folder)
+                check_writable(folder)
         self._data = preflight(self.exp, self.plugins, self.cache_dir, write=write)
 
     @classmethod
@@ -177,7 +192,11 @@ class ExperimentRunner:
         if getattr(self, "_data", None) is None:
             self.prepare()
         data_by_key = self._data
-        self.exp_dir.mkdir(parents=True, exist_ok=True)
+        self.check_inside(self.exp_dir)
+        try:
+            self.exp_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {self.exp_dir} ({exc.strerror}); choose another --results-dir") from None
         write_json_atomic(self.exp_dir / rd.EXPERIMENT, {
             "name": self.exp.name, "description": self.exp.description,
             "source": str(self.exp.path.resolve()) if self.exp.path else None, "base": self.exp.base,
@@ -207,8 +226,9 @@ class ExperimentRunner:
     def run_one(self, spec: RunSpec, run_dir: Path, data: TokenData, on_progress=None,
                 action: str = "run") -> tuple[dict, str]:
         """Train one run under its lock; returns (summary, action taken)."""
+        self.check_inside(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / rd.LOCK, "w") as lock:
+        with rd.open_no_follow(run_dir / rd.LOCK, "lock") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:  # another gptlab process is training this very run: leave it to that one
@@ -216,6 +236,7 @@ class ExperimentRunner:
             summary = read_summary(run_dir)
             if summary and summary.get("status") in rd.FINISHED and not self.force:
                 return summary, "skip"  # finished by another process since we planned
+            rd.clean_stale_temporaries(run_dir)  # what a killed writer left; we hold the lock
             found = resume.latest(run_dir, self.warn) if action == "resume" else None
             if found is None:
                 action = "redo" if action == "resume" else action
@@ -224,8 +245,11 @@ class ExperimentRunner:
     def _train_locked(self, spec: RunSpec, run_dir: Path, data: TokenData, on_progress,
                       found: Optional[resume.Resumable] = None, previous: Optional[dict] = None) -> dict:
         if found is None:  # from scratch: nothing of an earlier attempt may survive
+            if previous is not None:  # first say it is unfinished, so no kill below leaves "completed"
+                write_json_atomic(run_dir / rd.SUMMARY, {**previous, "status": rd.RUNNING, "pid": os.getpid()})
             resume.remove(run_dir)
             for stale in rd.OUTPUTS:
+                rd.refuse_link(run_dir / stale)
                 (run_dir / stale).unlink(missing_ok=True)
             rows, wall_before, resumed = 0, 0.0, []
         else:  # continue: metrics.jsonl back to the rows the state had seen
@@ -236,9 +260,7 @@ class ExperimentRunner:
         resolved = spec.resolved()
         meta = {"experiment": self.exp.name, "variant": spec.variant, "seed": spec.seed,
                 "config_hash": spec.config_hash, "changes": spec.changes, "overrides": self.exp.overrides}
-        tmp = run_dir / f".{rd.CONFIG}.tmp"
-        OmegaConf.save(OmegaConf.create({**meta, **resolved}), tmp)
-        os.replace(tmp, run_dir / rd.CONFIG)
+        rd.write_text_atomic(run_dir / rd.CONFIG, OmegaConf.to_yaml(OmegaConf.create({**meta, **resolved})))
         summary: dict[str, Any] = {
             **meta, "status": rd.RUNNING, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "pid": os.getpid(),
             "device": device_name(self.device), "versions": self.versions(), "plugins": self.plugin_versions()}
@@ -247,7 +269,7 @@ class ExperimentRunner:
         write_json_atomic(run_dir / rd.SUMMARY, summary)
         info = RunInfo(run_dir, spec.variant, spec.seed, {**meta, **resolved}, self.exp.name)
         hook = self.plugins.pm.hook
-        metrics_fh = open(run_dir / rd.METRICS, "a")
+        metrics_fh = rd.open_no_follow(run_dir / rd.METRICS, "a")
 
         written = [rows]
 
@@ -292,7 +314,7 @@ class ExperimentRunner:
             raise
         except Exception as exc:  # a run's crash is a result; the experiment goes on
             summary.update(status=rd.FAILED, error=f"{type(exc).__name__}: {exc}")
-            (run_dir / rd.ERROR).write_text(traceback.format_exc())
+            rd.write_text_atomic(run_dir / rd.ERROR, traceback.format_exc())
         self._finish(summary, run_dir, start, metrics_fh, info)
         return summary
 
@@ -307,12 +329,13 @@ class ExperimentRunner:
         try:
             self.plugins.pm.hook.gptlab_run_end(run=info, summary=summary)
         except Exception as exc:  # a broken sink must not turn a finished run into a lost one
-            (run_dir / rd.ERROR).write_text(f"gptlab_run_end hook failed: {type(exc).__name__}: {exc}\n")
+            rd.write_text_atomic(run_dir / rd.ERROR, f"gptlab_run_end hook failed: {type(exc).__name__}: {exc}\n")
 
     def save_checkpoint(self, model: GPTModel, data: TokenData, run_dir: Path) -> None:
         from safetensors.torch import save_model
 
         tmp = run_dir / f".{rd.MODEL}.tmp"
+        tmp.unlink(missing_ok=True)  # a stale one, or a planted link: never written through
         save_model(model, str(tmp))
         os.replace(tmp, run_dir / rd.MODEL)
         write_json_atomic(run_dir / rd.TOKENIZER, {"state": data.tokenizer.state_dict(),

@@ -5,6 +5,7 @@ rules a type cannot say.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -57,8 +58,19 @@ class TrainConfig:
         if self.checkpoint_every is not None and self.checkpoint_every < 0:
             raise ConfigError(f"train.checkpoint_every must be >= 0 (0 or null: no resumable states), "
                               f"got {self.checkpoint_every}")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"train.lr must be a finite number > 0, got {self.lr}")
+        if self.min_lr is not None and not (math.isfinite(self.min_lr) and self.min_lr >= 0):
+            raise ConfigError(f"train.min_lr must be a finite number >= 0 or null (lr / 10), got {self.min_lr}")
+        for key in ("beta1", "beta2"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"train.{key} must be in [0, 1), got {value}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"train.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ConfigError(f"train.grad_clip must be a finite number >= 0, or null (0 and null: no clipping), "
+                              f"got {self.grad_clip}")
         if self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.precision not in ("auto", "fp32", "bf16"):

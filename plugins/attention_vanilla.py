@@ -1,16 +1,17 @@
 """Attention 'vanilla': explicit masked softmax, the readable reference implementation."""
 import math
+from typing import Annotated, Optional
 
 import torch
 
 import gptlab
-from gptlab import CausalSelfAttention
+from gptlab import CausalSelfAttention, Range
 
 
 class VanillaAttention(CausalSelfAttention):
     """Causal attention as written in the paper: softmax(QK^T/sqrt(d) + bias, masked) V."""
 
-    def __init__(self, cfg, n_kv_heads=None):
+    def __init__(self, cfg, n_kv_heads: Annotated[Optional[int], Range(ge=1)] = None):
         super().__init__(cfg, n_kv_heads)
         self.attn_drop = torch.nn.Dropout(cfg.drop_rate)
 

@@ -1,6 +1,7 @@
 """Dataset 'text': local UTF-8 text files, given as a path, a directory or a glob (or a list of them)."""
 import glob
 import os
+from typing import Union
 
 import gptlab
 from gptlab import ConfigError, Corpus
@@ -21,7 +22,7 @@ def _expand(patterns):
     return files
 
 
-def text(path):
+def text(path: Union[str, list]):
     """Local text files: a path, a directory or a glob such as 'data/*.txt' (or a list of them)."""
     files = _expand(path if isinstance(path, (list, tuple)) else [path])
     stamp = ";".join(f"{os.path.abspath(f)}:{os.path.getsize(f)}:{os.path.getmtime(f)}" for f in files)

@@ -1,10 +1,13 @@
 """Norm 'layernorm': (x - mean) / sqrt(var + eps) * weight + bias (Ba et al. 2016)."""
+from typing import Annotated
+
 from torch import nn
 
 import gptlab
+from gptlab import Range
 
 
-def layernorm(cfg, dim, eps=1e-5):
+def layernorm(cfg, dim, eps: Annotated[float, Range(gt=0)] = 1e-5):
     """LayerNorm with a bias unless model.bias is false."""
     return nn.LayerNorm(dim, eps=eps, bias=cfg.bias)
 

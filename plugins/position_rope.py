@@ -1,8 +1,10 @@
 """Position 'rope': rotary embeddings (Su et al. 2021) that rotate queries and keys by position."""
+from typing import Annotated
+
 import torch
 
 import gptlab
-from gptlab import PositionalContext, PositionScheme
+from gptlab import PositionalContext, PositionScheme, Range
 from gptlab import ConfigError
 
 
@@ -16,7 +18,7 @@ class RotaryPositions(PositionScheme):
 
     provides = frozenset({"rotation"})
 
-    def __init__(self, cfg, base=10000.0):
+    def __init__(self, cfg, base: Annotated[float, Range(gt=0)] = 10000.0):
         super().__init__()
         self.head_dim, self.base = cfg.head_dim, float(base)
         inv_freq = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))

@@ -1,10 +1,11 @@
 """Position 'sinusoidal': the fixed sine/cosine table of Vaswani et al. (2017), added to embeddings."""
 import math
+from typing import Annotated
 
 import torch
 
 import gptlab
-from gptlab import PositionScheme
+from gptlab import PositionScheme, Range
 
 
 def sinusoid_table(n_positions, dim, base=10000.0):
@@ -28,7 +29,8 @@ class SinusoidalPositions(PositionScheme):
 
     provides = frozenset({"embedding"})
 
-    def __init__(self, cfg, base=10000.0, scale=0.02 * math.sqrt(2)):
+    def __init__(self, cfg, base: Annotated[float, Range(gt=0)] = 10000.0,
+                 scale: Annotated[float, Range(gt=0)] = 0.02 * math.sqrt(2)):
         super().__init__()
         self.dim, self.base, self.scale = cfg.emb_dim, float(base), float(scale)
         self.register_buffer("table", self._table(cfg.context_length), persistent=False)

@@ -6,7 +6,7 @@ from gptlab import ConfigError, Tokenizer
 class TiktokenTokenizer(Tokenizer):
     """A tiktoken encoding such as GPT-2 BPE (50257 tokens); its vocabulary must be cached offline."""
 
-    def __init__(self, encoding="gpt2"):
+    def __init__(self, encoding: str = "gpt2"):
         import tiktoken
 
         try:

@@ -72,6 +72,18 @@ def clone_into(src: GPTModel, dst: GPTModel) -> GPTModel:
     return dst
 
 
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``gptlab ARGV`` in this process (gptlab.cli.main): (exit status, stdout, stderr)."""
+    from gptlab.cli import main
+
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exc:  # argparse errors
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
 def write_plugin(directory: Path, filename: str, source: str) -> Path:
     """Write a plugin file (source is dedented) and return its path."""
     directory.mkdir(parents=True, exist_ok=True)

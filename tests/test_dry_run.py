@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gptlab.cli import main
+
+from conftest import run_cli
 
 TINY = {
     "name": "tiny",
@@ -38,7 +39,7 @@ MESSAGE = {
     "unknown-dataset": "unknown dataset 'wikitext'",
     "seq-len-over-context": "train.seq_len 128 exceeds model.context_length 32",
     "unknown-attention": "did you mean 'vanilla'",
-    "bad-option-value": "cannot be built",
+    "bad-option-value": "option base must be a number > 0, got 'abc'",
     "missing-text-files": "matches no file",
     "baseline-typo": "compare.baseline 'aa' is not a row",
     "metric-typo": "did you mean 'val_loss'",
@@ -46,15 +47,6 @@ MESSAGE = {
     "heads-do-not-divide": "divisible",
     "unwritable-results-dir": "cannot be created",
 }
-
-
-def gptlab(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as exc:
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.fixture
@@ -71,8 +63,8 @@ def test_dry_run_and_run_reject_the_same_inputs(case, exp, tmp_path, capsys):
     if "--results-dir" not in argv:
         argv = [*argv, "--results-dir", tmp_path / "results"]
     results = Path(argv[argv.index("--results-dir") + 1])
-    dry = gptlab(capsys, "run", exp, *argv, "--dry-run", "--device", "cpu")
-    real = gptlab(capsys, "run", exp, *argv, "--device", "cpu")
+    dry = run_cli(capsys, "run", exp, *argv, "--dry-run", "--device", "cpu")
+    real = run_cli(capsys, "run", exp, *argv, "--device", "cpu")
     assert dry[0] == real[0] == 2
     assert dry[2] == real[2]  # the same one line
     assert dry[2].count("\n") == 1 and MESSAGE[case] in dry[2], dry[2]
@@ -81,18 +73,18 @@ def test_dry_run_and_run_reject_the_same_inputs(case, exp, tmp_path, capsys):
 
 def test_warmup_longer_than_the_run_is_a_warning_in_both(exp, tmp_path, capsys):
     argv = ["run", exp, "train.warmup_steps=5", "--results-dir", tmp_path / "results", "--device", "cpu"]
-    rc, out, err = gptlab(capsys, *argv, "--dry-run")
+    rc, out, err = run_cli(capsys, *argv, "--dry-run")
     assert rc == 0
     assert "warning" in err and "train.warmup_steps (5) is not shorter than train.steps (2)" in " ".join(err.split())
     assert "variant 'a'" in err and "variant 'b'" in err
     assert not (tmp_path / "results" / "tiny").exists() and not (tmp_path / "results" / ".cache").exists()
-    rc, out, err = gptlab(capsys, *argv)
+    rc, out, err = run_cli(capsys, *argv)
     assert rc == 0 and "train.warmup_steps (5) is not shorter than train.steps (2)" in " ".join(err.split())
     assert len(list((tmp_path / "results" / "tiny").glob("*__s0"))) == 2
 
 
 def test_a_good_experiment_passes_the_dry_run_and_writes_nothing(exp, tmp_path, capsys):
-    rc, out, err = gptlab(capsys, "run", exp, "--results-dir", tmp_path / "results", "--dry-run", "--device", "cpu")
+    rc, out, err = run_cli(capsys, "run", exp, "--results-dir", tmp_path / "results", "--dry-run", "--device", "cpu")
     assert rc == 0 and "warning" not in err
     rows = [line.split("│")[1:5] for line in out.splitlines() if line.startswith("│")]
     assert [[c.strip() for c in r] for r in rows] == [["a", "0", r[2].strip(), "run"] for r in rows[:1]] + \

@@ -89,6 +89,14 @@ def kill_at(root: Path, step: int, sig: int) -> subprocess.Popen:
     return proc
 
 
+def rerun_resumes(root: Path, reference: Path, resumed_from: list, *extra: str) -> None:
+    """Run the same command again: it must resume from ``resumed_from`` and end like ``reference``."""
+    rc, out = finish(start(root, *extra))
+    assert rc == 0, out
+    assert json.loads((run_dir(root) / "summary.json").read_text()).get("resumed_from") == resumed_from, out
+    assert_same_run(reference, root)
+
+
 def assert_same_run(a: Path, b: Path) -> None:
     assert rows(b) == rows(a)  # every logged step once, with the same numbers
     assert [r[0] for r in rows(b)] == sorted({r[0] for r in rows(b)})
@@ -119,11 +127,7 @@ def test_sigkill_at_a_random_step_then_resume_equals_the_uninterrupted_run(refer
     saved = int(states[-1].split("_")[1])
     assert saved % 5 == 0 and saved <= last_step(root) + 5, (target, saved)
 
-    rc, out = finish(start(root))
-    assert rc == 0, out
-    resumed = json.loads((run_dir(root) / "summary.json").read_text())["resumed_from"]
-    assert resumed == [saved], (target, resumed)
-    assert_same_run(reference, root)
+    rerun_resumes(root, reference, [saved])
 
 
 def test_ctrl_c_saves_at_the_step_it_arrives_and_exits_130(reference, tmp_path):
@@ -135,10 +139,7 @@ def test_ctrl_c_saves_at_the_step_it_arrives_and_exits_130(reference, tmp_path):
     assert summary["status"] == "interrupted" and "resumable from step" in summary["error"]
     step = int(summary["error"].rsplit(" ", 1)[1])
     assert step >= 7 and f"step_{step:08d}" in os.listdir(run_dir(root) / "resume")
-    rc, out = finish(start(root))
-    assert rc == 0, out
-    assert json.loads((run_dir(root) / "summary.json").read_text())["resumed_from"] == [step]
-    assert_same_run(reference, root)
+    rerun_resumes(root, reference, [step])
 
 
 def test_a_damaged_newest_state_falls_back_to_the_one_before(reference, tmp_path):
@@ -155,15 +156,12 @@ def test_a_damaged_newest_state_falls_back_to_the_one_before(reference, tmp_path
     assert "damaged resumable state ignored" in out and states[-1].name in out
     older = int(states[0].name.split("_")[1])
     assert json.loads((run_dir(root) / "summary.json").read_text())["resumed_from"] == [older]
-    assert_same_run(reference, root)
+    assert_same_run(reference, root)  # the warning is in this run's output, so it is not rerun_resumes
 
 
 def test_restart_starts_an_unfinished_run_over(reference, tmp_path):
     root = lab(tmp_path / "lab")
     proc = kill_at(root, 12, signal.SIGKILL)
     proc.communicate(timeout=60)
-    rc, out = finish(start(root, "--restart"))
-    assert rc == 0, out
-    assert "resumed_from" not in json.loads((run_dir(root) / "summary.json").read_text())
-    assert_same_run(reference, root)
+    rerun_resumes(root, reference, None, "--restart")
     shutil.rmtree(root)

@@ -55,19 +55,10 @@ def gptlab_cli(*args, cwd: Path, timeout: float = 120, **env) -> subprocess.Comp
 @pytest.fixture
 def inproc(capsys, monkeypatch):
     """Call ``gptlab.cli.main(argv)`` in this process; returns (exit status, stdout, stderr)."""
-    from gptlab.cli import main
+    from conftest import run_cli
 
     monkeypatch.setenv("COLUMNS", "200")
-
-    def call(*args):
-        try:
-            rc = main([str(a) for a in args])
-        except SystemExit as exc:  # argparse errors
-            rc = exc.code
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return call
+    return lambda *args: run_cli(capsys, *args)
 
 
 def write_yaml(path: Path, doc: dict) -> Path:

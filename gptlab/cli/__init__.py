@@ -76,6 +76,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # machine with one busy neighbour ran 3-4x slower); sleeping waiters cost ~5% alone. Must be
     # set before torch loads its OpenMP runtime, which is why it is here; a user's setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _sigterm_is_an_interrupt()
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
@@ -87,3 +88,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("gptlab: interrupted; finished runs are kept, rerun the same command to resume\n")
         return 130
+
+
+def _sigterm_is_an_interrupt() -> None:
+    """SIGTERM ends every command as Ctrl-C does: one line and exit status 130, at any moment
+    (training installs its own handler on top, to stop at a step boundary)."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (gptlab.cli.main called from a thread): leave it
+        pass

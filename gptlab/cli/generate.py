@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -34,7 +33,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
     from ..model import GPTModel
     from ..plugin_manager import build_plugin_system
-    from ..rundir import MODEL, TOKENIZER, is_run_dir, read_config
+    from ..rundir import CONFIG, MODEL, TOKENIZER, damage, is_run_dir, read_config, read_json
     from ..settings import DataConfig
 
     run_dir = Path(args.run_dir)
@@ -47,12 +46,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not (run_dir / TOKENIZER).is_file():
         raise ConfigError(f"{run_dir} has no tokenizer.json; rerun with train.checkpoint=true to save both")
     _check_sampling(args)
+    if damage(run_dir):
+        raise ConfigError(f"{run_dir}: cannot read it ({damage(run_dir)}); the run folder is damaged")
     config = read_config(run_dir)
     plugins = build_plugin_system(plugin_dirs=args.plugins_dir)
-    model_cfg = ModelConfig.from_any(config.get("model") or {})
-    data = parse_section(DataConfig, config.get("data"), "data")
-    saved = json.loads((run_dir / TOKENIZER).read_text())
-    tokenizer = build_tokenizer(data.tokenizer, plugins, saved.get("state"))
+    try:
+        model_cfg = ModelConfig.from_any(config.get("model") or {})
+        data = parse_section(DataConfig, config.get("data"), "data")
+    except ConfigError as exc:
+        raise ConfigError(f"{run_dir / CONFIG}: {exc}") from None
+    saved = read_json(run_dir / TOKENIZER)
+    if saved is None or not isinstance(saved.get("state", {}), dict):
+        raise ConfigError(f"{run_dir / TOKENIZER}: not the tokenizer state gptlab writes; rerun with "
+                          f"train.checkpoint=true to write it again")
+    try:
+        tokenizer = build_tokenizer(data.tokenizer, plugins, saved.get("state"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{run_dir / TOKENIZER}: cannot restore the tokenizer from it ({type(exc).__name__})") from None
     device = resolve_device(args.device)
     model = GPTModel(model_cfg, plugins=plugins)
     try:

@@ -10,7 +10,7 @@ from typing import Any
 
 from .. import fmt
 from ..errors import ConfigError
-from ..rundir import (COMPLETED, DIVERGED, EXPERIMENT, FAILED, INTERRUPTED, RUNNING, is_run_dir, length_multiple,
+from ..rundir import (COMPLETED, DIVERGED, EXPERIMENT, FAILED, INTERRUPTED, RUNNING, damage, is_run_dir, length_multiple,
                       read_experiment)
 
 COMPARE_HELP = """\
@@ -66,6 +66,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         raise ConfigError(f"{path} does not exist; pass a run directory or an experiment directory (results/<name>)")
     console = Console(highlight=False)
     if path.is_dir() and is_run_dir(path):
+        reason = damage(path)
+        if reason:
+            raise ConfigError(f"{path}: cannot show it: {reason}")
         show_run(path, console)
     elif path.is_dir() and ((path / EXPERIMENT).is_file() or any(
             is_run_dir(p) for p in path.iterdir() if p.is_dir())):

@@ -144,14 +144,15 @@ class _GracefulStop:
 
 def _dry_run(runner, out, overrides: list[str]) -> int:
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"{runner.exp.name}: {len(runner.exp.runs)} runs (dry run, nothing trained)",
+    table = Table(title=Text(f"{runner.exp.name}: {len(runner.exp.runs)} runs (dry run, nothing trained)"),
                   caption=f"overrides for every run: {' '.join(overrides)}" if overrides else None)
     for col in ("variant", "seed", "hash", "action", "differs from base"):
         table.add_column(col)
     for spec, _, action in runner.plan():
         diff = ", ".join(f"{k}={yaml_value(v)}" for k, v in spec.changes.items()) or "-"
-        table.add_row(spec.variant, str(spec.seed), spec.config_hash, action, diff)
+        table.add_row(*(Text(cell) for cell in (spec.variant, str(spec.seed), spec.config_hash, action, diff)))
     out.print(table)
     return 0
 

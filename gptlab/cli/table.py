@@ -242,7 +242,7 @@ def _rich_table(cols: list[Column], nrows: int):
 
     t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold")
     for c in cols:
-        t.add_column(c.header, justify=c.justify, no_wrap=not c.wrap_at, overflow="fold" if c.wrap_at else "ellipsis",
+        t.add_column(Text(c.header), justify=c.justify, no_wrap=not c.wrap_at, overflow="fold" if c.wrap_at else "ellipsis",
                      min_width=c.wrap_at, max_width=c.wrap_at)
     for i in range(nrows):
         t.add_row(*[Text(str(c.cells[i]), style=(c.styles[i] if c.styles else "")) for c in cols])
