@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import textwrap
 from pathlib import Path
 
@@ -16,6 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Every model here is tiny: intra-op threads buy nothing and, on a shared 2-core machine, thread
 # oversubscription makes the 640-combination sweep ~20x slower. One thread keeps the suite fast.
 torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"  # and gptlab run, called in-process, keeps to one thread too
 
 # Every built-in model component: the sweeps below cover each one (plugins/ must register them all).
 ATTENTIONS = ("vanilla", "sdpa")

@@ -90,14 +90,18 @@ def cmd_run(args: argparse.Namespace) -> int:
                   + f"  ->  {escape(str(runner.exp_dir))}"
                   + (f"  ({kept} finished runs kept)" if kept else "")
                   + (f"  ({resumed} resumed from their last state)" if resumed else ""))
-    if threads and jobs == 1:
-        import torch
+    import torch
 
+    before = torch.get_num_threads()
+    if threads and jobs == 1:
         torch.set_num_threads(threads)
     reporter = make_reporter(exp, plan, args.quiet, err)
-    with stop, reporter:
-        results = runner.run(on_progress=reporter.progress, on_finish=reporter.finish, jobs=jobs, threads=threads,
-                             signals=lambda: stop.count)
+    try:
+        with stop, reporter:
+            results = runner.run(on_progress=reporter.progress, on_finish=reporter.finish, jobs=jobs,
+                                 threads=threads, signals=lambda: stop.count)
+    finally:
+        torch.set_num_threads(before)  # a caller of main() in-process keeps its own setting
     _print_compare(results, exp, out, err)
     busy = [r for r in results if r.get("_action") == "busy"]
     if busy:
