@@ -104,16 +104,24 @@ def _verified_cache(bin_path: Path, meta_path: Path) -> Optional[dict]:
 
 
 class Batches:
-    """Random training windows from a token array, reproducible from a seed."""
+    """Random training windows from a token array, reproducible from a seed.
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, device: torch.device) -> None:
+    With ``part=(rank, world)`` every rank draws the same ``batch_size`` windows and keeps its own
+    slice of them, so the ranks together train on exactly the batch one process would.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, device: torch.device,
+                 part: tuple[int, int] = (0, 1)) -> None:
         self.tokens, self.batch_size, self.seq_len, self.device = tokens, batch_size, seq_len, device
         self.gen = torch.Generator().manual_seed(seed)
         self.pin = device.type == "cuda"
+        rank, world = part
+        per_rank = batch_size // world
+        self.slice = slice(rank * per_rank, (rank + 1) * per_rank)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         starts = torch.randint(len(self.tokens) - self.seq_len - 1, (self.batch_size,), generator=self.gen)
-        return windows(self.tokens, starts.tolist(), self.seq_len, self.device, self.pin)
+        return windows(self.tokens, starts.tolist()[self.slice], self.seq_len, self.device, self.pin)
 
 
 def windows(tokens: np.ndarray, starts: list[int], seq_len: int, device: torch.device,

@@ -99,13 +99,16 @@ def states(run_dir: Path) -> list[int]:
     return sorted(int(m[1]) for p in root.iterdir() if (m := _STEP.match(p.name)) and p.is_dir())
 
 
-def latest(run_dir: Path, warn: Any = None) -> Optional[Resumable]:
+def latest(run_dir: Path, warn: Any = None, only: Optional[int] = None) -> Optional[Resumable]:
     """The newest state whose files match their recorded hashes; a damaged one is skipped (and
-    ``warn(message)`` told why), so the one before it is used."""
+    ``warn(message)`` told why), so the one before it is used. ``only``: that step's state or None
+    (the other ranks of a multi-process run load the state rank 0 chose)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     for step in reversed(states(run_dir)):
+        if only is not None and step != only:
+            continue
         path = Path(run_dir) / RESUME / f"step_{step:08d}"
         try:
             info = json.loads((path / "state.json").read_text())

@@ -9,7 +9,6 @@ import fcntl
 import json
 import os
 import platform
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -19,102 +18,18 @@ import torch
 from omegaconf import OmegaConf
 
 from . import __version__
-from . import resume
+from . import distributed, resume
 from . import rundir as rd
 from .data import TokenData, prepare_tokens
 from .devices import device_name
 from .errors import ConfigError
 from .experiment import Experiment, RunSpec
-from .hookspecs import MODEL_KINDS, RunInfo
-from .model import GPTModel, resolve_components
+from .hookspecs import RunInfo
+from .model import GPTModel
 from .plugin_manager import PluginSystem
 from .rundir import read_summary, write_json_atomic
+from .preflight import check_writable, data_key, preflight
 from .train import Diverged, train_run
-
-
-def check_writable(results_dir: Path) -> None:
-    """Fail early, leaving nothing behind, when the results directory could not be written.
-
-    Permission bits say little to root or on special file systems (/proc), so the nearest existing
-    folder is tried for real: a temporary folder is made in it and removed at once.
-    """
-    probe = Path(results_dir).absolute()
-    while not probe.exists():
-        probe = probe.parent
-    reason = "is not a directory" if not probe.is_dir() else None
-    if reason is None:
-        try:
-            os.rmdir(tempfile.mkdtemp(prefix=".gptlab-probe-", dir=probe))
-        except OSError as exc:
-            reason = f"is not writable ({exc.strerror or type(exc).__name__})"
-    if reason:
-        raise ConfigError(f"results directory {results_dir} cannot be created: {probe} {reason}; "
-                          f"choose another with --results-dir")
-
-
-def data_key(spec: RunSpec) -> str:
-    """Runs with the same corpus, tokenizer and split share one prepared token array."""
-    return json.dumps([spec.data.dataset.to_plain(), spec.data.tokenizer.to_plain(), spec.data.val_fraction],
-                      sort_keys=True, default=str)
-
-
-def check_components(exp: Experiment, plugins: PluginSystem) -> None:
-    """Every component name exists and every model builds, before anything trains.
-
-    Each distinct model is built on the meta device (shapes only, no memory), so a bad option
-    value (``rope`` with ``base: abc``) is a user error now rather than a failed run later.
-    """
-    built = set()
-    for spec in exp.runs:
-        where = f"{exp.path or 'experiment'}: variant '{spec.variant}'"
-        try:
-            resolve_components(spec.model, plugins)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-        key = json.dumps(spec.model.to_dict(), sort_keys=True, default=str)
-        if key in built:
-            continue
-        built.add(key)
-        try:
-            with torch.device("meta"):
-                GPTModel(spec.model, plugins=plugins)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-        except Exception as exc:  # a factory rejected an option value
-            chosen = ", ".join(f"{k}={getattr(spec.model, k).to_plain()}" for k in MODEL_KINDS)
-            raise ConfigError(f"{where}: the model cannot be built ({type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:200]}); check the component options in {chosen}") from None
-
-
-def preflight(exp: Experiment, plugins: PluginSystem, cache_dir: Path, write: bool = True) -> dict[str, TokenData]:
-    """Check everything a user can get wrong before the first run starts: components, data, lengths.
-
-    ``write=False`` (a dry run) makes the same checks without creating the token cache.
-    """
-    check_components(exp, plugins)
-    data_by_key: dict[str, TokenData] = {}
-    for spec in exp.runs:
-        where = f"{exp.path or 'experiment'}: variant '{spec.variant}'"
-        key = data_key(spec)
-        if key not in data_by_key:
-            try:
-                data_by_key[key] = prepare_tokens(spec.data, plugins, cache_dir, write=write)
-            except ConfigError as exc:
-                raise ConfigError(f"{where}: {exc}") from None
-        data = data_by_key[key]
-        seq_len = spec.train.seq_len or spec.model.context_length
-        if data.tokenizer.vocab_size > spec.model.vocab_size:
-            raise ConfigError(f"{where}: tokenizer '{spec.data.tokenizer.name}' has {data.tokenizer.vocab_size} "
-                              f"tokens but model.vocab_size is {spec.model.vocab_size}; "
-                              f"set model.vocab_size={data.tokenizer.vocab_size}")
-        if seq_len > spec.model.context_length:
-            raise ConfigError(f"{where}: train.seq_len {seq_len} exceeds model.context_length "
-                              f"{spec.model.context_length}; lower train.seq_len or raise the context")
-        for split, tokens in (("training", data.train), ("validation", data.val)):
-            if len(tokens) < seq_len + 2:
-                raise ConfigError(f"{where}: the {split} split has {len(tokens)} tokens, too few for windows of "
-                                  f"{seq_len}; lower model.context_length / train.seq_len or use a bigger corpus")
-    return data_by_key
 
 
 class ExperimentRunner:
@@ -124,6 +39,11 @@ class ExperimentRunner:
                  force: bool = False, restart: bool = False, should_stop: Callable[[], bool] = lambda: False,
                  warn: Callable[[str], None] = lambda message: None) -> None:
         self.exp, self.plugins, self.device, self.force, self.restart = exp, plugins, device, force, restart
+        self.group = distributed.from_env()
+        if self.group.active:  # under torchrun: join the job; rank 0 decides and writes, the others follow
+            self.device = distributed.join(self.group, device)
+            if not self.group.main:
+                warn = lambda message: None  # noqa: E731 - rank 0 says it once
         self.results_dir = Path(results_dir)
         self.exp_dir = self.results_dir / exp.name
         self.cache_dir = self.results_dir / ".cache" / "tokens"
@@ -165,12 +85,20 @@ class ExperimentRunner:
 
         A dry run (``write=False``) makes exactly these checks and creates nothing.
         """
-        check_writable(self.results_dir)
-        for folder in (self.exp_dir, self.results_dir / ".cache", self.cache_dir):
-            if folder.exists():  # already there: each must be writable, and not a planted link
-                self.check_inside(folder)
-                check_writable(folder)
-        self._data = preflight(self.exp, self.plugins, self.cache_dir, write=write)
+        if self.group.main:
+            check_writable(self.results_dir)
+            for folder in (self.exp_dir, self.results_dir / ".cache", self.cache_dir):
+                if folder.exists():  # already there: each must be writable, and not a planted link
+                    self.check_inside(folder)
+                    check_writable(folder)
+            self._data = preflight(self.exp, self.plugins, self.cache_dir, write=write)
+        for spec in self.exp.runs:
+            if spec.train.batch_size % self.group.world:
+                raise ConfigError(f"variant '{spec.variant}': train.batch_size {spec.train.batch_size} is not "
+                                  f"divisible by the {self.group.world} processes torchrun started; make it a multiple")
+        distributed.barrier(self.group)  # rank 0 has written the token cache: the others read it
+        if not self.group.main:
+            self._data = preflight(self.exp, self.plugins, self.cache_dir, write=False)
 
     @classmethod
     def rebuild(cls, job: dict, plugin_args: dict, **kwargs: Any) -> "ExperimentRunner":
@@ -192,17 +120,22 @@ class ExperimentRunner:
         if getattr(self, "_data", None) is None:
             self.prepare()
         data_by_key = self._data
-        self.check_inside(self.exp_dir)
-        try:
-            self.exp_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create {self.exp_dir} ({exc.strerror}); choose another --results-dir") from None
-        write_json_atomic(self.exp_dir / rd.EXPERIMENT, {
-            "name": self.exp.name, "description": self.exp.description,
-            "source": str(self.exp.path.resolve()) if self.exp.path else None, "base": self.exp.base,
-            "variants": list(dict.fromkeys(self.exp.defined.values())) or self.exp.variants,
-            "defined": self.exp.defined, "compare": self.exp.compare})
-        plan = self.plan()
+        if self.group.active and jobs > 1:
+            raise ConfigError("--jobs trains several runs at once; under torchrun every process trains the same run: "
+                              "use one or the other")
+        if self.group.main:
+            self.check_inside(self.exp_dir)
+            try:
+                self.exp_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"cannot create {self.exp_dir} ({exc.strerror}); choose another --results-dir") \
+                    from None
+            write_json_atomic(self.exp_dir / rd.EXPERIMENT, {
+                "name": self.exp.name, "description": self.exp.description,
+                "source": str(self.exp.path.resolve()) if self.exp.path else None, "base": self.exp.base,
+                "variants": list(dict.fromkeys(self.exp.defined.values())) or self.exp.variants,
+                "defined": self.exp.defined, "compare": self.exp.compare})
+        plan = distributed.share(self.plan() if self.group.main else None, self.group)
         todo = [(i, spec, existing, action) for i, (spec, existing, action) in enumerate(plan) if action != "skip"]
         done: dict[int, dict] = {}
         if jobs > 1 and len(todo) > 1:
@@ -226,6 +159,39 @@ class ExperimentRunner:
     def run_one(self, spec: RunSpec, run_dir: Path, data: TokenData, on_progress=None,
                 action: str = "run") -> tuple[dict, str]:
         """Train one run under its lock; returns (summary, action taken)."""
+        if not self.group.main:
+            return self._follow(spec, run_dir, data)
+        if self.group.active:  # rank 0 decides; _share_decision tells the others
+            try:
+                summary, action = self._run_one(spec, run_dir, data, on_progress, action)
+            finally:
+                self._share_decision(None)  # a no-op unless the decision was never sent (an early error)
+            return summary, action
+        return self._run_one(spec, run_dir, data, on_progress, action)
+
+    def _share_decision(self, decision: Optional[tuple]) -> None:
+        """Rank 0's verdict on the current run, sent once: ("train", resume step or None) or ("skip",)."""
+        if self.group.active and not getattr(self, "_decided", False):
+            self._decided = True
+            distributed.share(decision if decision is not None else ("skip",), self.group)
+
+    def _follow(self, spec: RunSpec, run_dir: Path, data: TokenData) -> tuple[dict, str]:
+        """A rank other than 0: train the run rank 0 trains, from the state it chose, writing nothing."""
+        decision = distributed.share(None, self.group)
+        if decision[0] != "train":
+            return {}, "skip"
+        found = resume.latest(run_dir, only=decision[1]) if decision[1] is not None else None
+        torch.manual_seed(spec.seed)
+        model = GPTModel(spec.model, plugins=self.plugins)
+        try:
+            train_run(spec, data, model, self.device, lambda row: None, lambda row: None, resume_from=found,
+                      should_stop=self.should_stop, group=self.group)
+        except Diverged:
+            pass  # rank 0 records it
+        return {}, "follow"
+
+    def _run_one(self, spec: RunSpec, run_dir: Path, data: TokenData, on_progress, action: str) -> tuple[dict, str]:
+        self._decided = False
         self.check_inside(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         with rd.open_no_follow(run_dir / rd.LOCK, "lock") as lock:
@@ -240,6 +206,7 @@ class ExperimentRunner:
             found = resume.latest(run_dir, self.warn) if action == "resume" else None
             if found is None:
                 action = "redo" if action == "resume" else action
+            self._share_decision(("train", found.step if found else None))
             return self._train_locked(spec, run_dir, data, on_progress, found, summary), action
 
     def _train_locked(self, spec: RunSpec, run_dir: Path, data: TokenData, on_progress,
@@ -298,7 +265,10 @@ class ExperimentRunner:
             progress = (lambda st, row: on_progress(spec, st, row)) if on_progress else (lambda st, row: None)
             state_info = lambda: {"metrics_rows": written[0], "wall_time_s": time.perf_counter() - start}  # noqa: E731
             summary.update(train_run(spec, data, model, self.device, on_log, on_eval, progress, state_dir=run_dir,
-                                     resume_from=found, state_info=state_info, should_stop=self.should_stop))
+                                     resume_from=found, state_info=state_info, should_stop=self.should_stop,
+                                     group=self.group))
+            if self.group.active:
+                summary["world_size"] = self.group.world
             summary["status"] = rd.COMPLETED
             if spec.train.checkpoint:
                 self.save_checkpoint(model, data, run_dir)

@@ -19,6 +19,7 @@ from .data import Batches, TokenData, eval_starts, windows
 from .devices import peak_flops, synchronize
 from .experiment import RunSpec
 from .model import GPTModel
+from .distributed import Group, any_rank, mean
 from .resume import Resumable, restore, save
 from .rundir import length_key
 
@@ -66,22 +67,25 @@ def make_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.opt
 def train_step(step_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], grad_accum: int, ctx: Callable,
                grad_clip: Optional[float], params: list, inspect: Optional[Callable[[], None]] = None,
-               logits_of: Callable[[Any], torch.Tensor] = lambda out: out) -> torch.Tensor:
+               logits_of: Callable[[Any], torch.Tensor] = lambda out: out,
+               no_sync: Callable[[], Any] = nullcontext) -> torch.Tensor:
     """One optimizer step, the way every gptlab run and benchmark takes it.
 
     ``grad_accum`` micro-batches from ``next_batch``: forward under ``ctx`` (autocast or nothing),
     float32 cross-entropy, backward of loss / grad_accum; then ``inspect()`` (gradients are
     complete), clipping to ``grad_clip`` (null or 0: off), the optimizer step and
     zero_grad(set_to_none). Returns the mean micro-batch loss as a device tensor: reading it
-    is the caller's choice, so the GPU never waits on the host here.
+    is the caller's choice, so the GPU never waits on the host here. Under DDP, ``no_sync`` keeps
+    gradients local on every micro-batch but the last, which alone all-reduces.
     """
     total = None
-    for _ in range(grad_accum):
+    for micro in range(grad_accum):
         x, y = next_batch()
-        with ctx():
-            logits = logits_of(step_model(x))
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
-        (loss / grad_accum).backward()
+        with (no_sync() if micro < grad_accum - 1 else nullcontext()):
+            with ctx():
+                logits = logits_of(step_model(x))
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+            (loss / grad_accum).backward()
         total = loss.detach() if total is None else total + loss.detach()
     if inspect is not None:
         inspect()
@@ -123,25 +127,33 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
               on_log: Callable[[dict], None], on_eval: Callable[[dict], None],
               progress: Callable[[TrainState, dict], None] = lambda s, m: None, *,
               state_dir: Optional[Path] = None, resume_from: Optional[Resumable] = None,
-              state_info: Callable[[], dict] = dict, should_stop: Callable[[], bool] = lambda: False) -> dict:
+              state_info: Callable[[], dict] = dict, should_stop: Callable[[], bool] = lambda: False,
+              group: Group = Group()) -> dict:
     """Train ``model`` per ``spec.train``; returns the summary metrics. Raises Diverged.
 
     With ``state_dir`` (the run directory), a resumable state is saved every
     ``train.checkpoint_every`` steps, with ``state_info()`` added to it (the runner's counters),
     and when ``should_stop()`` turns true at the end of a step, after which KeyboardInterrupt is
     raised. ``resume_from`` continues from such a state: on CPU the result is bit for bit the run
-    that was never stopped.
+    that was never stopped. In a torchrun ``group`` the model trains through DistributedDataParallel,
+    each rank on its slice of every batch; only rank 0 evaluates and reports (the others' callbacks
+    are no-ops and their summary is empty), and every rank sees the same stop at the same step.
     """
     t = spec.train
     seq_len = t.seq_len or spec.model.context_length
     model.to(device).train()
     optimizer = make_optimizer(model, t, device)
     ctx = autocast_for(t, device)
-    batches = Batches(data.train, t.batch_size, seq_len, spec.seed, device)
+    batches = Batches(data.train, t.batch_size, seq_len, spec.seed, device, (group.rank, group.world))
     params = list(model.parameters())
-    step_model, compile_note = model, None
+    step_model, compile_note, no_sync = model, None, nullcontext
+    if group.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        no_sync = step_model.no_sync
     if t.compile:
-        step_model, compile_note = compile_or_fallback(model, (t.batch_size, seq_len), device, ctx)
+        step_model, compile_note = compile_or_fallback(step_model, (t.batch_size // group.world, seq_len), device, ctx)
     state = TrainState()
     tokens_per_step = t.batch_size * t.grad_accum * seq_len
     loss_sum = torch.zeros((), device=device)
@@ -166,11 +178,12 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
     interval_tokens = 0
     for step in range(first, t.steps + 1):
         lr = lr_at(step, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
         # Xiong et al. (2020): at init, post-LN gradients grow toward the output, pre-LN's are flat
         inspect = (lambda: setattr(state, "init_grad_norms", block_grad_norms(model))) if step == 1 else None
-        loss_sum += train_step(step_model, optimizer, batches.next, t.grad_accum, ctx, t.grad_clip, params, inspect)
+        loss_sum += train_step(step_model, optimizer, batches.next, t.grad_accum, ctx, t.grad_clip, params, inspect,
+                               no_sync=no_sync)
         loss_count += 1
         state.step, state.tokens = step, state.tokens + tokens_per_step
         interval_tokens += tokens_per_step
@@ -178,7 +191,7 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
             synchronize(device)
             interval_start, interval_tokens = time.perf_counter(), 0
         if not (step % t.log_every and step % t.eval_every and step != t.steps):
-            train_loss = (loss_sum / max(1, loss_count)).item()  # the only host sync in the loop
+            train_loss = mean(loss_sum / max(1, loss_count), group).item()  # the only host sync in the loop
             elapsed = time.perf_counter() - interval_start
             if interval_tokens:
                 state.train_time += elapsed
@@ -190,7 +203,7 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
             state.last_train = train_loss
             row = {"step": step, "tokens": state.tokens, "train_loss": train_loss, "lr": lr,
                    "tokens_per_s": interval_tokens / elapsed if interval_tokens and elapsed > 0 else None}
-            if step % t.eval_every == 0 or step == t.steps:
+            if (step % t.eval_every == 0 or step == t.steps) and group.main:
                 val = evaluate(model, data.val, seq_len, t.eval_batches, t.batch_size, device, ctx)
                 row["val_loss"] = val
                 state.last_val = val
@@ -201,13 +214,15 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
             progress(state, row)
             synchronize(device)
             interval_start, interval_tokens = time.perf_counter(), 0
-        if state_dir is not None and step < t.steps:
-            stop = should_stop()
-            if stop or (t.checkpoint_every and step % t.checkpoint_every == 0):
+        if step < t.steps and (state_dir is not None or group.active):
+            stop = any_rank(should_stop(), group, device)  # one decision for every rank
+            if state_dir is not None and (stop or (t.checkpoint_every and step % t.checkpoint_every == 0)):
                 save_state(step)
             if stop:
                 raise KeyboardInterrupt
 
+    if not group.main:
+        return {}
     summary = {
         "final_train_loss": state.last_train,
         "final_val_loss": state.last_val,

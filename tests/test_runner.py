@@ -681,7 +681,7 @@ def test_text_dataset_char_tokenizer_glob_and_token_cache(inproc, tmp_path, monk
 def test_train_val_split_does_not_depend_on_the_seed(tmp_path):
     from gptlab.experiment import load_experiment
     from gptlab.plugin_manager import PluginSystem
-    from gptlab.runner import preflight
+    from gptlab.preflight import preflight
 
     (tmp_path / "c.txt").write_text(CORPUS)
     doc = json.loads(json.dumps(BASE))

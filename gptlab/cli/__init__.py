@@ -78,6 +78,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     _sigterm_is_an_interrupt()
     args = build_parser().parse_args(argv)
+    if int(os.environ.get("RANK", "0") or 0) > 0:  # torchrun's other processes: rank 0 alone speaks
+        args.quiet = True
+        sys.stdout = open(os.devnull, "w")
     try:
         return args.handler(args)
     except GptlabError as exc:
