@@ -1,0 +1,84 @@
+"""benchmarks/gpu_check.py on a machine without a GPU: its CPU run must pass every check and say
+that no GPU was found, so CI catches a broken GPU-path script before a GPU is lent.
+
+The script runs once per module in a subprocess (about a minute on one thread; CUDA is hidden so
+the run is CPU-sized wherever the suite runs); the tests read its exit status and its report.
+"""
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ATTENTIONS, POSITIONS, REPO_ROOT
+
+SCRIPT = REPO_ROOT / "benchmarks" / "gpu_check.py"
+CHECK_NAMES = ("logits", "bf16 training", "torch.compile", "SDPA kernel", "model throughput",
+               "attention vanilla vs sdpa", "vs Hugging Face", "DDP torchrun")
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    """(exit status, report text, console output) of one CPU run, from an empty folder."""
+    work = tmp_path_factory.mktemp("gpu_check")
+    report = work / "report.md"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", COLUMNS="200")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--threads", "1", "--report", str(report)], cwd=work,
+                          env=env, capture_output=True, text=True, timeout=600)
+    return proc.returncode, report.read_text() if report.exists() else "", proc.stdout + proc.stderr
+
+
+def section(report: str, number: int) -> str:
+    """The text of the report's section ``## N. ...`` up to the next section."""
+    m = re.search(rf"^## {number}\. .*?(?=^## |\Z)", report, flags=re.M | re.S)
+    return m.group(0) if m else ""
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The body rows of the Markdown tables in ``text``, as lists of stripped cells."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("|")]
+    return [r for r in rows if not set("".join(r)) <= set("-") and r[0] not in ("#", "attention", "target")]
+
+
+def test_cpu_run_exits_zero(cpu_run):
+    rc, _, output = cpu_run
+    assert rc == 0, output[-3000:]
+
+
+def test_report_says_no_gpu_was_found(cpu_run):
+    _, report, _ = cpu_run
+    assert "**No GPU was found**" in report.split("## Checks")[0]
+
+
+def test_every_check_passes(cpu_run):
+    _, report, output = cpu_run
+    statuses = {row[1]: row[2] for row in table_rows(report.split("## Checks")[1].split("## Targets")[0])}
+    assert statuses == {name: "PASS" for name in CHECK_NAMES}, output[-3000:]
+
+
+def test_logits_differences_are_numbers_below_tolerance(cpu_run):
+    _, report, _ = cpu_run
+    below = {(row[0], row[1]): float(row[2]) <= TOLERANCE for row in table_rows(section(report, 1))}
+    assert below == {pair: True for pair in itertools.product(ATTENTIONS, POSITIONS)}
+
+
+def test_targets_read_gpu_figures(monkeypatch):
+    """The GPU-only branch of the targets, fed figures as an H100 run would produce them."""
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gc = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gc)  # its dataclass looks itself up there
+    monkeypatch.setattr(sys, "path", list(sys.path))  # it puts benchmarks/ on the path: undo that after
+    spec.loader.exec_module(gc)
+    results = {name: gc.Result(name) for name in CHECK_NAMES}
+    results["model throughput"].figures.update(mfu=0.47)
+    results["attention vanilla vs sdpa"].figures["ratios"] = {1024: (1.8, 4.0), 2048: (2.6, 4.5)}
+    results["vs Hugging Face"].figures.update(ratio=0.97, spread=0.01, meets=False)
+    verdicts = [row[2] for row in gc.evaluate_targets(results, on_gpu=True, device_name="NVIDIA H100 80GB HBM3")]
+    assert verdicts == ["met", "met", "not met", "not met"]
