@@ -20,9 +20,10 @@ from .config import ModelConfig, parse_section, to_plain
 from .errors import ConfigError, did_you_mean
 from .presets import apply_preset
 from .rundir import run_dir_name
-from .settings import OPERATIONAL_TRAIN_KEYS, DataConfig, TrainConfig
+from .settings import OPERATIONAL_TRAIN_KEYS, DataConfig, SlurmConfig, TrainConfig
 
-TOP_KEYS = ("name", "description", "plugins", "model", "data", "train", "variants", "grid", "seeds", "compare")
+TOP_KEYS = ("name", "description", "plugins", "model", "data", "train", "variants", "grid", "seeds", "compare",
+            "slurm")
 CONFIG_SECTIONS = ("model", "data", "train")
 COMPARE_KEYS = ("baseline", "metric", "by", "sort")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -66,6 +67,8 @@ class Experiment:
     #: model/data/train): what ``gptlab compare`` shows by default
     defined: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)  # settings that are legal but probably a mistake
+    #: what each run asks Slurm for (``--launcher slurm``); the command line's flags override it
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 def config_hash(resolved: dict) -> str:
@@ -172,6 +175,10 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
     for key in compare:
         if key not in COMPARE_KEYS:
             raise ConfigError(f"{where}: unknown compare key '{key}'{did_you_mean(key, COMPARE_KEYS)}")
+    try:
+        slurm = parse_section(SlurmConfig, _plain(cfg.get("slurm"), where), "slurm")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
     base = OmegaConf.create({k: cfg.get(k) or {} for k in CONFIG_SECTIONS})
     variants = cfg.get("variants")
@@ -222,7 +229,7 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
         except ConfigError:  # the file is only valid with the overrides: no run is as the file defines it
             defined = {}
     return Experiment(name, str(description), Path(path) if path else None, plugins, runs, base_resolved,
-                      compare, labels, list(overrides), defined, warnings)
+                      compare, labels, list(overrides), defined, warnings, slurm)
 
 
 def _check_compare(compare: dict, runs: list, where: str) -> None:

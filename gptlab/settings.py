@@ -1,4 +1,4 @@
-"""The sections of an experiment besides the model: ``data`` and ``train``.
+"""The sections of an experiment besides the model: ``data``, ``train`` and ``slurm``.
 
 Parsed like the model config, by ``gptlab.config.parse_section``; each ``validate`` holds the
 rules a type cannot say.
@@ -83,3 +83,36 @@ class TrainConfig:
 #: train keys that change how a run is kept, never what it computes: left out of the config hash,
 #: so changing them neither reruns finished runs nor sets a run apart from the experiment's
 OPERATIONAL_TRAIN_KEYS = ("checkpoint_every", "checkpoint_keep")
+
+
+#: where each flag of ``gptlab run --launcher slurm`` lands in the experiment's ``slurm:`` section
+SLURM_FLAGS = {"partition": "--partition", "gpus_per_run": "--gpus-per-run", "time": "--time", "mem": "--mem",
+               "array_parallelism": "--array-parallelism"}
+
+
+@dataclass
+class SlurmConfig:
+    """What each run asks Slurm for (``gptlab run --launcher slurm``). It changes where a run trains,
+    never what it computes, so it is no part of any run's config hash; None leaves the choice to
+    Slurm (or, for ``time``, asks the user)."""
+
+    partition: Optional[str] = None
+    gpus_per_run: Optional[int] = None
+    time: Optional[int] = None  # minutes each run may take (the scheduler's time limit per task)
+    mem: Optional[float] = None  # GB of memory per run
+    array_parallelism: Optional[int] = None  # runs of the array Slurm starts at once
+
+    def validate(self) -> None:
+        def bad(key: str, rule: str, value: object) -> ConfigError:
+            return ConfigError(f"slurm.{key} ({SLURM_FLAGS[key]}) must be {rule}, got {value!r}")
+
+        if self.partition is not None and (not self.partition.strip() or any(c.isspace() for c in self.partition)):
+            raise bad("partition", "a partition name such as gpu", self.partition)
+        if self.gpus_per_run is not None and self.gpus_per_run < 0:
+            raise bad("gpus_per_run", "an integer >= 0", self.gpus_per_run)
+        if self.time is not None and self.time <= 0:
+            raise bad("time", "a positive number of minutes", self.time)
+        if self.mem is not None and not (math.isfinite(self.mem) and self.mem > 0):
+            raise bad("mem", "a positive number of GB", self.mem)
+        if self.array_parallelism is not None and self.array_parallelism < 1:
+            raise bad("array_parallelism", "a positive integer", self.array_parallelism)

@@ -8,6 +8,7 @@ parsers and sets ``handler`` on them:
   results.py   gptlab compare/show  tables and curves from run directories (no torch)
   table.py     the comparison table as people read it (gptlab compare, the end of gptlab run)
   runs.py      gptlab runs/clean    list runs; remove the ones a filter names
+  status.py    gptlab status        queued, running and finished runs (job ids from .submitit/jobs.json)
   generate.py  gptlab generate      sample from a run's checkpoint
   plugins.py   gptlab plugins/components
   bench.py     gptlab bench attention/model
@@ -59,14 +60,14 @@ def common_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, generate, plugins, results, run, runs
+    from . import bench, generate, plugins, results, run, runs, status
 
     p = Parser(prog="gptlab", description="A plugin-based experiment registry for GPT architecture variants.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     common = common_options()
-    for module in (run, results, runs, generate, plugins, bench):
+    for module in (run, results, runs, status, generate, plugins, bench):
         module.add_parsers(sub, common)
     return p
 

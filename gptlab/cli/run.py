@@ -9,7 +9,10 @@ from typing import Any
 
 from ..errors import ConfigError, GptlabError
 from ..fmt import num, yaml_value
+from ..settings import SLURM_FLAGS
 from .progress import make_reporter
+
+LAUNCHERS = ("inprocess", "local", "slurm")
 
 EXPERIMENT_FORMAT = """\
 experiment format (YAML; every key is checked, a typo is an error with a suggestion):
@@ -25,6 +28,7 @@ experiment format (YAML; every key is checked, a typo is an error with a suggest
   grid: {model.activation: [gelu, swiglu]}   # optional cross product with every variant
   seeds: [0, 1, 2]
   compare: {baseline: pre_ln, metric: val_loss}
+  slurm: {partition: gpu, gpus_per_run: 1, time: 60, mem: 32, array_parallelism: 8}   # --launcher slurm
 overrides: key=value pairs (OmegaConf dotlist) apply to every run, e.g. train.steps=50 seeds=[0].
 """
 
@@ -41,12 +45,25 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     r.add_argument("--restart", action="store_true",
                    help="start unfinished runs over instead of resuming them from their last resumable state")
     r.add_argument("--dry-run", action="store_true", help="list the runs and how they differ; train nothing")
-    r.add_argument("--jobs", default="1", metavar="N|auto",
+    r.add_argument("--jobs", default=None, metavar="N|auto",
                    help="train up to N runs at once, in worker processes: on CPU they share the cores, on CUDA "
                         "each gets its own GPU (auto: one per visible GPU; 1 on CPU). Default 1")
     r.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads per run (default: the cores this process may use, divided among --jobs)")
     r.add_argument("--quiet", action="store_true", help="print only errors and the final table")
+    c = r.add_argument_group("launchers", "train each pending run as a task of one job array, through submitit\n"
+                                          "(pip install -e \".[slurm]\"); these flags override the experiment file's\n"
+                                          "slurm: section")
+    c.add_argument("--launcher", choices=LAUNCHERS, default="inprocess",
+                   help="inprocess: train here (default); slurm: a Slurm job array; local: the same tasks as "
+                        "subprocesses on this machine (submitit's local executor)")
+    c.add_argument("--partition", metavar="NAME", help="Slurm partition")
+    c.add_argument("--gpus-per-run", type=int, metavar="N", help="GPUs per run (per task)")
+    c.add_argument("--time", type=int, metavar="MINUTES", help="time limit per run; required by --launcher slurm")
+    c.add_argument("--mem", type=float, metavar="GB", help="memory per run")
+    c.add_argument("--array-parallelism", type=int, metavar="N", help="runs of the array Slurm starts at once")
+    c.add_argument("--no-wait", action="store_true",
+                   help="return once the runs are submitted; follow them with gptlab status RESULTS_DIR/EXPERIMENT")
     r.set_defaults(handler=cmd_run)
 
 
@@ -66,11 +83,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be a positive integer, got {args.threads}")
+    _check_launcher_flags(args)
     exp = load_experiment(args.experiment, args.overrides)
     plugins = build_plugin_system(plugin_dirs=args.plugins_dir, extra=exp.plugins,
                                   base_dir=args.experiment.resolve().parent)
+    if args.launcher != "inprocess":
+        return _launch(args, exp, plugins)
     device = resolve_device(args.device)
-    jobs = resolve_jobs(args.jobs, device)
+    jobs = resolve_jobs(args.jobs or "1", device)
     threads = cpu_threads(args.threads, jobs) if device.type == "cpu" else None
     stop = _GracefulStop()
     runner = ExperimentRunner(exp, plugins, args.results_dir, device, force=args.force, restart=args.restart,
@@ -102,16 +122,132 @@ def cmd_run(args: argparse.Namespace) -> int:
                                  threads=threads, signals=lambda: stop.count)
     finally:
         torch.set_num_threads(before)  # a caller of main() in-process keeps its own setting
-    _print_compare(results, exp, out, err)
+    return _finish(results, exp, out, err)
+
+
+def _finish(results: list[dict], exp, out, err) -> int:
+    """The end of every gptlab run: the table, what was left to others or failed, the exit status."""
+    from rich.markup import escape
+
+    shown = [r for r in results if Path(r["_dir"]).is_dir()]  # a task may have died before making its run's
+    if shown:
+        _print_compare(shown, exp, out, err)
+    else:
+        _print_run_table(results, out)
     busy = [r for r in results if r.get("_action") == "busy"]
     if busy:
         err.print(f"[yellow]{len(busy)} run(s) were being trained by another gptlab process and were left to it[/]")
+    stopped = [r for r in results if r.get("status") == "interrupted"]
+    if stopped:  # only a launcher's tasks get here: in-process, an interrupt ends the command first
+        err.print(f"[yellow]{len(stopped)} run(s) were stopped before they finished[/]; rerun the same command to "
+                  f"resume them: " + ", ".join(Path(r["_dir"]).name for r in stopped))
     failed = [r for r in results if r.get("status") == "failed"]
+    traced = [Path(r["_dir"]).name for r in failed if (Path(r["_dir"]) / "error.txt").is_file()]
     if failed:
-        err.print(f"[red]{len(failed)} run(s) failed[/]; see error.txt in: "
-                  + ", ".join(Path(r["_dir"]).name for r in failed))
-        return 1
-    return 0
+        err.print(f"[red]{len(failed)} run(s) failed[/]" + (f"; see error.txt in: {', '.join(traced)}" if traced else ""))
+    for r in failed:
+        if r.get("_action") == "died":  # a launcher's task that ended without a word: its log says why
+            err.print(f"  {escape(str(r.get('error', '')))}")
+    return 1 if failed or stopped else 0
+
+
+def _check_launcher_flags(args: argparse.Namespace) -> None:
+    """Flags that belong to one kind of launcher, and submitit itself, before anything is read or written."""
+    given = [flag for key, flag in SLURM_FLAGS.items() if getattr(args, key) is not None]
+    if args.no_wait:
+        given.append("--no-wait")
+    if args.launcher == "inprocess" and given:
+        raise ConfigError(f"{given[0]} applies to --launcher slurm or local; add --launcher slurm "
+                          f"(in-process runs train in this command)")
+    if args.launcher != "inprocess" and args.jobs is not None:
+        raise ConfigError(f"--jobs applies to --launcher inprocess; with --launcher {args.launcher} every run is a "
+                          f"task of its own (--array-parallelism limits how many run at once on Slurm)")
+    if args.launcher != "inprocess":
+        from ..launch import require
+
+        require(args.launcher)
+
+
+def _launch(args: argparse.Namespace, exp, plugins) -> int:
+    """--launcher slurm|local: check and plan here, then train each pending run as a task of one
+    job array and wait for them (or not: --no-wait)."""
+    import torch
+    from rich.markup import escape
+
+    from .. import launch
+    from ..devices import cpu_threads, resolve_device
+    from ..runner import ExperimentRunner
+
+    if args.launcher == "slurm":  # each task resolves --device on its node; the parent only plans and checks
+        launch.check_device_name(args.device)
+        device = torch.device("cpu")
+    else:
+        device = resolve_device(args.device)
+    cfg = launch.slurm_settings(exp.slurm, {key: getattr(args, key) for key in SLURM_FLAGS}, args.launcher)
+    runner = ExperimentRunner(exp, plugins, args.results_dir, device, force=args.force, restart=args.restart,
+                              warn=lambda m: sys.stderr.write(f"warning: {m}\n"))
+    out, err = _console(), _console(stderr=True)
+    for warning in exp.warnings:
+        err.print(f"[yellow]warning: {escape(warning)}[/]")
+    runner.prepare(write=not args.dry_run)
+    if args.dry_run:
+        return _dry_run(runner, out, args.overrides)
+    plan = runner.plan()
+    todo = sum(action != "skip" for _, _, action in plan)
+    if args.launcher == "slurm":
+        threads = args.threads  # None: each task uses the cores Slurm gives it
+    else:  # the local executor starts every task at once: they share this machine's cores
+        threads = cpu_threads(args.threads, max(1, todo)) if device.type == "cpu" else None
+    parameters = launch.executor_parameters(cfg, args.launcher, exp.name, threads, device.type)
+    sub = launch.submit(runner, plan, args.launcher, parameters, args.device, threads)
+    time_limit = args.launcher == "slurm" or cfg.time is not None
+    kept = len(plan) - todo
+    resumed = sum(action == "resume" for _, _, action in plan)
+    where = ("a Slurm job array" if args.launcher == "slurm" else "submitit's local executor")
+    if sub.tasks and (args.no_wait or not args.quiet):
+        asked = _resources(parameters, threads, time_limit)
+        (out if args.no_wait else err).print(
+            f"[bold]{escape(exp.name)}[/]: {todo} of {len(plan)} runs submitted to {where} "
+            f"(job {escape(sub.array_id)}; {escape(asked)})  ->  {escape(str(runner.exp_dir))}"
+            + (f"  ({kept} finished runs kept)" if kept else "")
+            + (f"  ({resumed} resume from their last state)" if resumed else ""))
+    elif not args.quiet:
+        err.print(f"[bold]{escape(exp.name)}[/]: nothing to train ({kept} finished runs kept)")
+    if args.no_wait:
+        if sub.tasks:
+            out.print(f"follow them with: gptlab status {escape(str(runner.exp_dir))}")
+        return 0
+    reporter = make_reporter(exp, plan, args.quiet, err)
+    try:
+        with reporter:
+            done = launch.wait(sub, reporter.progress, reporter.finish)
+    except KeyboardInterrupt:
+        follow = f"gptlab status {runner.exp_dir}"
+        err.print(escape(f"gptlab: stopped waiting; submitted runs are not cancelled ({follow} shows them"
+                         + (f", scancel {sub.array_id} cancels them)" if args.launcher == "slurm" else ")")))
+        return 130
+    results = [done[i] if action != "skip" else _kept(existing) for i, (_, existing, action) in enumerate(plan)]
+    return _finish(results, exp, out, err)
+
+
+def _kept(run_dir: Path) -> dict:
+    """A finished run the plan skipped, as the runner reports it."""
+    from ..rundir import read_summary
+
+    return (read_summary(run_dir) or {}) | {"_dir": str(run_dir), "_action": "skip"}
+
+
+def _resources(parameters: dict, threads, time_limit: bool) -> str:
+    """What each task asked for, in words."""
+    parts = [f"partition {parameters['slurm_partition']}" if "slurm_partition" in parameters else None,
+             f"{parameters['gpus_per_node']} GPU" if parameters.get("gpus_per_node") else None,
+             f"{threads} CPU thread(s)" if threads else None,
+             f"{parameters['timeout_min']} min" if time_limit else None,
+             f"{num(parameters['mem_gb'], '{:g}')} GB" if "mem_gb" in parameters else None]
+    text = ", ".join(p for p in parts if p) + " per run"
+    if "slurm_array_parallelism" in parameters:
+        text += f", {parameters['slurm_array_parallelism']} at once"
+    return text
 
 
 class _GracefulStop:

@@ -1,0 +1,457 @@
+"""Pending runs as the tasks of one job array, through submitit (``gptlab run --launcher slurm|local``).
+
+Each task trains one run exactly as a ``--jobs`` worker does (``ExperimentRunner.rebuild`` and
+``run_in_process``): the same run directory, lock, skip and resume rules, so results/ looks the
+same whichever machine trained a run. ``local`` sends the same tasks through submitit's local
+executor (subprocesses on this machine), which is how this path is tested without a cluster.
+
+submitit keeps its pickles and logs in ``results/<experiment>/.submitit/``; ``jobs.json`` there
+records which job each run was submitted as, so ``gptlab status`` can list runs that are still
+queued and have no run directory yet. submitit is an optional extra: ``require`` says what to
+install before anything is read or written.
+
+Stops: shortly before a time limit (and on a preemption, where the cluster sends it) Slurm gives
+the task submitit's signal (USR2). The task then finishes its step, saves a resumable state,
+marks the run interrupted, and hands over to submitit, which calls ``RunTask.checkpoint`` and
+requeues the task; the requeued task finds the state and resumes. SIGTERM (scancel, or a
+preemption that Slurm requeues by itself) stops the run the same way without a requeue of ours:
+it resumes when the task or ``gptlab run`` comes back to it.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import io
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import contextmanager, redirect_stderr
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from . import rundir as rd
+from .errors import ConfigError
+from .settings import SlurmConfig
+
+try:  # the optional extra; without it ``require`` stops the command before a task is made
+    from submitit.helpers import Checkpointable as _Checkpointable
+except ImportError:
+    _Checkpointable = object
+
+SUBMITIT = ".submitit"  #: submitit's folder inside results/<experiment>/
+JOBS = "jobs.json"  #: inside it: every submission, which run went to which job
+INSTALL = 'pip install -e ".[slurm]"'
+#: without --time a local run gets a week: the local executor would otherwise stop it after 2 minutes
+LOCAL_TIME_MIN = 7 * 24 * 60
+#: job states after which a job will not train again: Slurm's (sacct spelling; CANCELLED may carry " by UID";
+#: PREEMPTED is not one, Slurm may requeue it) and the local executor's, as _job_states names them
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+                "DEADLINE", "FINISHED", "ENDED")
+QUEUED = "queued"  #: submitted, not started yet
+REQUEUED = "requeued"  #: interrupted, and its job will resume it
+
+
+def require(launcher: str) -> None:
+    """Refuse a launcher that cannot work here, before the command reads or writes anything."""
+    if launcher == "inprocess":
+        return
+    try:
+        importlib.import_module("submitit")
+    except ImportError:
+        raise ConfigError(f"--launcher {launcher} needs submitit, which is not installed; install it with "
+                          f"{INSTALL}") from None
+    if launcher == "slurm":
+        missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+        if missing:
+            raise ConfigError(f"--launcher slurm: Slurm is not available on this machine ({' and '.join(missing)} "
+                              f"not on PATH); run from a Slurm login node, or use --launcher local to run the same "
+                              f"tasks here")
+
+
+def check_device_name(name: str) -> None:
+    """--device for tasks that land on other machines: only its spelling can be checked here."""
+    if name == "auto":
+        return
+    import torch
+
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device '{name}' is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+
+
+def slurm_settings(file: SlurmConfig, flags: dict, launcher: str) -> SlurmConfig:
+    """The experiment file's ``slurm:`` section with the command-line flags that were given over it."""
+    merged = SlurmConfig(**{**dataclasses.asdict(file), **{k: v for k, v in flags.items() if v is not None}})
+    merged.validate()
+    if launcher == "slurm" and merged.time is None:  # submitit's default would be 5 minutes
+        raise ConfigError("--launcher slurm needs a time limit per run: pass --time MINUTES, or set slurm.time in "
+                          "the experiment file")
+    return merged
+
+
+def executor_parameters(cfg: SlurmConfig, launcher: str, name: str, threads: Optional[int],
+                        device_type: str = "cpu") -> dict:
+    """submitit's ``update_parameters`` for one task per run: the shared keys and the Slurm-only
+    ones (``slurm_*``, which the local executor ignores)."""
+    gpus = cfg.gpus_per_run
+    if gpus is None and launcher == "local" and device_type == "cuda":  # the local executor hides GPUs not asked for
+        gpus = 1
+    params = {"name": f"gptlab-{name}", "timeout_min": cfg.time or LOCAL_TIME_MIN, "mem_gb": cfg.mem,
+              "gpus_per_node": gpus, "cpus_per_task": threads if launcher == "slurm" else None,
+              "slurm_partition": cfg.partition, "slurm_array_parallelism": cfg.array_parallelism}
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _requeue_signal() -> signal.Signals:
+    """The signal submitit asks Slurm for before a time limit (its SUBMITIT_PREEMPT_SIGNAL, USR2 by default)."""
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
+
+
+class RunTask(_Checkpointable):
+    """One run as one task of the array: trains it as a ``--jobs`` worker does and, when the
+    scheduler is about to stop it, saves where it is and lets submitit requeue it.
+
+    ``job`` holds what ``ExperimentRunner.rebuild`` needs (the experiment reduced to this one run,
+    the plugin system's build arguments, results dir, device, force, restart) and ``threads``.
+    """
+
+    def __init__(self, job: dict) -> None:
+        self.job = job
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """submitit's requeue hook: the same run again, which resumes from the state just saved.
+        --force and --restart were meant for the first attempt; a second would throw that state away."""
+        from submitit.helpers import DelayedSubmission
+
+        return DelayedSubmission(RunTask({**self.job, "force": False, "restart": False}))
+
+    def __call__(self) -> dict:
+        from .devices import cpu_threads
+        from .runner import ExperimentRunner, run_in_process
+
+        job = dict(self.job)
+        if os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):  # Slurm requeued the task by itself
+            job.update(force=False, restart=False)
+        requeue_signal = _requeue_signal()
+        submitit_handler = signal.getsignal(requeue_signal)
+        stops = {"any": 0, "requeue": 0, "ctrl-c": 0}
+
+        def on_signal(signum: int, frame: Any) -> None:
+            stops["any"] += 1
+            stops["requeue"] += signum == requeue_signal
+            stops["ctrl-c"] += signum == signal.SIGINT
+            if stops["ctrl-c"] > 1:  # Ctrl-C twice: stop now (the run resumes from its last saved state)
+                raise KeyboardInterrupt
+
+        for sig in (signal.SIGINT, signal.SIGTERM, requeue_signal):
+            signal.signal(sig, on_signal)
+        args = dict(job["plugins"])
+        cwd = args.pop("cwd", None)
+        if cwd is not None:  # relative paths (results dir, plugins) mean what they meant where gptlab ran
+            os.chdir(cwd)
+        runner = ExperimentRunner.rebuild(job, args, should_stop=lambda: stops["any"] > 0,
+                                          warn=lambda m: sys.stderr.write(f"warning: {m}\n"))
+        # planned now, not at submission: a requeued task resumes, a run finished meanwhile is skipped
+        ((spec, existing, action),) = runner.plan()
+        run_dir = existing or runner.exp_dir / spec.dir_name
+        if action == "skip":
+            return {**(rd.read_summary(run_dir) or {}), "_dir": str(run_dir), "_action": "skip"}
+        threads = job["threads"] or (cpu_threads(None) if runner.device.type == "cpu" else None)
+        try:
+            summary, action = run_in_process(runner, spec, run_dir, action, threads)
+        except KeyboardInterrupt:  # stopped at a step boundary with a resumable state (or at once)
+            if stops["requeue"] and callable(submitit_handler):
+                signal.signal(requeue_signal, submitit_handler)
+                submitit_handler(requeue_signal, None)  # checkpoint(), requeue and exit; raises if it will not
+            summary = rd.read_summary(run_dir) or {}
+            summary, action = {**summary, "status": rd.run_status(run_dir, summary)}, "interrupted"
+        return {**summary, "_dir": str(run_dir), "_action": action}
+
+
+@dataclass
+class Submission:
+    """The tasks one ``gptlab run`` submitted: [(index in the plan, spec, run dir, submitit job)]."""
+
+    launcher: str
+    folder: Path
+    parameters: dict
+    tasks: list
+
+    @property
+    def job_ids(self) -> list[str]:
+        return [job.job_id for *_, job in self.tasks]
+
+    @property
+    def array_id(self) -> str:
+        """The job array's id on Slurm (tasks are ID_0, ID_1, ...); the local executor's are pids."""
+        ids = self.job_ids
+        if self.launcher == "slurm" and ids:
+            return ids[0].split("_")[0]
+        return ", ".join(ids) if len(ids) <= 4 else f"{ids[0]} ... {ids[-1]}, {len(ids)} in all"
+
+
+def start_experiment(runner: Any) -> None:
+    """Create results/<experiment>/ and its experiment.json as an in-process run does: by
+    ``runner.run`` on a copy with no runs to train, so that file keeps one definition (runner.py)."""
+    empty = copy.copy(runner)
+    empty.exp = dataclasses.replace(runner.exp, runs=[])
+    empty.run()
+
+
+def submit(runner: Any, plan: list, launcher: str, parameters: dict, device: str,
+           threads: Optional[int]) -> Submission:
+    """Submit every run of ``plan`` (the runner's) that is not skipped, as one task each of one
+    job array, and record them in jobs.json. ``device`` is --device as given: each task resolves
+    it where it runs."""
+    import submitit
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
+    start_experiment(runner)
+    folder = runner.exp_dir / SUBMITIT
+    runner.check_inside(folder)
+    folder.mkdir(exist_ok=True)
+    todo = [(i, spec, existing or runner.exp_dir / spec.dir_name)
+            for i, (spec, existing, action) in enumerate(plan) if action != "skip"]
+    if not todo:
+        return Submission(launcher, folder, parameters, [])
+    base = {"plugins": runner.plugins.build_args, "results_dir": runner.results_dir, "device": device,
+            "force": runner.force, "restart": runner.restart, "threads": threads}
+    executor = submitit.AutoExecutor(folder=folder, cluster=launcher)
+    executor.update_parameters(**parameters)
+    # the local executor's controllers must not hold our output open; submitit prints sbatch's complaint
+    # before raising it, and that goes into the one line below instead
+    quiet = (_children_write_to(folder / "local-controllers.log") if launcher == "local"
+             else redirect_stderr(io.StringIO()))
+    try:
+        with quiet:
+            with executor.batch():
+                jobs = [executor.submit(RunTask({**base, "exp": dataclasses.replace(runner.exp, runs=[spec])}))
+                        for _, spec, _ in todo]
+    except (FailedJobError, FailedSubmissionError) as exc:
+        said = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ConfigError(f"sbatch refused the job array ({said}); check --partition, --gpus-per-run, --time and "
+                          f"--mem (or the experiment's slurm: section)") from None
+    sub = Submission(launcher, folder, parameters, [(i, spec, run_dir, job)
+                                                    for (i, spec, run_dir), job in zip(todo, jobs)])
+    _record(sub)
+    return sub
+
+
+@contextmanager
+def _children_write_to(log: Path) -> Iterator[None]:
+    """The local executor's controller processes inherit this process's stdout and stderr; when
+    those are a pipe (``| tee``, a test reading the output) the reader would wait for every run to
+    end. So they start with both pointing at a log file instead."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = (os.dup(1), os.dup(2))
+    except (OSError, ValueError):  # no such descriptors: nothing to keep open
+        yield
+        return
+    try:
+        with open(log, "ab") as fh:
+            os.dup2(fh.fileno(), 1)
+            os.dup2(fh.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+def _record(sub: Submission) -> None:
+    """Add this submission to jobs.json (which job trains which run), for ``gptlab status``."""
+    path = sub.folder / JOBS
+    old = rd.read_json(path) or {}
+    submissions = old.get("submissions") if isinstance(old.get("submissions"), list) else []
+    submissions.append({
+        "launcher": sub.launcher, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "parameters": sub.parameters,
+        "runs": {run_dir.name: {"job_id": job.job_id, "variant": spec.variant, "seed": spec.seed}
+                 for _, spec, run_dir, job in sub.tasks}})
+    rd.write_json_atomic(path, {"submissions": submissions})
+
+
+class _MetricsTail:
+    """The rows a task appended to a run's metrics.jsonl since the last look (complete lines only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset = path, 0
+
+    def rows(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as fh:
+                if fh.seek(0, os.SEEK_END) < self.offset:  # a resumed run cut the file back: read it again
+                    self.offset = 0
+                fh.seek(self.offset)
+                data = fh.read()
+        except OSError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        rows = []
+        for line in data[:end].splitlines():
+            try:
+                row = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append(row)
+        return rows
+
+
+def wait(sub: Submission, on_progress: Optional[Callable] = None,
+         on_finish: Callable[[Any, dict], None] = lambda spec, summary: None,
+         poll_s: Optional[float] = None) -> dict[int, dict]:
+    """Follow the submitted tasks until each has ended: ``on_progress(spec, state, row)`` for every
+    new metrics row the run directories show, ``on_finish(spec, summary)`` as each task ends.
+    Returns {index in the plan: summary with _dir and _action}, like ``ExperimentRunner.run``.
+    Polls every ``poll_s`` seconds (default 1 locally, 5 on Slurm, sparing a shared file system)."""
+    from .workers import Progress
+
+    poll_s = poll_s if poll_s is not None else 1.0 if sub.launcher == "local" else 5.0
+    pending = {index: (spec, run_dir, job, _MetricsTail(run_dir / rd.METRICS))
+               for index, spec, run_dir, job in sub.tasks}
+    results: dict[int, dict] = {}
+    while pending:
+        for index, (spec, run_dir, job, tail) in list(pending.items()):
+            ended = job.done()  # asked first, so the rows below include all the task wrote
+            for row in tail.rows():
+                if on_progress:
+                    on_progress(spec, Progress(row["step"]), row)
+            if ended:
+                results[index] = _outcome(job, spec, run_dir)
+                on_finish(spec, results[index])
+                del pending[index]
+        if pending:
+            time.sleep(poll_s)
+    return results
+
+
+def _outcome(job: Any, spec: Any, run_dir: Path) -> dict:
+    """What became of an ended task: what it returned, else what its run directory says."""
+    if job.paths.result_pickle.exists():
+        try:
+            result = job.result()
+        except Exception:  # the task raised: its traceback is in submitit's log
+            result = None
+        if isinstance(result, dict):
+            return {**result, "_dir": str(run_dir)}
+    summary = rd.read_summary(run_dir)
+    status = rd.run_status(run_dir, summary) if summary else rd.FAILED
+    how = "without starting the run" if summary is None else "before the run finished"
+    return {"variant": spec.variant, "seed": spec.seed, **(summary or {}), "status": status,
+            "error": f"job {job.job_id} ended {how}; see {job.paths.stderr}", "_dir": str(run_dir), "_action": "died"}
+
+
+# -- gptlab status ---------------------------------------------------------------------------------
+def _job_states(folder: Path, jobs: list[dict]) -> dict[str, str]:
+    """job id -> state, for the recorded jobs whose runs have not finished. A job that left its
+    result is FINISHED; a local job (a process id) is RUNNING while its controller lives, else
+    ENDED; Slurm is asked once for all (sacct, through submitit), UNKNOWN when it cannot say."""
+    states, slurm = {}, []
+    for job in jobs:
+        job_id = job["job_id"]
+        if (folder / f"{job_id}_0_result.pkl").exists():
+            states[job_id] = "FINISHED"
+        elif job["launcher"] == "local":
+            states[job_id] = "RUNNING" if _alive(job_id) else "ENDED"
+        else:
+            slurm.append(job_id)
+    if slurm:
+        try:
+            from submitit import SlurmJob
+
+            for job_id in slurm:
+                SlurmJob(folder, job_id)  # registers the id with submitit's shared watcher
+            SlurmJob.watcher.update()  # one sacct call for every array
+            states.update({job_id: SlurmJob.watcher.get_state(job_id, mode="cache") for job_id in slurm})
+        except Exception:  # no submitit, no sacct: the run directories alone have to say it
+            states.update(dict.fromkeys(slurm, "UNKNOWN"))
+    return states
+
+
+def _alive(pid: str) -> bool:
+    """Whether a local job's controller (pid) still runs (not a zombie, not another program)."""
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+        cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z" and b"submitit" in cmdline
+
+
+def recorded_jobs(exp_dir: Path) -> dict[str, dict]:
+    """Run directory name -> the job it was last submitted as (job_id, variant, seed, launcher)."""
+    data = rd.read_json(Path(exp_dir) / SUBMITIT / JOBS) or {}
+    out: dict[str, dict] = {}
+    for entry in data.get("submissions") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("runs"), dict):
+            for name, run in entry["runs"].items():
+                if isinstance(run, dict) and "job_id" in run:
+                    out[name] = {**run, "job_id": str(run["job_id"]), "launcher": entry.get("launcher", "slurm")}
+    return out
+
+
+def experiment_status(exp_dir: Path) -> list[dict]:
+    """One row per run of an experiment folder: its run directory read together with the job
+    jobs.json says it was last submitted as, so runs still waiting in the queue are listed too."""
+    exp_dir = Path(exp_dir)
+    if not exp_dir.is_dir():
+        raise ConfigError(f"{exp_dir} is not an experiment folder; pass results/<experiment>")
+    jobs = recorded_jobs(exp_dir)
+    names = {p.name for p in exp_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and rd.is_run_dir(p)}
+    if not (jobs or names or (exp_dir / rd.EXPERIMENT).is_file()):
+        raise ConfigError(f"{exp_dir} holds no experiment (no {rd.EXPERIMENT}, runs or submitted jobs); "
+                          f"pass results/<experiment>")
+    runs = {name: (exp_dir / name, rd.read_summary(exp_dir / name), jobs.get(name))
+            for name in sorted(names | set(jobs))}
+    unsettled = [job for _, summary, job in runs.values()
+                 if job and (summary or {}).get("status") not in (rd.COMPLETED, rd.DIVERGED, rd.FAILED)]
+    states = _job_states(exp_dir / SUBMITIT, unsettled)
+    rows = []
+    for name, (run_dir, summary, job) in runs.items():
+        config = rd.read_config(run_dir)
+        last = None
+        for last in rd.metric_rows(run_dir):
+            pass
+        state = states.get(job["job_id"]) if job else None
+        status, note = _run_state(run_dir, summary, job, state)
+        train = config.get("train") if isinstance(config.get("train"), dict) else {}
+        val = (summary or {}).get("final_val_loss")
+        known = summary or config or job or {}
+        rows.append({
+            "experiment": exp_dir.name, "variant": known.get("variant"),
+            "seed": known.get("seed", rd.seed_from_name(name)), "status": status,
+            "step": (last or {}).get("step"), "steps": train.get("steps"),
+            "val_loss": val if isinstance(val, (int, float)) else (last or {}).get("val_loss"),
+            "job_id": job["job_id"] if job else None, "job_state": state, "note": note, "run_dir": str(run_dir)})
+    return rows
+
+
+def _run_state(run_dir: Path, summary: Optional[dict], job: Optional[dict], state: Optional[str]) -> tuple[str, str]:
+    """(status, note): the run directory's word, corrected by its job's state where the directory
+    cannot know (not started yet, a lock held on another node, an interrupted run that is requeued).
+    A job Slurm says nothing about (UNKNOWN) may still be alive: it keeps a queued or running run so."""
+    unknown = state is not None and state.upper() == "UNKNOWN"
+    active = state is not None and not unknown and not state.upper().startswith(FINAL_STATES)
+    recorded = (summary or {}).get("status")
+    if summary is None:
+        if job is None:
+            return rd.run_status(run_dir, summary), ""
+        if active or unknown:
+            return QUEUED, ""
+        log = Path(run_dir).parent / SUBMITIT / f"{job['job_id']}_0_log.err"
+        return rd.FAILED, f"job {job['job_id']} ended without starting the run; see {log}"
+    if recorded in (rd.RUNNING, None):  # a lock held on another node may not show here: the job's state says
+        return (rd.RUNNING if rd.lock_held(run_dir) or active or unknown else rd.INTERRUPTED), ""
+    if recorded == rd.INTERRUPTED and active:
+        return REQUEUED, ""
+    return str(recorded), ""
