@@ -19,7 +19,7 @@ import torch
 
 from .errors import ConfigError
 from .plugin_manager import PluginSystem
-from .rundir import refuse_link, write_json_atomic
+from .rundir import file_sha256, refuse_link, write_json_atomic
 from .settings import DataConfig
 
 
@@ -92,14 +92,18 @@ def _verified_cache(bin_path: Path, meta_path: Path) -> Optional[dict]:
     after a warning, and the cache is rebuilt: a damaged cache would silently change the data."""
     try:
         meta = json.loads(meta_path.read_text())
-        blob = bin_path.read_bytes()
-        if blob and len(blob) == meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize and \
-                hashlib.sha256(blob).hexdigest() == meta["sha256"] and isinstance(meta["tokenizer_state"], dict):
+        if isinstance(meta, dict) and "sha256" not in meta:
+            raise LookupError("written by an earlier gptlab, without a checksum")
+        size = bin_path.stat().st_size  # the cheap test first; the hash reads the file in blocks
+        if size and size == meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize and \
+                file_sha256(bin_path) == meta["sha256"] and isinstance(meta["tokenizer_state"], dict):
             return meta
         reason = "its tokens do not match its length and checksum"
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except LookupError as exc:
+        reason = str(exc) if not isinstance(exc, KeyError) else f"no {exc} in its metadata"
+    except (OSError, ValueError, TypeError) as exc:
         reason = f"unreadable ({type(exc).__name__})"
-    sys.stderr.write(f"gptlab: warning: token cache {bin_path} is damaged ({reason}); rebuilding it\n")
+    sys.stderr.write(f"gptlab: warning: token cache {bin_path} cannot be trusted ({reason}); rebuilding it\n")
     return None
 
 

@@ -19,7 +19,6 @@ it resumes when the task or ``gptlab run`` comes back to it.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib
 import io
@@ -196,14 +195,6 @@ class Submission:
         return ", ".join(ids) if len(ids) <= 4 else f"{ids[0]} ... {ids[-1]}, {len(ids)} in all"
 
 
-def start_experiment(runner: Any) -> None:
-    """Create results/<experiment>/ and its experiment.json as an in-process run does: by
-    ``runner.run`` on a copy with no runs to train, so that file keeps one definition (runner.py)."""
-    empty = copy.copy(runner)
-    empty.exp = dataclasses.replace(runner.exp, runs=[])
-    empty.run()
-
-
 def submit(runner: Any, plan: list, launcher: str, parameters: dict, device: str,
            threads: Optional[int]) -> Submission:
     """Submit every run of ``plan`` (the runner's) that is not skipped, as one task each of one
@@ -212,7 +203,7 @@ def submit(runner: Any, plan: list, launcher: str, parameters: dict, device: str
     import submitit
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
-    start_experiment(runner)
+    runner.start()
     folder = runner.exp_dir / SUBMITIT
     runner.check_inside(folder)
     folder.mkdir(exist_ok=True)

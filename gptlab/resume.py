@@ -13,7 +13,6 @@ later); any process can read.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from .rundir import RESUME
+from .rundir import RESUME, file_sha256
 
 _STEP = re.compile(r"^step_(\d{8})$")
 FORMAT = 1
@@ -38,14 +37,6 @@ class Resumable:
     step: int
     info: dict  # state.json
     tensors: dict  # train.safetensors
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -78,7 +69,7 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
                 tensors[f"optim.{index}.{key}"] = value.detach().cpu().contiguous()
     save_file(tensors, str(tmp / "train.safetensors"))
     body = {**info, "format": FORMAT, "step": step,
-            "sha256": {name: _sha256(tmp / name) for name in ("model.safetensors", "train.safetensors")}}
+            "sha256": {name: file_sha256(tmp / name) for name in ("model.safetensors", "train.safetensors")}}
     (tmp / "state.json").write_text(json.dumps(body, indent=1, sort_keys=True))
     for name in ("model.safetensors", "train.safetensors", "state.json"):
         _fsync(tmp / name)
@@ -115,7 +106,7 @@ def latest(run_dir: Path, warn: Any = None, only: Optional[int] = None) -> Optio
             if info.get("format") != FORMAT or info.get("step") != step:
                 raise ValueError("unknown format or step")
             for name, digest in info["sha256"].items():
-                if _sha256(path / name) != digest:
+                if file_sha256(path / name) != digest:
                     raise ValueError(f"{name} does not match its sha256")
             tensors = load_file(str(path / "train.safetensors"))
         except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as exc:

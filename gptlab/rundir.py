@@ -87,6 +87,17 @@ def is_run_dir(path: Path) -> bool:
     return (Path(path) / SUMMARY).is_file() or (Path(path) / CONFIG).is_file()
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in blocks (token caches and states can be large)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_json(path: Path) -> Optional[dict]:
     """A JSON object from ``path``, or None when it is missing, unreadable or not an object."""
     try:

@@ -110,6 +110,19 @@ class ExperimentRunner:
         return cls(job["exp"], plugins, job["results_dir"], resolve_device(job["device"]), force=job["force"],
                    restart=job["restart"], **kwargs)
 
+    def start(self) -> None:
+        """Create results/<experiment>/ and record the experiment as its file defines it (experiment.json)."""
+        self.check_inside(self.exp_dir)
+        try:
+            self.exp_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {self.exp_dir} ({exc.strerror}); choose another --results-dir") from None
+        write_json_atomic(self.exp_dir / rd.EXPERIMENT, {
+            "name": self.exp.name, "description": self.exp.description,
+            "source": str(self.exp.path.resolve()) if self.exp.path else None, "base": self.exp.base,
+            "variants": list(dict.fromkeys(self.exp.defined.values())) or self.exp.variants,
+            "defined": self.exp.defined, "compare": self.exp.compare})
+
     def run(self, on_progress: Callable[..., Any] = None, jobs: int = 1, threads: Optional[int] = None,
             signals: Optional[Callable[[], int]] = None,
             on_finish: Callable[[RunSpec, dict], None] = lambda spec, summary: None) -> list[dict]:
@@ -124,17 +137,7 @@ class ExperimentRunner:
             raise ConfigError("--jobs trains several runs at once; under torchrun every process trains the same run: "
                               "use one or the other")
         if self.group.main:
-            self.check_inside(self.exp_dir)
-            try:
-                self.exp_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ConfigError(f"cannot create {self.exp_dir} ({exc.strerror}); choose another --results-dir") \
-                    from None
-            write_json_atomic(self.exp_dir / rd.EXPERIMENT, {
-                "name": self.exp.name, "description": self.exp.description,
-                "source": str(self.exp.path.resolve()) if self.exp.path else None, "base": self.exp.base,
-                "variants": list(dict.fromkeys(self.exp.defined.values())) or self.exp.variants,
-                "defined": self.exp.defined, "compare": self.exp.compare})
+            self.start()
         plan = distributed.share(self.plan() if self.group.main else None, self.group)
         todo = [(i, spec, existing, action) for i, (spec, existing, action) in enumerate(plan) if action != "skip"]
         done: dict[int, dict] = {}

@@ -22,10 +22,12 @@ class Tokenizer:
         """Build a vocabulary from the training text (only data-dependent tokenizers need it)."""
 
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Text -> token ids: every tokenizer plugin writes this."""
+        raise NotImplementedError(f"tokenizer {type(self).__name__} must define encode(text)")
 
     def decode(self, ids: list[int]) -> str:
-        raise NotImplementedError
+        """Token ids -> text: every tokenizer plugin writes this."""
+        raise NotImplementedError(f"tokenizer {type(self).__name__} must define decode(ids)")
 
     def state_dict(self) -> dict:
         return {}

@@ -137,14 +137,18 @@ def test_a_damaged_token_cache_is_rebuilt(lab, capsys):
     (meta,) = cache.glob("*.json")
     (blob,) = cache.glob("*.bin")
     good = blob.read_bytes()
-    for damage, path in ((lambda: blob.write_bytes(good[: len(good) // 2]), blob),  # even length, half the corpus
-                         (lambda: blob.write_bytes(b""), blob),
-                         (lambda: blob.write_bytes(good[:-1]), blob),  # odd length
-                         (lambda: meta.write_text(meta.read_text()[:40]), meta)):  # truncated JSON
+    def without_checksum():  # a cache an earlier gptlab wrote
+        meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "sha256"}))
+
+    for damage, why in ((lambda: blob.write_bytes(good[: len(good) // 2]), "do not match"),  # half the corpus
+                        (lambda: blob.write_bytes(b""), "do not match"),
+                        (lambda: blob.write_bytes(good[:-1]), "do not match"),  # odd length
+                        (lambda: meta.write_text(meta.read_text()[:40]), "unreadable"),  # truncated JSON
+                        (without_checksum, "earlier gptlab")):
         damage()
         rc, out, err = run_cli(capsys, "run", "tiny.yaml", "--device", "cpu", "--force")
         assert rc == 0, err
-        assert "token cache" in err and "damaged" in err and "rebuilding" in err
+        assert "token cache" in err and "cannot be trusted" in err and why in err and "rebuilding" in err
         assert blob.read_bytes() == good
         assert json.loads((run / "summary.json").read_text())["final_val_loss"] == reference
 
