@@ -72,10 +72,22 @@ class ModelConfig:
     bias: bool = True  # biases of the non-qkv linears and of the norms
     tie_embeddings: bool = True
     gradient_checkpointing: bool = False
+    # Keys added after results existed: hashed only when set (see LATER_KEYS), so old runs keep their hashes.
+    head_dim: Optional[int] = None  # width of one head; None: emb_dim / n_heads
+    embedding_norm: bool = False  # a norm on the token (+ position) embeddings, before the first block (Bloom)
+    attn_out_bias: Optional[bool] = None  # bias of the attention output projection; None: as `bias`
+    mlp_bias: Optional[bool] = None  # biases of the feed-forward linears; None: as `bias`
+    norm_bias: Optional[bool] = None  # biases of the norms that have one (LayerNorm); None: as `bias`
 
     @property
-    def head_dim(self) -> int:
-        return self.emb_dim // self.n_heads
+    def head_size(self) -> int:
+        """The width of one attention head: ``head_dim`` when set, else emb_dim / n_heads."""
+        return self.head_dim or self.emb_dim // self.n_heads
+
+    def uses_bias(self, part: str) -> bool:
+        """Whether ``part`` ("attn_out", "mlp" or "norm") has a bias: its own switch, else ``bias``."""
+        own = getattr(self, f"{part}_bias")
+        return self.bias if own is None else own
 
     def to_dict(self) -> dict:
         return to_plain(self)
@@ -101,9 +113,22 @@ class ModelConfig:
             positive(self, "model", key)
         if not 0.0 <= self.drop_rate < 1.0:
             raise ConfigError(f"model.drop_rate must be in [0, 1), got {self.drop_rate}")
-        if self.emb_dim % self.n_heads:
-            raise ConfigError(f"model.emb_dim ({self.emb_dim}) must be divisible by model.n_heads ({self.n_heads})")
+        positive(self, "model", "head_dim")
+        if self.head_dim is None and self.emb_dim % self.n_heads:
+            raise ConfigError(f"model.emb_dim ({self.emb_dim}) must be divisible by model.n_heads ({self.n_heads}), "
+                              f"or set model.head_dim")
         positive(self, "model", "ff_dim")
+
+
+#: model keys added after the first results were written, with the value that means "as before";
+#: a config hash leaves a key out while it has that value, so existing runs keep their identity
+LATER_KEYS = {"head_dim": None, "embedding_norm": False, "attn_out_bias": None, "mlp_bias": None,
+              "norm_bias": None}
+
+
+def hashed_model(model: dict) -> dict:
+    """The model section as the config hash sees it (``LATER_KEYS`` at their old meaning dropped)."""
+    return {k: v for k, v in model.items() if not (k in LATER_KEYS and v == LATER_KEYS[k])}
 
 
 assert set(MODEL_KINDS) <= {f.name for f in fields(ModelConfig)}, "every model kind is a ModelConfig key"

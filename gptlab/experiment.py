@@ -16,7 +16,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import ModelConfig, parse_section, to_plain
+from .config import ModelConfig, hashed_model, parse_section, to_plain
 from .errors import ConfigError, did_you_mean
 from .presets import apply_preset
 from .rundir import run_dir_name
@@ -74,7 +74,10 @@ class Experiment:
 def config_hash(resolved: dict) -> str:
     """The run's identity: a hash of every key that can change what it computes."""
     train = {k: v for k, v in (resolved.get("train") or {}).items() if k not in OPERATIONAL_TRAIN_KEYS}
-    blob = json.dumps({**resolved, "train": train}, sort_keys=True, separators=(",", ":"), default=str)
+    view = {**resolved, "train": train}
+    if isinstance(resolved.get("model"), dict):
+        view["model"] = hashed_model(resolved["model"])
+    blob = json.dumps(view, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 

@@ -1,10 +1,11 @@
-"""Load Hugging Face checkpoints into a ``GPTModel``.
+"""Load Hugging Face checkpoints into a ``GPTModel``, and write one back out.
 
 This module reads the files (config.json; model.safetensors, sharded or not; a pickle only with
 ``weights_only=True``) and copies tensors with full accounting: every checkpoint tensor lands in
 a parameter and every parameter is filled, or the load fails naming the key. What a family's
 names and config keys mean is an *importer* plugin's business (``plugins/import_gpt2.py``),
-registered under the HF ``model_type`` it reads.
+registered under the HF ``model_type`` it reads; its ``to_hf`` attribute, when it has one,
+lets ``export_hf`` write a model of that family with the same map.
 """
 from __future__ import annotations
 
@@ -23,18 +24,53 @@ PICKLE_FILE = "pytorch_model.bin"
 
 @dataclass
 class HFImport:
-    """What an importer returns: the gptlab model config and where each checkpoint tensor goes."""
+    """What an importer returns: the gptlab model config and where each checkpoint tensor goes.
+
+    ``tensors`` maps a checkpoint name (without ``prefix``) to ``(target, transpose)`` or
+    ``(target, transpose, rows)``: the tensor, transposed if asked, fills ``target``'s rows
+    ``rows`` (a list of row indices, in the tensor's order), or all of it when there are none.
+    Rows let several checkpoint tensors share one gptlab parameter (Llama's q/k/v in ``attn.qkv``)
+    and reorder an interleaved one (GPT-NeoX's per-head q/k/v). Every row of every target must be
+    filled exactly once; exporting a model runs the same map backwards.
+    """
 
     config: dict  #: gptlab model config keys
-    #: checkpoint tensor name (without ``prefix``) -> (gptlab parameter name, stored transposed)
-    tensors: dict
+    tensors: dict  #: checkpoint tensor name (without ``prefix``) -> (target, transpose[, rows])
     prefix: str = ""  #: a prefix checkpoints may put before every name (``transformer.``)
+    #: names stored without ``prefix`` even when the others carry it (an untied ``lm_head.weight``)
+    outside_prefix: tuple = ()
     #: name endings of buffers some checkpoints carry and gptlab rebuilds itself (attention masks)
     ignore_suffixes: tuple = ()
     #: name of an output head that must equal the token embedding (the model's head is tied)
     tied_head: Optional[str] = None
     tied_to: str = "tok_emb.weight"
     extra: dict = field(default_factory=dict)
+
+    def slots(self):
+        """(checkpoint name, target, transpose, rows or None) for every mapped tensor."""
+        for name, slot in self.tensors.items():
+            target, transpose, *rest = slot
+            yield name, target, transpose, (rest[0] if rest else None)
+
+    def stored_name(self, name: str) -> str:
+        """The name a tensor is written under in a checkpoint this importer reads."""
+        return name if name in self.outside_prefix else self.prefix + name
+
+
+def per_head_rows(n_heads: int, head_dim: int) -> list:
+    """Where each row of a q/k/v matrix interleaved per head ([head][q|k|v][dim], GPT-NeoX and
+    BLOOM) goes in gptlab's ``attn.qkv`` ([q|k|v][head][dim])."""
+    return [part * n_heads * head_dim + head * head_dim + d
+            for head in range(n_heads) for part in range(3) for d in range(head_dim)]
+
+
+def fused_rows(*sizes: int) -> list:
+    """Row ranges of tensors stacked one after another in one parameter: sizes (a, b) -> [0..a), [a..a+b)."""
+    out, start = [], 0
+    for size in sizes:
+        out.append(list(range(start, start + size)))
+        start += size
+    return out
 
 
 def load_hf(cls: type, path: str | Path, plugins: Optional[Any] = None, expect: Optional[str] = None):
@@ -143,11 +179,13 @@ def _load_sharded(index: Path) -> dict:
 
 
 def copy_hf_weights(model: Any, tensors: dict, source: Path, spec: HFImport) -> None:
-    """Copy every checkpoint tensor into ``model``; fail on any missing, unexpected or misshapen key."""
+    """Copy every checkpoint tensor into ``model``; fail on any missing, unexpected or misshapen key,
+    and on a parameter (or part of one) that no tensor filled."""
     import torch
 
-    names = spec.tensors
+    slots = {name: (target, transpose, rows) for name, target, transpose, rows in spec.slots()}
     params = dict(model.named_parameters())  # a tied head is listed once, under the embedding's name
+    filled = {}  # target -> rows filled so far (a bool per row)
     seen: dict[str, str] = {}  # name without prefix -> name as stored
     head = None
     for key, tensor in tensors.items():
@@ -155,25 +193,31 @@ def copy_hf_weights(model: Any, tensors: dict, source: Path, spec: HFImport) -> 
         if spec.tied_head is not None and name == spec.tied_head:
             head = (key, tensor)
             continue
-        if name not in names and spec.ignore_suffixes and name.endswith(tuple(spec.ignore_suffixes)):
+        if name not in slots and spec.ignore_suffixes and name.endswith(tuple(spec.ignore_suffixes)):
             continue
-        if name not in names:
+        if name not in slots:
             raise ConfigError(f"{source}: unexpected tensor '{key}' (not part of the model its config describes)")
         if name in seen:
             raise ConfigError(f"{source}: tensor '{name}' appears twice, as '{seen[name]}' and '{key}'")
         seen[name] = key
-        target, transpose = names[name]
+        target, transpose, rows = slots[name]
         if target not in params:
             raise ConfigError(f"the model built for {source} has no parameter '{target}' to take '{key}'; "
                               f"a plugin may have replaced a component the importer maps")
         value = tensor.t() if transpose else tensor
         param = params[target]
-        if value.shape != param.shape:
+        want = param.shape if rows is None else (len(rows), *param.shape[1:])
+        if value.shape != want:
             raise ConfigError(f"{source}: tensor '{key}' has shape {tuple(tensor.shape)}, but '{target}' needs "
-                              f"{tuple(param.shape)}{' (stored transposed)' if transpose else ''}")
+                              f"{tuple(want)}{' (stored transposed)' if transpose else ''}")
+        done = filled.setdefault(target, torch.zeros(param.shape[0], dtype=torch.bool))
+        index = slice(None) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+        if done[index].any():
+            raise ConfigError(f"{source}: '{key}' fills rows of '{target}' another tensor already filled")
+        done[index] = True
         with torch.no_grad():
-            param.copy_(value)
-    missing = [name for name in names if name not in seen]
+            param[index] = value.to(param.dtype)
+    missing = [name for name in slots if name not in seen]
     if missing:
         shown = ", ".join(f"'{m}'" for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ConfigError(f"{source}: missing tensor {shown}")
@@ -183,7 +227,121 @@ def copy_hf_weights(model: Any, tensors: dict, source: Path, spec: HFImport) -> 
         if tensor.shape != emb.shape or not torch.equal(tensor.to(emb.dtype), emb.detach()):
             raise ConfigError(f"{source}: '{key}' differs from the token embedding; only checkpoints with a "
                               f"tied output head can be loaded")
-    unassigned = sorted(set(params) - {names[name][0] for name in seen})
+    unassigned = sorted(name for name in params if name not in filled or not bool(filled[name].all()))
     if unassigned:
         raise ConfigError(f"the model built for {source} has parameters no checkpoint tensor filled: "
                           f"{', '.join(unassigned)}; a plugin may have replaced a component the importer maps")
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: the importer's map run backwards
+# ---------------------------------------------------------------------------------------------
+def export_hf(model: Any, out_dir: str | Path, plugins: Optional[Any] = None) -> str:
+    """Write ``model`` as a Hugging Face checkpoint directory (config.json + model.safetensors).
+
+    The family is the first importer whose ``to_hf(config)`` accepts the model's config. The
+    config it writes is read back through that importer and must build the same model (a bias
+    the family has and the model lacks is written as zeros, which computes the same), so a
+    lossy mapping is refused rather than written. Returns the model_type written.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from .plugin_manager import default_plugins
+
+    plugins = plugins or default_plugins()
+    cfg = model.config.to_dict()
+    reasons = []
+    for family in plugins.registry.names("importer"):
+        factory = plugins.registry.lookup("importer", family, {}).factory
+        to_hf = getattr(factory, "to_hf", None)
+        if to_hf is None:
+            continue
+        try:
+            hf_config = to_hf(cfg)
+        except ConfigError as exc:
+            reasons.append(f"{family}: {exc}")
+            continue
+        break
+    else:
+        raise ConfigError("this model maps to no Hugging Face family: " + "; ".join(reasons or ["no importer exports"]))
+    spec = factory(hf_config, f"the config exported as {family}")
+    zero = _check_round_trip(model, spec.config, family, plugins)
+    params = dict(model.named_parameters())
+    tensors = {}
+    for name, target, transpose, rows in spec.slots():
+        index = None if rows is None else torch.as_tensor(rows, dtype=torch.long)
+        if target in zero:  # a bias the family has and this model does not: zero computes the same
+            value = torch.zeros(zero[target])
+            value = value if index is None else value[index]
+        else:
+            value = params[target].detach()
+            value = value if index is None else value[index]
+        if transpose:
+            value = value.t()
+        tensors[spec.stored_name(name)] = value.to("cpu", torch.float32).contiguous().clone()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights, config = out / f".{SAFETENSORS_FILE}.tmp", out / f".{CONFIG_FILE}.tmp"
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    config.write_text(json.dumps({**hf_config, "torch_dtype": "float32"}, indent=2) + "\n")
+    weights.replace(out / SAFETENSORS_FILE)  # the weights first: a config.json means the pair is complete
+    config.replace(out / CONFIG_FILE)
+    return family
+
+
+#: keys that may differ between a model and its export: dropout (training only) and the bias
+#: switches, whose effect is checked parameter by parameter instead
+_EXPORT_FREE = {"drop_rate", "gradient_checkpointing", "bias", "qkv_bias", "attn_out_bias", "mlp_bias", "norm_bias",
+                "ff_dim", "activation"}
+
+
+def _check_round_trip(model: Any, exported: dict, family: str, plugins: Any) -> dict:
+    """Refuse an export whose config, read back by the family's importer, builds another model.
+
+    Compares the configs (component options at their defaults ignored) and the parameters of
+    both models; returns the parameters the export has and ``model`` lacks, all biases that are
+    written as zeros, mapped to their shapes.
+    """
+    import torch
+
+    from .config import ModelConfig
+
+    own, back = ModelConfig.from_any(model.config), ModelConfig.from_any(exported)
+    differ = [k for k, v in _normal(own, plugins).items() if k not in _EXPORT_FREE and _normal(back, plugins)[k] != v]
+    if _normal(own, plugins)["activation"][0] != _normal(back, plugins)["activation"][0]:
+        differ.append("activation")
+    if differ:
+        raise ConfigError(f"exporting as {family} would change model.{differ[0]} "
+                          f"({getattr(own, differ[0])!r} -> {getattr(back, differ[0])!r})")
+    with torch.device("meta"):
+        twin = type(model)(back, plugins=plugins)
+    ours = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    theirs = {n: tuple(p.shape) for n, p in twin.named_parameters()}
+    for name, shape in ours.items():
+        if theirs.get(name) != shape:
+            raise ConfigError(f"parameter '{name}' {shape} has no place in a {family} checkpoint"
+                              + (f" (it would be {theirs[name]})" if name in theirs else ""))
+    extra = {n: s for n, s in theirs.items() if n not in ours}
+    not_bias = [n for n in extra if not n.endswith(".bias")]
+    if not_bias:
+        raise ConfigError(f"a {family} checkpoint needs parameter '{not_bias[0]}', which this model lacks")
+    return extra
+
+
+def _normal(cfg: Any, plugins: Any) -> dict:
+    """A model config as plain data with every component written as (name, options) and the options
+    left at their defaults dropped, so two spellings of one model compare equal."""
+    import inspect
+
+    from .hookspecs import MODEL_KINDS
+
+    out = cfg.to_dict()
+    for kind in MODEL_KINDS:
+        spec = getattr(cfg, kind)
+        factory = plugins.registry.lookup(kind, spec.name, spec.options, cfg).factory
+        defaults = {n: p.default for n, p in inspect.signature(factory).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        out[kind] = (spec.name, {k: v for k, v in spec.options.items() if defaults.get(k, object()) != v})
+    return out
+

@@ -119,7 +119,10 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("tokenizer", returns="a gptlab.Tokenizer: vocab_size, encode, decode; fit and state for learned vocabularies"),
     Kind("importer", positional=("hf_config", "source"),
          returns="a gptlab.HFImport for a Hugging Face checkpoint whose config.json model_type is the name: "
-                 "the gptlab model config and the tensor name map"),
+                 "the gptlab model config and the tensor name map",
+         attrs={"to_hf": Attr("factory", None,
+                              "to_hf(model config dict) -> the HF config.json dict of this family for a gptlab "
+                              "model, or ConfigError naming the component it cannot express (export)")}),
 )}
 
 MODEL_KINDS = tuple(k.name for k in KINDS.values() if k.model_key)

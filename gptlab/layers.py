@@ -28,10 +28,10 @@ class CausalSelfAttention(nn.Module):
         self.check(cfg, n_kv_heads)
         self.n_heads = cfg.n_heads
         self.n_kv_heads = n_kv_heads or cfg.n_heads
-        self.head_dim = cfg.emb_dim // cfg.n_heads
-        kv_dim = self.n_kv_heads * self.head_dim
-        self.qkv = nn.Linear(cfg.emb_dim, cfg.emb_dim + 2 * kv_dim, bias=cfg.qkv_bias)
-        self.out_proj = mark_residual(nn.Linear(cfg.emb_dim, cfg.emb_dim, bias=cfg.bias))
+        self.head_dim = cfg.head_size
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.qkv = nn.Linear(cfg.emb_dim, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)  # rows: [q; k; v]
+        self.out_proj = mark_residual(nn.Linear(q_dim, cfg.emb_dim, bias=cfg.uses_bias("attn_out")))
         self.dropout = cfg.drop_rate
 
     @classmethod
@@ -91,8 +91,8 @@ class MLP(nn.Module):
     def __init__(self, cfg, act: Callable[[torch.Tensor], torch.Tensor], hidden_dim: Optional[int] = None) -> None:
         super().__init__()
         self.hidden_dim = hidden_dim or cfg.ff_dim or 4 * cfg.emb_dim
-        self.fc = nn.Linear(cfg.emb_dim, self.hidden_dim, bias=cfg.bias)
-        self.proj = mark_residual(nn.Linear(self.hidden_dim, cfg.emb_dim, bias=cfg.bias))
+        self.fc = nn.Linear(cfg.emb_dim, self.hidden_dim, bias=cfg.uses_bias("mlp"))
+        self.proj = mark_residual(nn.Linear(self.hidden_dim, cfg.emb_dim, bias=cfg.uses_bias("mlp")))
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,8 +110,8 @@ class GatedMLP(nn.Module):
     def __init__(self, cfg, act: Callable[[torch.Tensor], torch.Tensor], hidden_dim: Optional[int] = None) -> None:
         super().__init__()
         self.hidden_dim = hidden_dim or cfg.ff_dim or gated_hidden_dim(cfg.emb_dim)
-        self.fc = nn.Linear(cfg.emb_dim, 2 * self.hidden_dim, bias=cfg.bias)  # [gate; up]
-        self.proj = mark_residual(nn.Linear(self.hidden_dim, cfg.emb_dim, bias=cfg.bias))
+        self.fc = nn.Linear(cfg.emb_dim, 2 * self.hidden_dim, bias=cfg.uses_bias("mlp"))  # rows: [gate; up]
+        self.proj = mark_residual(nn.Linear(self.hidden_dim, cfg.emb_dim, bias=cfg.uses_bias("mlp")))
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,7 @@ class GPTModel(nn.Module):
 
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
         self.position = build("position")
+        self.embedding_norm = make_norm(cfg.emb_dim) if cfg.embedding_norm else nn.Identity()
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         placement = entries["norm_placement"]
         self.blocks = nn.ModuleList(
@@ -107,7 +108,7 @@ class GPTModel(nn.Module):
             raise ValueError(f"sequence of {offset + T} tokens is longer than position '{self.components['position']}' "
                              f"supports ({limit}); crop the input or use a scheme without a length limit")
         x = self.position.embed(self.tok_emb(idx), offset)
-        x = self.drop_emb(x)
+        x = self.drop_emb(self.embedding_norm(x))
         ctx = self.position.context(offset, T, idx.device, x.dtype)
         use_ckpt = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
@@ -168,7 +169,7 @@ class GPTModel(nn.Module):
         """Training FLOPs per token, 6N + 12*L*H*Q*T (PaLM appendix B)."""
         T = seq_len or self.config.context_length
         c = self.config
-        return 6 * self.num_parameters(exclude_position=True) + 12 * c.n_layers * c.n_heads * c.head_dim * T
+        return 6 * self.num_parameters(exclude_position=True) + 12 * c.n_layers * c.n_heads * c.head_size * T
 
     def memory_estimate(self, batch_size: int, seq_len: Optional[int] = None, **kwargs: Any) -> dict:
         """Bytes for weights, gradients, AdamW state and activations; see ``gptlab.memory``."""

@@ -13,5 +13,5 @@ BUILTINS = (
     "activation_mlp", "activation_gated",
     "dataset_python_docs", "dataset_text",
     "tokenizer_bytes", "tokenizer_char", "tokenizer_tiktoken",
-    "import_gpt2",
+    "import_gpt2", "import_openai_gpt", "import_llama", "import_gpt_neox", "import_bloom",
 )

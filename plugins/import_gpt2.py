@@ -10,6 +10,7 @@ from typing import Any
 
 import gptlab
 from gptlab import ConfigError, HFImport
+from gptlab.hfconfig import PLAIN_TO_HF, Export, component
 
 # Values transformers' GPT2Config assumes for keys a config.json leaves out; using the same ones
 # means a sparse config.json gives the model transformers itself would build from it.
@@ -110,6 +111,33 @@ def gpt2(hf_config, source):
     cfg = config_from_hf(hf_config, source)
     return HFImport(config=cfg, tensors=tensor_names(cfg["n_layers"]), prefix="transformer.",
                     ignore_suffixes=(".attn.bias", ".attn.masked_bias"), tied_head="lm_head.weight")
+
+
+def to_hf(cfg):
+    """The GPT-2 config.json for a gptlab model, or ConfigError naming what GPT-2 cannot hold.
+
+    GPT-2 has every bias; a gptlab model without some is written with those biases zero."""
+    check = Export(cfg, "GPT-2")
+    check.attention(grouped=False)
+    check.one_of("position", ("learned",))
+    check.one_of("norm_placement", ("pre",))
+    eps = check.norm_eps(("layernorm",))
+    act, _ = check.one_of("activation", tuple(PLAIN_TO_HF), ("hidden_dim",))
+    if act not in _ACTIVATIONS.values():
+        raise ConfigError(f"activation '{act}': GPT-2 has 'gelu' or 'gelu_tanh'")
+    check.require("tie_embeddings", True, "ties its output head to the token embedding")
+    check.require("embedding_norm", False, "has no norm on the embeddings")
+    check.plain_head_dim()
+    hidden = component(cfg, "activation")[1].get("hidden_dim") or cfg.get("ff_dim")
+    drop = cfg["drop_rate"]
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg["vocab_size"],
+            "n_positions": cfg["context_length"], "n_embd": cfg["emb_dim"], "n_layer": cfg["n_layers"],
+            "n_head": cfg["n_heads"], "n_inner": hidden, "activation_function": PLAIN_TO_HF[act],
+            "resid_pdrop": drop, "embd_pdrop": drop, "attn_pdrop": drop, "layer_norm_epsilon": eps,
+            "tie_word_embeddings": True}
+
+
+gpt2.to_hf = to_hf
 
 
 @gptlab.hookimpl

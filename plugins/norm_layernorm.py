@@ -8,8 +8,8 @@ from gptlab import Range
 
 
 def layernorm(cfg, dim, eps: Annotated[float, Range(gt=0)] = 1e-5):
-    """LayerNorm with a bias unless model.bias is false."""
-    return nn.LayerNorm(dim, eps=eps, bias=cfg.bias)
+    """LayerNorm with a bias unless model.norm_bias (default: model.bias) is false."""
+    return nn.LayerNorm(dim, eps=eps, bias=cfg.uses_bias("norm"))
 
 
 @gptlab.hookimpl

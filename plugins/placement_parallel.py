@@ -1,7 +1,7 @@
-"""Norm placement 'parallel' (GPT-J, PaLM): attention and MLP read the same normed input.
+"""Norm placement 'parallel' (GPT-J, PaLM, GPT-NeoX): attention and MLP both read the block's input.
 
-    x ──┬─ norm ─┬─ attn ─ drop ─┐
-        │        └─ mlp ── drop ─(+)──>
+    x ──┬─ norm ─┬─ attn ─ drop ─┐          shared_norm: false (GPT-NeoX) gives each branch
+        │        └─ mlp ── drop ─(+)──>     its own norm: attn(norm1(x)), mlp(norm2(x))
         └────────────────────────┘
 """
 from torch import nn
@@ -10,18 +10,26 @@ import gptlab
 
 
 class ParallelBlock(nn.Module):
-    """Parallel block: x + attn(norm(x)) + mlp(norm(x)), one norm per block."""
+    """Parallel block: x + attn(norm(x)) + mlp(norm(x)); shared_norm false: one norm per branch."""
 
     final_norm = True
 
-    def __init__(self, cfg, attention, mlp, norm):
+    def __init__(self, cfg, attention, mlp, norm, shared_norm: bool = True):
         super().__init__()
-        self.norm, self.attn, self.mlp = norm(cfg.emb_dim), attention(), mlp()
+        if shared_norm:
+            self.norm = norm(cfg.emb_dim)
+        else:
+            self.norm1, self.norm2 = norm(cfg.emb_dim), norm(cfg.emb_dim)
+        self.shared_norm = shared_norm
+        self.attn, self.mlp = attention(), mlp()
         self.drop = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x, ctx, cache=None):
-        h = self.norm(x)
-        return x + self.drop(self.attn(h, ctx, cache)) + self.drop(self.mlp(h))
+        if self.shared_norm:
+            a = m = self.norm(x)
+        else:
+            a, m = self.norm1(x), self.norm2(x)
+        return x + self.drop(self.attn(a, ctx, cache)) + self.drop(self.mlp(m))
 
 
 @gptlab.hookimpl

@@ -100,7 +100,21 @@ def test_defaults_are_the_seed_model():
     assert (cfg.attention.name, cfg.position.name, cfg.norm.name, cfg.norm_placement.name,
             cfg.activation.name) == ("sdpa", "learned", "layernorm", "pre", "gelu")
     assert cfg.tie_embeddings is True and cfg.gradient_checkpointing is False
-    assert cfg.head_dim == 64
+    assert cfg.head_dim is None and cfg.head_size == 64  # unset: emb_dim / n_heads
+    assert ModelConfig.from_any({"emb_dim": 96, "n_heads": 4, "head_dim": 16}).head_size == 16
+
+
+def test_keys_added_later_keep_old_config_hashes():
+    # a run made before head_dim, embedding_norm and the bias switches existed hashed this dict
+    from gptlab.experiment import config_hash
+    old = {k: v for k, v in ModelConfig().to_dict().items()
+           if k not in ("head_dim", "embedding_norm", "attn_out_bias", "mlp_bias", "norm_bias")}
+    resolved = {"model": ModelConfig().to_dict(), "data": {}, "train": {}}
+    assert config_hash(resolved) == config_hash({"model": old, "data": {}, "train": {}})
+    for key, value in [("head_dim", 64), ("embedding_norm", True), ("attn_out_bias", True), ("mlp_bias", False),
+                       ("norm_bias", True)]:
+        changed = {**resolved, "model": {**resolved["model"], key: value}}
+        assert config_hash(changed) != config_hash(resolved), key
 
 
 def test_non_mapping_config_is_an_error():
