@@ -78,6 +78,7 @@ class ModelConfig:
     attn_out_bias: Optional[bool] = None  # bias of the attention output projection; None: as `bias`
     mlp_bias: Optional[bool] = None  # biases of the feed-forward linears; None: as `bias`
     norm_bias: Optional[bool] = None  # biases of the norms that have one (LayerNorm); None: as `bias`
+    from_hf: Optional[str] = None  # a Hugging Face checkpoint directory whose weights a run starts from
 
     @property
     def head_size(self) -> int:
@@ -123,7 +124,7 @@ class ModelConfig:
 #: model keys added after the first results were written, with the value that means "as before";
 #: a config hash leaves a key out while it has that value, so existing runs keep their identity
 LATER_KEYS = {"head_dim": None, "embedding_norm": False, "attn_out_bias": None, "mlp_bias": None,
-              "norm_bias": None}
+              "norm_bias": None, "from_hf": None}
 
 
 def hashed_model(model: dict) -> dict:

@@ -83,6 +83,18 @@ def load_hf(cls: type, path: str | Path, plugins: Optional[Any] = None, expect: 
     from .plugin_manager import default_plugins
 
     plugins = plugins or default_plugins()
+    spec, source = import_spec(path, plugins, expect)
+    try:
+        model = cls(spec.config, plugins=plugins)
+    except ConfigError as exc:
+        raise ConfigError(f"{source} gives a config gptlab rejects: {exc}") from None
+    tensors, weights = read_hf_weights(Path(path))
+    copy_hf_weights(model, tensors, weights, spec)
+    return model
+
+
+def import_spec(path: str | Path, plugins: Any, expect: Optional[str] = None) -> tuple[HFImport, Path]:
+    """The importer's reading of a checkpoint directory's config.json (no weights read)."""
     directory = Path(path)
     if not directory.is_dir():
         raise ConfigError(f"{directory}: not a directory; expected a Hugging Face checkpoint "
@@ -96,14 +108,23 @@ def load_hf(cls: type, path: str | Path, plugins: Optional[Any] = None, expect: 
     if model_type not in known:
         raise ConfigError(f"{source}: no importer for model_type {model_type!r}; importers: {', '.join(known)}")
     entry = plugins.registry.lookup("importer", model_type, {})
-    spec = entry.factory(hf_cfg, str(source))
-    tensors, weights = read_hf_weights(directory)
-    try:
-        model = cls(spec.config, plugins=plugins)
-    except ConfigError as exc:
-        raise ConfigError(f"{source} gives a config gptlab rejects: {exc}") from None
+    return entry.factory(hf_cfg, str(source)), source
+
+
+def hf_model_config(path: str | Path, plugins: Optional[Any] = None) -> dict:
+    """The gptlab model config a checkpoint directory describes (``model: {from_hf: DIR}``)."""
+    from .plugin_manager import default_plugins
+
+    return dict(import_spec(path, plugins or default_plugins())[0].config)
+
+
+def load_hf_weights(model: Any, path: str | Path, plugins: Any, shapes_only: bool = False) -> None:
+    """Fill ``model`` (built from any config, e.g. one a variant changed) with a checkpoint's weights,
+    failing on any tensor without a place or parameter left unfilled. ``shapes_only`` reads only
+    the tensor headers and copies nothing (the dry run's check, on a model built on the meta device)."""
+    spec, _ = import_spec(path, plugins)
+    tensors, weights = read_hf_weights(Path(path), shapes_only=shapes_only)
     copy_hf_weights(model, tensors, weights, spec)
-    return model
 
 
 def read_hf_config(directory: Path) -> dict:
@@ -121,19 +142,20 @@ def read_hf_config(directory: Path) -> dict:
     return data
 
 
-def read_hf_weights(directory: Path) -> tuple[dict, Path]:
+def read_hf_weights(directory: Path, shapes_only: bool = False) -> tuple[dict, Path]:
     """The checkpoint's tensors and the file they came from (for error messages).
 
     Prefers safetensors; falls back to pytorch_model.bin, read with ``weights_only=True`` so a
-    checkpoint can never run code while it is unpickled.
+    checkpoint can never run code while it is unpickled. ``shapes_only``: safetensors files give
+    meta tensors of the stored shapes, read from their headers.
     """
     import torch
 
     single, index, pickled = directory / SAFETENSORS_FILE, directory / SAFETENSORS_INDEX, directory / PICKLE_FILE
     if single.is_file():
-        return _load_safetensors(single), single
+        return _load_safetensors(single, shapes_only), single
     if index.is_file():
-        return _load_sharded(index), index
+        return _load_sharded(index, shapes_only), index
     if pickled.is_file():
         try:
             state = torch.load(pickled, map_location="cpu", weights_only=True)
@@ -151,17 +173,21 @@ def read_hf_weights(directory: Path) -> tuple[dict, Path]:
                       f"next to {CONFIG_FILE}")
 
 
-def _load_safetensors(file: Path) -> dict:
-    from safetensors import SafetensorError
+def _load_safetensors(file: Path, shapes_only: bool = False) -> dict:
+    import torch
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     try:
+        if shapes_only:
+            with safe_open(str(file), framework="pt") as f:
+                return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
         return load_file(str(file), device="cpu")
     except (OSError, SafetensorError) as exc:
         raise ConfigError(f"{file}: cannot read it as safetensors ({exc})") from None
 
 
-def _load_sharded(index: Path) -> dict:
+def _load_sharded(index: Path, shapes_only: bool = False) -> dict:
     """Merge the shards a ``model.safetensors.index.json`` names (what save_pretrained writes
     for large models)."""
     try:
@@ -174,7 +200,7 @@ def _load_sharded(index: Path) -> dict:
         shard = index.parent / name
         if not shard.is_file():
             raise ConfigError(f"{index}: names shard {name}, which is not in {index.parent}")
-        tensors.update(_load_safetensors(shard))
+        tensors.update(_load_safetensors(shard, shapes_only))
     return tensors
 
 
@@ -207,7 +233,10 @@ def copy_hf_weights(model: Any, tensors: dict, source: Path, spec: HFImport) -> 
         value = tensor.t() if transpose else tensor
         param = params[target]
         want = param.shape if rows is None else (len(rows), *param.shape[1:])
-        if value.shape != want:
+        if value.shape != want or (rows is not None and max(rows, default=-1) >= param.shape[0]):
+            if rows is not None:
+                raise ConfigError(f"{source}: tensor '{key}' {tuple(tensor.shape)} goes to rows {min(rows)}..{max(rows)} "
+                                  f"of '{target}', whose shape is {tuple(param.shape)}")
             raise ConfigError(f"{source}: tensor '{key}' has shape {tuple(tensor.shape)}, but '{target}' needs "
                               f"{tuple(want)}{' (stored transposed)' if transpose else ''}")
         done = filled.setdefault(target, torch.zeros(param.shape[0], dtype=torch.bool))
@@ -224,7 +253,8 @@ def copy_hf_weights(model: Any, tensors: dict, source: Path, spec: HFImport) -> 
     if head is not None:
         key, tensor = head
         emb = params[spec.tied_to]
-        if tensor.shape != emb.shape or not torch.equal(tensor.to(emb.dtype), emb.detach()):
+        values_differ = not (tensor.is_meta or emb.is_meta) and not torch.equal(tensor.to(emb.dtype), emb.detach())
+        if tensor.shape != emb.shape or values_differ:
             raise ConfigError(f"{source}: '{key}' differs from the token embedding; only checkpoints with a "
                               f"tied output head can be loaded")
     unassigned = sorted(name for name in params if name not in filled or not bool(filled[name].all()))
@@ -290,10 +320,11 @@ def export_hf(model: Any, out_dir: str | Path, plugins: Optional[Any] = None) ->
     return family
 
 
-#: keys that may differ between a model and its export: dropout (training only) and the bias
-#: switches, whose effect is checked parameter by parameter instead
-_EXPORT_FREE = {"drop_rate", "gradient_checkpointing", "bias", "qkv_bias", "attn_out_bias", "mlp_bias", "norm_bias",
-                "ff_dim", "activation"}
+#: keys that may differ between a model and its export: dropout and checkpointing (training only),
+#: the weights it started from, the MLP width (compared by parameter shape) and the bias switches
+#: (compared parameter by parameter)
+_EXPORT_FREE = {"drop_rate", "gradient_checkpointing", "from_hf", "bias", "qkv_bias", "attn_out_bias", "mlp_bias",
+                "norm_bias", "ff_dim", "activation"}
 
 
 def _check_round_trip(model: Any, exported: dict, family: str, plugins: Any) -> dict:

@@ -192,6 +192,45 @@ class GPTModel(nn.Module):
 
         return load_hf(cls, path, plugins)
 
+    @classmethod
+    def from_run(cls, run_dir: str | Path, plugins: Optional[PluginSystem] = None) -> "GPTModel":
+        """The trained model of a run directory (config.yaml + the model.safetensors that
+        ``train.checkpoint: true`` writes), on the CPU, in eval mode."""
+        from safetensors.torch import load_model
+
+        from .errors import ConfigError
+        from .rundir import CONFIG, MODEL, damage, is_run_dir, read_config
+
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir() or not is_run_dir(run_dir):
+            raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass results/<experiment>/<run>")
+        ckpt = run_dir / MODEL
+        if not ckpt.is_file():
+            raise ConfigError(f"{run_dir} has no checkpoint (model.safetensors); set train.checkpoint=true and rerun, "
+                              f"e.g. gptlab run EXPERIMENT.yaml train.checkpoint=true")
+        problem = damage(run_dir)
+        if problem:
+            raise ConfigError(f"{run_dir}: cannot read it ({problem}); the run folder is damaged")
+        try:
+            cfg = ModelConfig.from_any(read_config(run_dir).get("model") or {})
+        except ConfigError as exc:
+            raise ConfigError(f"{run_dir / CONFIG}: {exc}") from None
+        model = cls(cfg, plugins=plugins)
+        try:
+            load_model(model, str(ckpt), device="cpu")
+        except Exception as exc:  # wrong shapes or a damaged file: say which, without a traceback
+            raise ConfigError(f"{ckpt}: cannot load into the model of config.yaml "
+                              f"({' '.join(str(exc).split())[:300]})") from None
+        return model.eval()
+
+    def save_hf(self, path: str | Path, plugins: Optional[PluginSystem] = None) -> str:
+        """Write this model as a Hugging Face checkpoint directory of the family its components map
+        to (``transformers.AutoModelForCausalLM.from_pretrained(path)`` loads it); returns the
+        model_type. A model no importer's ``to_hf`` accepts is refused naming the component."""
+        from .hf import export_hf
+
+        return export_hf(self, path, plugins)
+
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:

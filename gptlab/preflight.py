@@ -17,6 +17,7 @@ import torch
 from .data import TokenData, prepare_tokens
 from .errors import ConfigError
 from .experiment import Experiment, RunSpec
+from .hf import load_hf_weights
 from .hookspecs import MODEL_KINDS
 from .model import GPTModel, resolve_components
 from .plugin_manager import PluginSystem
@@ -67,7 +68,9 @@ def check_components(exp: Experiment, plugins: PluginSystem) -> None:
         built.add(key)
         try:
             with torch.device("meta"):
-                GPTModel(spec.model, plugins=plugins)
+                model = GPTModel(spec.model, plugins=plugins)
+            if spec.model.from_hf:  # every checkpoint tensor has a place in this variant's model
+                load_hf_weights(model, spec.model.from_hf, plugins, shapes_only=True)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         except Exception as exc:  # a factory rejected an option value

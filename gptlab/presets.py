@@ -21,9 +21,19 @@ PRESETS: dict[str, dict] = {
 
 
 def apply_preset(model: dict) -> dict:
-    """Model keys with ``preset: NAME`` replaced by that preset's keys (the others win)."""
+    """Model keys with ``preset: NAME`` replaced by that preset's keys, and ``from_hf: DIR`` by
+    the keys that checkpoint's config.json describes (the keys written beside either win)."""
     model = dict(model)
     name = model.pop("preset", None)
+    source = model.get("from_hf")
+    if source is not None:
+        if name is not None:
+            raise ConfigError(f"model: set preset ({name}) or from_hf ({source}), not both")
+        if not isinstance(source, str) or not source:
+            raise ConfigError(f"model.from_hf must be a checkpoint directory path, got {source!r}")
+        from .hf import hf_model_config
+
+        return {**hf_model_config(source), **model}
     if name is None:
         return model
     if name not in PRESETS:

@@ -24,6 +24,7 @@ from .data import TokenData, prepare_tokens
 from .devices import device_name
 from .errors import ConfigError
 from .experiment import Experiment, RunSpec
+from .hf import load_hf_weights
 from .hookspecs import RunInfo
 from .model import GPTModel
 from .plugin_manager import PluginSystem
@@ -186,6 +187,8 @@ class ExperimentRunner:
         found = resume.latest(run_dir, only=decision[1]) if decision[1] is not None else None
         torch.manual_seed(spec.seed)
         model = GPTModel(spec.model, plugins=self.plugins)
+        if spec.model.from_hf and found is None:
+            load_hf_weights(model, spec.model.from_hf, self.plugins)
         try:
             train_run(spec, data, model, self.device, lambda row: None, lambda row: None, resume_from=found,
                       should_stop=self.should_stop, group=self.group)
@@ -257,6 +260,8 @@ class ExperimentRunner:
         try:
             torch.manual_seed(spec.seed)
             model = GPTModel(spec.model, plugins=self.plugins)
+            if spec.model.from_hf and found is None:  # a resumed run's state already holds the weights
+                load_hf_weights(model, spec.model.from_hf, self.plugins)
             summary["parameters"] = model.num_parameters()
             seq_len = spec.train.seq_len or spec.model.context_length
             summary["memory_estimate"] = model.memory_estimate(

@@ -10,6 +10,7 @@ parsers and sets ``handler`` on them:
   runs.py      gptlab runs/clean    list runs; remove the ones a filter names
   status.py    gptlab status        queued, running and finished runs (job ids from .submitit/jobs.json)
   generate.py  gptlab generate      sample from a run's checkpoint
+  export.py    gptlab export        a run's checkpoint as a Hugging Face model directory
   plugins.py   gptlab plugins/components
   bench.py     gptlab bench attention/model
 
@@ -60,14 +61,14 @@ def common_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, generate, plugins, results, run, runs, status
+    from . import bench, export, generate, plugins, results, run, runs, status
 
     p = Parser(prog="gptlab", description="A plugin-based experiment registry for GPT architecture variants.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     common = common_options()
-    for module in (run, results, runs, status, generate, plugins, bench):
+    for module in (run, results, runs, status, generate, export, plugins, bench):
         module.add_parsers(sub, common)
     return p
 

@@ -28,31 +28,22 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from ..config import ModelConfig, parse_section
+    from ..config import parse_section
     from ..data import build_tokenizer
     from ..devices import resolve_device
     from ..model import GPTModel
     from ..plugin_manager import build_plugin_system
-    from ..rundir import CONFIG, MODEL, TOKENIZER, damage, is_run_dir, read_config, read_json
+    from ..rundir import CONFIG, TOKENIZER, read_config, read_json
     from ..settings import DataConfig
 
     run_dir = Path(args.run_dir)
-    if not run_dir.is_dir() or not is_run_dir(run_dir):
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass results/<experiment>/<run>")
-    ckpt = run_dir / MODEL
-    if not ckpt.is_file():
-        raise ConfigError(f"{run_dir} has no checkpoint (model.safetensors); set train.checkpoint=true and rerun, "
-                          f"e.g. gptlab run EXPERIMENT.yaml train.checkpoint=true")
+    _check_sampling(args)
+    plugins = build_plugin_system(plugin_dirs=args.plugins_dir)
+    model = GPTModel.from_run(run_dir, plugins)  # checks the folder, its config and its checkpoint
     if not (run_dir / TOKENIZER).is_file():
         raise ConfigError(f"{run_dir} has no tokenizer.json; rerun with train.checkpoint=true to save both")
-    _check_sampling(args)
-    if damage(run_dir):
-        raise ConfigError(f"{run_dir}: cannot read it ({damage(run_dir)}); the run folder is damaged")
-    config = read_config(run_dir)
-    plugins = build_plugin_system(plugin_dirs=args.plugins_dir)
     try:
-        model_cfg = ModelConfig.from_any(config.get("model") or {})
-        data = parse_section(DataConfig, config.get("data"), "data")
+        data = parse_section(DataConfig, read_config(run_dir).get("data"), "data")
     except ConfigError as exc:
         raise ConfigError(f"{run_dir / CONFIG}: {exc}") from None
     saved = read_json(run_dir / TOKENIZER)
@@ -64,14 +55,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{run_dir / TOKENIZER}: cannot restore the tokenizer from it ({type(exc).__name__})") from None
     device = resolve_device(args.device)
-    model = GPTModel(model_cfg, plugins=plugins)
-    try:
-        from safetensors.torch import load_model
-
-        load_model(model, str(ckpt), device="cpu")
-    except Exception as exc:  # wrong shapes or a damaged file: say which, without a traceback
-        raise ConfigError(f"{ckpt}: cannot load into the model of config.yaml ({' '.join(str(exc).split())[:300]})") \
-            from None
     model.to(device)
 
     ids = tokenizer.encode(args.prompt)
