@@ -106,6 +106,24 @@ def test_the_python_snippet_builds_the_model(checkout):
     assert out.stdout.split() == ["TemperedAttention", "256"]
 
 
+def test_the_plugin_folder_snippet_works_from_anywhere(checkout, tmp_path):
+    """The README's "plugin folder from Python" code, run from a directory with no plugins/."""
+    section = (REPO_ROOT / "README.md").read_text().split("### Your plugin folder from Python", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)[1]
+    folder = tmp_path / "my_plugins"
+    folder.mkdir()
+    shutil.copy(checkout / "plugins" / "my_attention.py", folder / "my_attention.py")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = code.replace("path/to/my_plugins", str(folder))
+    probe = code + "print(type(model.blocks[0].attn).__name__)\n"
+    env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "'my_attention'" in out.stdout.splitlines()[0]
+    assert out.stdout.splitlines()[-1] == "TemperedAttention"
+
+
 def test_builtin_folder_tests_pass_with_the_plugin_present(checkout):
     """The tests that look at plugins/ itself, run inside the checkout holding the user's file."""
     env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": "1"}
