@@ -6,6 +6,7 @@ parsers and sets ``handler`` on them:
 
   run.py       gptlab run           train an experiment, live progress, the final table
   results.py   gptlab compare/show  tables and curves from run directories (no torch)
+  report.py    gptlab report        the tables and every run's curves on one HTML page (no torch)
   table.py     the comparison table as people read it (gptlab compare, the end of gptlab run)
   runs.py      gptlab runs/clean    list runs; remove the ones a filter names
   status.py    gptlab status        queued, running and finished runs (job ids from .submitit/jobs.json)
@@ -61,14 +62,14 @@ def common_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, export, generate, plugins, results, run, runs, status
+    from . import bench, export, generate, plugins, report, results, run, runs, status
 
     p = Parser(prog="gptlab", description="A plugin-based experiment registry for GPT architecture variants.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     common = common_options()
-    for module in (run, results, runs, status, generate, export, plugins, bench):
+    for module in (run, results, report, runs, status, generate, export, plugins, bench):
         module.add_parsers(sub, common)
     return p
 

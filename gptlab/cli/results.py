@@ -1,12 +1,13 @@
 """``gptlab compare`` and ``gptlab show``: tables and curves read from run directories.
 
-They only read, and import neither torch nor anything that does.
+They only read results (``show --png`` writes the one image it is asked for), and import neither
+torch nor anything that does; matplotlib loads only for --png.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .. import fmt
 from ..errors import ConfigError
@@ -44,6 +45,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 
     s = sub.add_parser("show", parents=[common], help="a run's config, summary and loss curves; or an experiment's curves overlaid")
     s.add_argument("path", type=Path, help="run directory or experiment directory")
+    s.add_argument("--png", type=Path, metavar="FILE",
+                   help="write the same curves as a PNG image instead of printing (needs the report extra: "
+                        "pip install -e \".[report]\")")
     s.set_defaults(handler=cmd_show)
 
 
@@ -65,14 +69,25 @@ def cmd_show(args: argparse.Namespace) -> int:
     if not path.exists():
         raise ConfigError(f"{path} does not exist; pass a run directory or an experiment directory (results/<name>)")
     console = Console(highlight=False)
+    png = getattr(args, "png", None)
+    if png:
+        from ..plots import check_target
+
+        check_target(png)  # a folder or a missing folder fails before anything is read
     if path.is_dir() and is_run_dir(path):
         reason = damage(path)
         if reason:
             raise ConfigError(f"{path}: cannot show it: {reason}")
-        show_run(path, console)
+        if png:
+            png_run(path, png, console)
+        else:
+            show_run(path, console)
     elif path.is_dir() and ((path / EXPERIMENT).is_file() or any(
             is_run_dir(p) for p in path.iterdir() if p.is_dir())):
-        show_experiment(path, console)
+        if png:
+            png_experiment(path, png, console)
+        else:
+            show_experiment(path, console)
     else:
         raise ConfigError(f"{path} is neither a run directory (config.yaml, summary.json) nor an experiment "
                           f"directory holding runs")
@@ -85,7 +100,8 @@ def show_run(run_dir: Path, console: Any) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from ..results import flatten_config, read_metrics, read_run
+    from ..plots import run_panels
+    from ..results import flatten_config, read_run
 
     row, config = read_run(run_dir)
     status = row["status"]
@@ -119,16 +135,15 @@ def show_run(run_dir: Path, console: Any) -> None:
     if row.get("error"):
         console.print(Text(f"error: {row['error']}", style="red"))
 
-    metrics = read_metrics(run_dir)
-    series = [(name, *_xy(metrics, key)) for name, key in (("train", "train_loss"), ("val", "val_loss"))]
-    _print_plot(console, "loss curves", series)
+    for title, series in run_panels(run_dir):
+        _print_plot(console, title, series)
 
 
 def show_experiment(exp_dir: Path, console: Any) -> None:
     """Each variant's mean curve (over its completed seeds) overlaid, for val loss and train loss."""
     from rich.text import Text
 
-    from ..compare import group_runs, mean_curve
+    from ..plots import experiment_panels
     from ..results import load_results
 
     df = load_results(exp_dir)
@@ -138,16 +153,39 @@ def show_experiment(exp_dir: Path, console: Any) -> None:
                                 (str(exp_dir), "dim")))
     if meta.get("description"):
         console.print(Text(str(meta["description"])))
-    groups = group_runs(df, [])
-    for key, title in (("val_loss", "validation loss, mean of seeds"), ("train_loss", "training loss, mean of seeds")):
-        series = []
-        for g in groups:
-            done = [i for i in g.index if df["status"].iloc[i] == COMPLETED]
-            idx = done or [i for i in g.index if df["status"].iloc[i] in (RUNNING, INTERRUPTED)]
-            curve = mean_curve(df["run_dir"].iloc[idx], key)
-            series.append((f"{g.label} (n={len(idx)})", list(curve.index), list(curve.to_numpy())))
+    for title, series in experiment_panels(df):
         _print_plot(console, title, series)
     console.print(Text(f"table: gptlab compare {exp_dir}", style="dim"))
+
+
+def png_run(run_dir: Path, png: Path, console: Any) -> None:
+    """The run's loss curves as an image, titled with what show_run prints first."""
+    from ..plots import run_panels
+    from ..results import read_run
+
+    row, _ = read_run(run_dir)
+    _write_png(console, png, f"{row['experiment']} / {row['variant']} / seed {row['seed']}  ({row['status']})",
+               run_panels(run_dir))
+
+
+def png_experiment(exp_dir: Path, png: Path, console: Any) -> None:
+    """Every run's curves as an image: one line per variant/seed, a colour per variant."""
+    from ..plots import run_by_run_panels
+    from ..results import load_results
+
+    df = load_results(exp_dir)
+    name = str(read_experiment(exp_dir).get("name") or exp_dir.name)
+    panels, variant_of = run_by_run_panels(df)
+    _write_png(console, png, f"{name}  ({len(df)} runs)", panels, variant_of)
+
+
+def _write_png(console: Any, png: Path, title: str, panels: list, colour_of: Optional[dict] = None) -> None:
+    from ..plots import figure, save_png
+
+    fig = figure(title, panels, colour_of=colour_of)
+    save_png(fig, png)
+    drawn = sum(1 for _, series in panels for _, xs, _ in series if len(xs))
+    print(f"wrote {png} ({drawn} curves)")  # one line, never wrapped: scripts read it
 
 
 def _print_plot(console: Any, title: str, series: list) -> None:
@@ -158,13 +196,6 @@ def _print_plot(console: Any, title: str, series: list) -> None:
     console.print(Text("\n" + title, style="bold"))
     plot = line_plot(series, colors=bool(console.is_terminal and console.color_system))
     console.print(Text.from_ansi(plot) if plot else Text("(nothing logged yet)", style="dim"), crop=False)
-
-
-def _xy(metrics: Any, key: str) -> tuple[list, list]:
-    if key not in metrics.columns or "step" not in metrics.columns:
-        return [], []
-    rows = metrics[["step", key]].dropna()
-    return list(rows["step"]), list(rows[key])
 
 
 def _num(v: Any, spec: str = "{:.4f}") -> str:
