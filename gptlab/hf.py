@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ConfigError
+from .hfconfig import SAME_FUNCTION
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -339,8 +340,12 @@ def _check_round_trip(model: Any, exported: dict, family: str, plugins: Any) -> 
     from .config import ModelConfig
 
     own, back = ModelConfig.from_any(model.config), ModelConfig.from_any(exported)
-    differ = [k for k, v in _normal(own, plugins).items() if k not in _EXPORT_FREE and _normal(back, plugins)[k] != v]
-    if _normal(own, plugins)["activation"][0] != _normal(back, plugins)["activation"][0]:
+    mine, theirs_cfg = _normal(own, plugins), _normal(back, plugins)
+    for kind, names in SAME_FUNCTION.items():  # one function, another kernel: compare the options only
+        if mine[kind][0] in names and theirs_cfg[kind][0] in names:
+            theirs_cfg[kind] = (mine[kind][0], theirs_cfg[kind][1])
+    differ = [k for k, v in mine.items() if k not in _EXPORT_FREE and theirs_cfg[k] != v]
+    if mine["activation"][0] != theirs_cfg["activation"][0]:
         differ.append("activation")
     if differ:
         raise ConfigError(f"exporting as {family} would change model.{differ[0]} "

@@ -65,9 +65,11 @@ class HFConfig:
         eps = self.number(eps_key, default_eps, positive=True)
         return name if eps == 1e-5 else {"name": name, "eps": eps}
 
-    def rope(self, theta_keys: Iterable[str] = ("rope_theta",), fraction_keys: Iterable[str] = ()) -> dict:
+    def rope(self, theta_keys: Iterable[str] = ("rope_theta",), fraction_keys: Iterable[str] = (),
+             default_fraction: float = 1.0) -> dict:
         """A gptlab ``rope`` spec from either layout: transformers 5's ``rope_parameters`` or the
-        older top-level ``rope_theta`` / ``rope_scaling`` keys."""
+        older top-level ``rope_theta`` / ``rope_scaling`` keys. ``default_fraction``: the share of
+        each head the family rotates when config.json does not say (GPT-NeoX: 0.25)."""
         params = self.values.get("rope_parameters") or {}
         scaling = self.values.get("rope_scaling") or params
         where = "rope_scaling" if self.values.get("rope_scaling") else "rope_parameters"
@@ -79,7 +81,7 @@ class HFConfig:
             spec["base"] = self._positive(f"{where}.rope_theta", base)
         fraction = params.get("partial_rotary_factor",
                               next((self.values[k] for k in ("partial_rotary_factor", *fraction_keys)
-                                    if k in self.values), 1.0))
+                                    if k in self.values), default_fraction))
         if fraction != 1.0:
             spec["fraction"] = self._positive(f"{where}.partial_rotary_factor", fraction)
         kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -118,10 +120,11 @@ def component(cfg: Mapping[str, Any], kind: str) -> tuple[str, dict]:
 def rope_to_hf(options: Mapping[str, Any], family: str, partial_ok: bool = False) -> dict:
     """transformers 5's ``rope_parameters`` for gptlab rope options; refuses what ``family`` lacks."""
     out: dict[str, Any] = {"rope_theta": float(options.get("base", 10000.0)), "rope_type": "default"}
-    if options.get("fraction", 1.0) != 1.0:
-        if not partial_ok:
-            raise ConfigError(f"position 'rope' with fraction {options['fraction']}: {family} rotates whole heads")
-        out["partial_rotary_factor"] = float(options["fraction"])
+    fraction = float(options.get("fraction", 1.0))
+    if partial_ok:  # always written: a family may rotate less than the whole head when it is left out
+        out["partial_rotary_factor"] = fraction
+    elif fraction != 1.0:
+        raise ConfigError(f"position 'rope' with fraction {fraction}: {family} rotates whole heads")
     scaling = options.get("scaling")
     if scaling == "ntk":
         raise ConfigError(f"position 'rope' with scaling 'ntk': {family} checkpoints have no static NTK scaling")
@@ -133,6 +136,11 @@ def rope_to_hf(options: Mapping[str, Any], family: str, partial_ok: bool = False
                    high_freq_factor=float(options.get("high_freq_factor", 4.0)),
                    original_max_position_embeddings=options["original_context_length"])
     return out
+
+
+#: components that compute the same function, so an export may read one back as the other
+#: (both attentions are exact causal softmax attention; they differ only in the kernel)
+SAME_FUNCTION = {"attention": frozenset({"sdpa", "vanilla"})}
 
 
 class Export:

@@ -2,7 +2,7 @@
 
 LayerNorm blocks that are parallel with a norm per branch (``use_parallel_residual``, the usual
 case) or pre-norm, rotary positions on part of each head (``partial_rotary_factor``, formerly
-``rotary_pct``), a plain MLP, an untied output head. The fused query_key_value matrix interleaves
+``rotary_pct``; a quarter when config.json leaves both out, as transformers reads it), a plain MLP, an untied output head. The fused query_key_value matrix interleaves
 per head ([q, k, v] for head 0, then head 1, ...); gptlab's ``attn.qkv`` holds all queries, then
 all keys, then all values, so the rows are reordered on the way in and out.
 """
@@ -30,7 +30,8 @@ def gpt_neox(hf_config, source):
            "emb_dim": emb, "n_heads": heads, "n_layers": hf.integer("num_hidden_layers"),
            "drop_rate": hf.number("hidden_dropout"), "qkv_bias": attn_bias, "bias": True, "attn_out_bias": attn_bias,
            "tie_embeddings": tied, "attention": "sdpa",
-           "position": hf.rope(theta_keys=("rope_theta", "rotary_emb_base"), fraction_keys=("rotary_pct",)),
+           "position": hf.rope(theta_keys=("rope_theta", "rotary_emb_base"), fraction_keys=("rotary_pct",),
+                               default_fraction=0.25),
            "norm": hf.norm("layernorm", "layer_norm_eps"),
            "norm_placement": {"name": "parallel", "shared_norm": False} if parallel else "pre",
            "activation": hf.choice("hidden_act", PLAIN_ACTIVATIONS), "ff_dim": hf.integer("intermediate_size")}

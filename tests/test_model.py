@@ -540,3 +540,249 @@ def test_gradient_checkpointing_matches(position, monkeypatch):
     grads = dict(ckpt.named_parameters())
     for name, p in plain.named_parameters():
         torch.testing.assert_close(grads[name].grad, p.grad, atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the options the Hugging Face families brought (head_dim, embedding_norm, the bias switches,
+# parallel shared_norm, rope fraction and scaling), crossed with the axes they interact with
+# ---------------------------------------------------------------------------------------------
+
+LLAMA3_OPTIONS = dict(scaling="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_context_length=64)
+ROPE_SCALINGS = {"linear": dict(scaling="linear", factor=2.0), "ntk": dict(scaling="ntk", factor=4.0),
+                 "llama3": LLAMA3_OPTIONS}
+
+
+def _new_option_combos():
+    """(label, config overrides) for every new option crossed with the axes it interacts with."""
+    combos = []
+    for attention, position, kv in itertools.product(ATTENTIONS, POSITIONS, (None, 2)):
+        combos.append((f"head_dim=12/{attention}/{position}/n_kv_heads={kv}",
+                       dict(head_dim=12, attention=_attention(attention, kv), position=position)))
+    for norm, placement in itertools.product(NORMS, PLACEMENTS):
+        combos.append((f"embedding_norm/{norm}/{placement}",
+                       dict(embedding_norm=True, norm=norm, norm_placement=placement, position="rope")))
+    for part, own, bias in itertools.product(("attn_out", "mlp", "norm"), (True, False), (True, False)):
+        combos.append((f"{part}_bias={own}/bias={bias}", {f"{part}_bias": own, "bias": bias, "qkv_bias": bias}))
+    for norm, activation in itertools.product(NORMS, ACTIVATIONS):
+        combos.append((f"parallel shared_norm=false/{norm}/{activation}",
+                       dict(norm_placement={"name": "parallel", "shared_norm": False}, norm=norm,
+                            activation=activation, position="rope")))
+    for fraction, attention, kv in itertools.product((0.5, 0.25), ATTENTIONS, (None, 2)):
+        combos.append((f"rope fraction={fraction}/{attention}/n_kv_heads={kv}",
+                       dict(position={"name": "rope", "fraction": fraction}, attention=_attention(attention, kv))))
+    for (scaling, options), attention, kv in itertools.product(ROPE_SCALINGS.items(), ATTENTIONS, (None, 2)):
+        combos.append((f"rope scaling={scaling}/{attention}/n_kv_heads={kv}",
+                       dict(position={"name": "rope", **options}, attention=_attention(attention, kv))))
+    for scaling in ("linear", "llama3"):  # partial rotation and scaling together (a NeoX-style head)
+        combos.append((f"rope fraction=0.5 scaling={scaling}",
+                       dict(position={"name": "rope", "fraction": 0.5, **ROPE_SCALINGS[scaling]},
+                            norm_placement={"name": "parallel", "shared_norm": False})))
+    return combos
+
+
+def test_new_options_build_train_are_causal_and_cache(builtin_system):
+    """``_check_combo`` (gradients reach every parameter, causality, cached decoding equals the full
+    forward) for each new model option crossed with the components it interacts with."""
+    combos = _new_option_combos()
+    assert len(combos) > 70
+    T, t, prefill, chunk = 12, 5, 4, 3
+    g = torch.Generator().manual_seed(0)
+    row = torch.randint(0, V, (T,), generator=g)
+    changed = row.clone()
+    changed[t + 1:] = (row[t + 1:] + torch.randint(1, V, (T - t - 1,), generator=g)) % V
+    idx = torch.stack([row, changed])
+    targets = torch.randint(0, V, (2, T), generator=g)
+    failures = []
+    for label, overrides in combos:
+        try:
+            _check_combo(tiny_cfg(**overrides), builtin_system, idx, targets, t, prefill, chunk)
+        except Exception as exc:
+            failures.append(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+    assert not failures, f"{len(failures)} combinations failed:\n" + "\n".join(failures[:40])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("own", [None, True, False])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_bias_switches_decide_which_biases_exist(bias, own, activation):
+    """attn_out_bias / mlp_bias / norm_bias each override ``bias`` for their part (None: follow it);
+    the q/k/v bias stays ``qkv_bias``'s."""
+    expect = bias if own is None else own
+    for part, names in (("attn_out", ["blocks.0.attn.out_proj.bias", "blocks.1.attn.out_proj.bias"]),
+                        ("mlp", ["blocks.0.mlp.fc.bias", "blocks.0.mlp.proj.bias", "blocks.1.mlp.proj.bias"]),
+                        ("norm", ["blocks.0.norm1.bias", "blocks.1.norm2.bias", "final_norm.bias",
+                                  "embedding_norm.bias"])):
+        model = build(bias=bias, qkv_bias=False, activation=activation, embedding_norm=True, **{f"{part}_bias": own})
+        params = dict(model.named_parameters())
+        assert model.config.uses_bias(part) is expect
+        for name in names:
+            assert (name in params) is expect, f"{part}_bias={own}, bias={bias}: {name}"
+        assert "blocks.0.attn.qkv.bias" not in params
+        others = {"attn_out": "blocks.0.attn.out_proj.bias", "mlp": "blocks.0.mlp.fc.bias",
+                  "norm": "blocks.0.norm1.bias"}
+        for other, name in others.items():  # the other parts still follow ``bias``
+            if other != part:
+                assert (name in params) is bias, f"{part}_bias={own} changed {name}"
+
+
+def test_parallel_shared_norm_false_has_a_norm_per_branch():
+    shared = randomize_(build(norm_placement="parallel", position="rope"), seed=2).eval()
+    split = build(norm_placement={"name": "parallel", "shared_norm": False}, position="rope").eval()
+    for block in shared.blocks:
+        assert hasattr(block, "norm") and not hasattr(block, "norm1") and not hasattr(block, "norm2")
+    for block in split.blocks:
+        assert hasattr(block, "norm1") and hasattr(block, "norm2") and not hasattr(block, "norm")
+    d, L = TINY["emb_dim"], TINY["n_layers"]
+    assert split.num_parameters() - shared.num_parameters() == L * 2 * d  # one more LayerNorm (gain, bias) a block
+    # with both branch norms equal to the shared one, the split block computes the same function
+    state = {}
+    for key, value in shared.state_dict().items():
+        if ".norm." in key:
+            state[key.replace(".norm.", ".norm1.")] = value
+            state[key.replace(".norm.", ".norm2.")] = value
+        else:
+            state[key] = value
+    split.load_state_dict(state)
+    idx = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(split(idx), shared(idx), atol=1e-6, rtol=0)
+        # ...and distinct branch norms make a difference (norm2 feeds the MLP, norm1 the attention)
+        split.blocks[0].norm2.weight.mul_(1.5)
+        assert (split(idx) - shared(idx)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_embedding_norm_normalises_what_the_first_block_reads(norm):
+    plain = build(norm=norm)
+    assert isinstance(plain.embedding_norm, nn.Identity)
+    model = build(norm=norm, embedding_norm=True)  # fresh init: gain 1, bias 0
+    assert not isinstance(model.embedding_norm, nn.Identity)
+    assert model.num_parameters() - plain.num_parameters() == sum(p.numel() for p in model.embedding_norm.parameters())
+    randomize_(model, seed=1)  # gains and bias away from 1 and 0
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    idx = torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model(idx)
+        emb = model.tok_emb.weight[idx] + model.position.emb.weight[:8]  # token + learned position
+        if norm == "layernorm":
+            emb = emb - emb.mean(-1, keepdim=True)
+        expected = emb / (emb.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * model.embedding_norm.weight
+        if norm == "layernorm":
+            expected = expected + model.embedding_norm.bias
+    torch.testing.assert_close(seen[0], expected, atol=1e-5, rtol=0)
+
+
+def test_head_dim_sets_the_width_of_every_head():
+    d, H, hd, kv = TINY["emb_dim"], TINY["n_heads"], 12, 2
+    model = build(head_dim=hd, attention={"name": "sdpa", "n_kv_heads": kv}, position="rope")
+    assert model.config.head_size == hd
+    for block in model.blocks:
+        assert block.attn.qkv.weight.shape == (H * hd + 2 * kv * hd, d)
+        assert block.attn.out_proj.weight.shape == (d, H * hd)
+    # head_dim equal to emb_dim / n_heads is the default model, parameter for parameter
+    same = build(head_dim=d // H)
+    default = build()
+    assert {n: p.shape for n, p in same.named_parameters()} == {n: p.shape for n, p in default.named_parameters()}
+    # emb_dim need not divide by n_heads once head_dim is given
+    odd = build(emb_dim=30, n_heads=4, head_dim=8)
+    assert odd.blocks[0].attn.qkv.weight.shape == (3 * 4 * 8, 30)
+    with pytest.raises(gptlab.ConfigError, match="head_dim"):
+        build(emb_dim=30, n_heads=4)
+
+
+# -- rope: numeric checks of fraction and scaling ---------------------------------------------
+
+def _rotate(model, q, k, offset):
+    ctx = model.position.context(offset, q.shape[2], q.device, q.dtype)
+    return ctx.rotate(q, k)
+
+
+def _reference_rope(x, positions, base):
+    """Half-split rotary embedding of all of x's last dimension at ``positions``, written out."""
+    dim = x.shape[-1]
+    inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = positions.double()[:, None] * inv[None, :]
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    a, b = x.double().chunk(2, -1)
+    return (x.double() * cos + torch.cat([-b, a], -1) * sin).float()
+
+
+@pytest.mark.parametrize("fraction, rot", [(1.0, 8), (0.5, 4), (0.25, 2)])
+def test_rope_fraction_rotates_the_first_dims_and_passes_the_rest(fraction, rot):
+    model = build(position={"name": "rope", "fraction": fraction})
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 2, 5, 8, generator=g)
+    q2, k2 = _rotate(model, q, k, offset=3)
+    assert torch.equal(q2[..., rot:], q[..., rot:]) and torch.equal(k2[..., rot:], k[..., rot:])
+    positions = torch.arange(3, 8)
+    # the rotated part is a full rope over `rot` dims (frequencies relative to `rot`, as GPT-NeoX)
+    torch.testing.assert_close(q2[..., :rot], _reference_rope(q[..., :rot], positions, 10000.0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(k2[..., :rot], _reference_rope(k[..., :rot], positions, 10000.0), atol=1e-5, rtol=0)
+    assert (q2[..., :rot] - q[..., :rot]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("factor", [2.0, 3.0])
+def test_rope_linear_scaling_is_position_divided_by_factor(factor):
+    scaled = build(position={"name": "rope", "scaling": "linear", "factor": factor})
+    plain = build(position="rope")
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 4, 1, 8, generator=g), torch.randn(1, 4, 1, 8, generator=g)
+    f = int(factor)
+    for p in (0, f, 2 * f, 5 * f, 9 * f):  # 9 * f is past context_length: the tables grow
+        a, b = _rotate(scaled, q, k, offset=p), _rotate(plain, q, k, offset=p // f)
+        torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=0, msg=lambda m: f"position {p}: {m}")
+        torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=0, msg=lambda m: f"position {p}: {m}")
+    torch.testing.assert_close(scaled.position.inv_freq, plain.position.inv_freq / factor, atol=0, rtol=1e-6)
+
+
+def test_rope_llama3_scaling_keeps_short_wavelengths_and_divides_long_ones():
+    o = LLAMA3_OPTIONS
+    plain = build(position="rope").position.inv_freq
+    scaled = build(position={"name": "rope", **o}).position.inv_freq
+    wavelength = 2 * math.pi / plain
+    short = wavelength < o["original_context_length"] / o["high_freq_factor"]
+    long = wavelength > o["original_context_length"] / o["low_freq_factor"]
+    between = ~short & ~long
+    assert short.any() and long.any() and between.any(), wavelength  # head 8: 6.3, 63, 628, 6283 vs 16 and 64
+    torch.testing.assert_close(scaled[short], plain[short], atol=0, rtol=0)
+    torch.testing.assert_close(scaled[long], plain[long] / o["factor"], atol=0, rtol=1e-6)
+    smooth = (o["original_context_length"] / wavelength[between] - o["low_freq_factor"]) / (
+        o["high_freq_factor"] - o["low_freq_factor"])
+    torch.testing.assert_close(scaled[between], (1 - smooth) * plain[between] / o["factor"] + smooth * plain[between],
+                               atol=0, rtol=1e-5)
+    assert ((scaled[between] < plain[between]) & (scaled[between] > plain[between] / o["factor"])).all()
+
+
+def test_rope_ntk_scaling_raises_the_base():
+    factor, base, rot = 4.0, 10000.0, TINY["emb_dim"] // TINY["n_heads"]
+    plain = build(position="rope").position.inv_freq
+    ntk = build(position={"name": "rope", "scaling": "ntk", "factor": factor}).position.inv_freq
+    raised = build(position={"name": "rope", "base": base * factor ** (rot / (rot - 2))}).position.inv_freq
+    torch.testing.assert_close(ntk, raised, atol=0, rtol=1e-6)
+    assert ntk[0] == plain[0] == 1.0  # the highest frequency is kept
+    torch.testing.assert_close(ntk[-1], plain[-1] / factor, atol=0, rtol=1e-5)  # the lowest stretches by factor
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ({"position": {"name": "rope", "fraction": 0.375}}, "fraction"),  # 3 of 8 dims: odd
+    ({"position": {"name": "rope", "fraction": 0.1}}, "fraction"),  # 0 of 8 dims
+    ({"position": {"name": "rope", "fraction": 0.0}}, "fraction"),
+    ({"position": {"name": "rope", "fraction": 1.5}}, "fraction"),
+    ({"position": {"name": "rope", "scaling": "cubic", "factor": 2.0}}, "scaling"),
+    ({"position": {"name": "rope", "scaling": "llama3", "factor": 8.0}}, "original_context_length"),
+    ({"position": {"name": "rope", "scaling": "llama3", "factor": 8.0, "original_context_length": 64,
+                   "low_freq_factor": 4.0, "high_freq_factor": 4.0}}, "high_freq_factor"),
+    ({"position": {"name": "rope", "factor": 2.0}}, "factor"),
+    ({"position": {"name": "rope", "scaling": "linear", "factor": 0.0}}, "factor"),
+    ({"position": {"name": "rope", "scaling": "ntk", "factor": 2.0, "fraction": 0.25}}, "ntk"),  # 2 rotated dims
+    ({"head_dim": 0}, "head_dim"),
+    ({"head_dim": -4}, "head_dim"),
+    ({"head_dim": 7, "position": "rope"}, "rotates 7"),  # rope needs an even head width
+])
+def test_invalid_new_options_are_one_line_config_errors(overrides, named):
+    with pytest.raises(gptlab.ConfigError) as err:
+        build(**overrides)
+    message = str(err.value)
+    assert named in message and "\n" not in message, message
