@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (the dev extra; CI installs it)
 from safetensors.torch import load_file  # noqa: E402
 
 import gptlab  # noqa: E402

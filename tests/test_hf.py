@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (the dev extra; CI installs it)
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from gptlab import ConfigError, GPTModel  # noqa: E402
