@@ -41,9 +41,12 @@ def estimate_memory(model: Any, batch_size: int, seq_len: int, dtype: str = "flo
     gated = bool(KINDS["activation"].attr(mlp, "gated"))
     dropout = cfg.drop_rate > 0
     tokens = b * s
-    # Per layer, elements saved for backward: norm inputs (2h), q/k/v (3h), attention output (h),
+    # query and key/value widths (head_dim and grouped-query heads can make them differ from h)
+    q_width = a * cfg.head_size
+    kv_width = getattr(attention, "n_kv_heads", a) * cfg.head_size
+    # Per layer, elements saved for backward: norm inputs (2h), q/k/v, attention output (q width),
     # MLP input (h) and, inside the MLP, the activation input and output (2ff; gated: 3ff + ff).
-    elems = tokens * (2 * h + 3 * h + h + h + h + (4 * ff if gated else 2 * ff))
+    elems = tokens * (2 * h + q_width + 2 * kv_width + q_width + h + h + (4 * ff if gated else 2 * ff))
     mask_bytes = tokens * 2 * h if dropout else 0  # residual dropout masks, 1 byte each
     attn = 0
     if not flash:  # softmax output, dropout output and mask of the (a x s x s) score matrix

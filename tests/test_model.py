@@ -511,6 +511,16 @@ def test_memory_estimate_activations():
         m.memory_estimate(2, 16, dtype="int3")
 
 
+def test_memory_estimate_counts_the_real_query_and_key_widths():
+    # TINY: width 32, 4 heads of 8, 2 layers; fp32 activations; 2 x 16 tokens
+    tokens, L, bytes_ = 2 * 16, TINY["n_layers"], 4
+    base = build().memory_estimate(2, 16)["activations"]
+    gqa = build(attention={"name": "sdpa", "n_kv_heads": 1}).memory_estimate(2, 16)["activations"]
+    assert base - gqa == L * tokens * 2 * (32 - 8) * bytes_  # keys and values: 1 head of 8, not 4
+    wide = build(head_dim=16).memory_estimate(2, 16)["activations"]
+    assert wide - base == L * tokens * 4 * (64 - 32) * bytes_  # q, k, v and the attention output: 4 x 16 wide
+
+
 # ---------------------------------------------------------------------------------------------
 # gradient checkpointing
 # ---------------------------------------------------------------------------------------------
