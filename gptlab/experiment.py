@@ -21,9 +21,10 @@ from .errors import ConfigError, did_you_mean
 from .presets import apply_preset
 from .rundir import run_dir_name
 from .settings import OPERATIONAL_TRAIN_KEYS, DataConfig, SlurmConfig, TrainConfig
+from .tracking import parse_track
 
 TOP_KEYS = ("name", "description", "plugins", "model", "data", "train", "variants", "grid", "seeds", "compare",
-            "slurm")
+            "slurm", "track")
 CONFIG_SECTIONS = ("model", "data", "train")
 COMPARE_KEYS = ("baseline", "metric", "by", "sort")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -69,6 +70,9 @@ class Experiment:
     warnings: list = field(default_factory=list)  # settings that are legal but probably a mistake
     #: what each run asks Slurm for (``--launcher slurm``); the command line's flags override it
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    #: tracking sinks every run reports to (``track:``, plus ``--track``); operational, so outside
+    #: every config hash, like train.checkpoint_every
+    track: list = field(default_factory=list)
 
 
 def config_hash(resolved: dict) -> str:
@@ -182,6 +186,7 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
         slurm = parse_section(SlurmConfig, _plain(cfg.get("slurm"), where), "slurm")
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    track = parse_track(_plain(cfg.get("track"), where), where)
 
     base = OmegaConf.create({k: cfg.get(k) or {} for k in CONFIG_SECTIONS})
     variants = cfg.get("variants")
@@ -232,7 +237,7 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
         except ConfigError:  # the file is only valid with the overrides: no run is as the file defines it
             defined = {}
     return Experiment(name, str(description), Path(path) if path else None, plugins, runs, base_resolved,
-                      compare, labels, list(overrides), defined, warnings, slurm)
+                      compare, labels, list(overrides), defined, warnings, slurm, track)
 
 
 def _check_compare(compare: dict, runs: list, where: str) -> None:

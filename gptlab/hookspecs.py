@@ -15,7 +15,10 @@ an error when the plugin loads rather than a hook that silently never runs.
 
 Registration happens once, when the plugin loads. The lifecycle hooks observe a run at log
 steps, never inside the forward pass, so the plugin system costs nothing per training step.
-Nothing here imports torch.
+They are called one plugin at a time: a plugin whose lifecycle hook raises is named in one warning
+line and in the run's summary.json (``hook_errors``), and its lifecycle hooks are switched off for
+the rest of that run; the run itself goes on. ``hook_seconds`` in summary.json says how long each
+plugin's lifecycle hooks took. Nothing here imports torch.
 """
 from __future__ import annotations
 
@@ -123,6 +126,11 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          attrs={"to_hf": Attr("factory", None,
                               "to_hf(model config dict) -> the HF config.json dict of this family for a gptlab "
                               "model, or ConfigError naming the component it cannot express (export)")}),
+    Kind("tracker",
+         returns="nothing: factory() is called once before anything trains (--dry-run too), writes nothing, "
+                 "and raises gptlab.ConfigError when the sink cannot work, e.g. its package is not installed "
+                 "(name the extra to install). The registering plugin's lifecycle hooks do the tracking; they "
+                 "are called only for runs whose run.config['track'] lists one of its trackers (RunInfo.tracks)"),
 )}
 
 MODEL_KINDS = tuple(k.name for k in KINDS.values() if k.model_key)
@@ -138,8 +146,16 @@ class RunInfo:
     dir: Path  #: the run directory; a sink may write its own files here
     name: str  #: the variant label
     seed: int
-    config: dict  #: the resolved config (model, data, train) plus experiment, variant, seed, config_hash
+    #: the resolved config (model, data, train) plus experiment, variant, seed, config_hash, and
+    #: ``track``: the tracker names chosen for this run (operational: not part of config_hash)
+    config: dict
     experiment: str
+    #: the step a resumed run continues from (its metrics restart after it); None when it starts from scratch
+    resumed_from: Optional[int] = None
+
+    def tracks(self, name: str) -> bool:
+        """Whether the tracker ``name`` was chosen for this run (``track:`` or ``--track``)."""
+        return name in (self.config.get("track") or ())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +177,8 @@ def gptlab_register(register: Callable[..., None]) -> None:
 def gptlab_run_start(run: RunInfo) -> None:
     """A run is about to train: its directory holds config.yaml and a summary.json saying 'running'.
 
-    Called once per run, after the model is built. Return nothing.
+    Called once per run (per attempt: a resumed run starts again, with ``run.resumed_from`` set),
+    after the model is built. Return nothing.
     """
 
 
@@ -190,8 +207,8 @@ def gptlab_eval(run: RunInfo, step: int, metrics: Mapping[str, Any]) -> None:
 def gptlab_run_end(run: RunInfo, summary: Mapping[str, Any]) -> None:
     """A run ended: completed, diverged, failed or interrupted (``summary["status"]``). Called once per run.
 
-    ``summary`` is what was just saved to summary.json. An exception here is recorded in the run's
-    error.txt and never changes the run's status. Return nothing.
+    ``summary`` is what was just saved to summary.json. An exception here is warned about and
+    recorded in summary.json (``hook_errors``); it never changes the run's status. Return nothing.
     """
 
 

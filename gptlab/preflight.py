@@ -21,6 +21,7 @@ from .hf import load_hf_weights
 from .hookspecs import MODEL_KINDS
 from .model import GPTModel, resolve_components
 from .plugin_manager import PluginSystem
+from .tracking import check_trackers
 
 
 def check_writable(results_dir: Path) -> None:
@@ -84,6 +85,7 @@ def preflight(exp: Experiment, plugins: PluginSystem, cache_dir: Path, write: bo
 
     ``write=False`` (a dry run) makes the same checks without creating the token cache.
     """
+    check_trackers(exp.track, plugins)  # an unknown sink or a missing package: before any run directory exists
     check_components(exp, plugins)
     data_by_key: dict[str, TokenData] = {}
     for spec in exp.runs:

@@ -30,6 +30,7 @@ from .model import GPTModel
 from .plugin_manager import PluginSystem
 from .rundir import read_summary, write_json_atomic
 from .preflight import check_writable, data_key, preflight
+from .tracking import RunHooks
 from .train import Diverged, train_run
 
 
@@ -240,8 +241,9 @@ class ExperimentRunner:
         if resumed:
             summary["resumed_from"] = resumed
         write_json_atomic(run_dir / rd.SUMMARY, summary)
-        info = RunInfo(run_dir, spec.variant, spec.seed, {**meta, **resolved}, self.exp.name)
-        hook = self.plugins.pm.hook
+        info = RunInfo(run_dir, spec.variant, spec.seed, {**meta, **resolved, "track": list(self.exp.track)},
+                       self.exp.name, resumed_from=found.step if found else None)
+        hooks = RunHooks(self.plugins, info, self.warn)  # one failing plugin is switched off, not the run
         metrics_fh = rd.open_no_follow(run_dir / rd.METRICS, "a")
 
         written = [rows]
@@ -251,10 +253,10 @@ class ExperimentRunner:
             metrics_fh.flush()
             written[0] += 1
             summary["step"] = row["step"]
-            hook.gptlab_log(run=info, step=row["step"], metrics=row)
+            hooks("gptlab_log", run=info, step=row["step"], metrics=row)
 
         def on_eval(row: dict) -> None:
-            hook.gptlab_eval(run=info, step=row["step"], metrics=row)
+            hooks("gptlab_eval", run=info, step=row["step"], metrics=row)
 
         start = time.perf_counter() - wall_before
         try:
@@ -269,7 +271,7 @@ class ExperimentRunner:
                 dtype="bfloat16" if self.device.type == "cuda" and spec.train.precision != "fp32" else "float32")["total"]
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
-            hook.gptlab_run_start(run=info)
+            hooks("gptlab_run_start", run=info)
             progress = (lambda st, row: on_progress(spec, st, row)) if on_progress else (lambda st, row: None)
             state_info = lambda: {"metrics_rows": written[0], "wall_time_s": time.perf_counter() - start}  # noqa: E731
             summary.update(train_run(spec, data, model, self.device, on_log, on_eval, progress, state_dir=run_dir,
@@ -288,26 +290,27 @@ class ExperimentRunner:
             last = resume.states(run_dir)
             summary.update(status=rd.INTERRUPTED, error="interrupted (Ctrl-C or SIGTERM)"
                            + (f"; resumable from step {last[-1]}" if last else ""))
-            self._finish(summary, run_dir, start, metrics_fh, info)
+            self._finish(summary, run_dir, start, metrics_fh, info, hooks)
             raise
         except Exception as exc:  # a run's crash is a result; the experiment goes on
             summary.update(status=rd.FAILED, error=f"{type(exc).__name__}: {exc}")
             rd.write_text_atomic(run_dir / rd.ERROR, traceback.format_exc())
-        self._finish(summary, run_dir, start, metrics_fh, info)
+        self._finish(summary, run_dir, start, metrics_fh, info, hooks)
         return summary
 
-    def _finish(self, summary: dict, run_dir: Path, start: float, metrics_fh, info: RunInfo) -> None:
+    def _finish(self, summary: dict, run_dir: Path, start: float, metrics_fh, info: RunInfo, hooks: RunHooks) -> None:
         metrics_fh.close()
         summary["wall_time_s"] = time.perf_counter() - start
         summary["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         summary.pop("pid", None)
         if self.device.type == "cuda":
             summary["peak_memory"] = torch.cuda.max_memory_allocated(self.device)
+        summary.update(hooks.record())
         write_json_atomic(run_dir / rd.SUMMARY, summary)
-        try:
-            self.plugins.pm.hook.gptlab_run_end(run=info, summary=summary)
-        except Exception as exc:  # a broken sink must not turn a finished run into a lost one
-            rd.write_text_atomic(run_dir / rd.ERROR, f"gptlab_run_end hook failed: {type(exc).__name__}: {exc}\n")
+        hooks("gptlab_run_end", run=info, summary=summary)  # a sink that fails here is reported, the run kept
+        if hooks.record():  # add the end hooks' time and failures
+            summary.update(hooks.record())
+            write_json_atomic(run_dir / rd.SUMMARY, summary)
 
     def save_checkpoint(self, model: GPTModel, data: TokenData, run_dir: Path) -> None:
         from safetensors.torch import save_model

@@ -14,4 +14,5 @@ BUILTINS = (
     "dataset_python_docs", "dataset_text",
     "tokenizer_bytes", "tokenizer_char", "tokenizer_tiktoken",
     "import_gpt2", "import_openai_gpt", "import_llama", "import_gpt_neox", "import_bloom",
+    "track_tensorboard", "track_wandb", "track_mlflow",
 )

@@ -10,6 +10,7 @@ from typing import Any
 from ..errors import ConfigError, GptlabError
 from ..fmt import num, yaml_value
 from ..settings import SLURM_FLAGS
+from ..tracking import parse_track
 from .progress import make_reporter
 
 LAUNCHERS = ("inprocess", "local", "slurm")
@@ -29,6 +30,7 @@ experiment format (YAML; every key is checked, a typo is an error with a suggest
   seeds: [0, 1, 2]
   compare: {baseline: pre_ln, metric: val_loss}
   slurm: {partition: gpu, gpus_per_run: 1, time: 60, mem: 32, array_parallelism: 8}   # --launcher slurm
+  track: [tensorboard, mlflow]   # tracking sinks (pip install -e ".[tensorboard]" etc.); --track adds more
 overrides: key=value pairs (OmegaConf dotlist) apply to every run, e.g. train.steps=50 seeds=[0].
 """
 
@@ -51,6 +53,10 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     r.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads per run (default: the cores this process may use, divided among --jobs)")
     r.add_argument("--quiet", action="store_true", help="print only errors and the final table")
+    r.add_argument("--track", action="append", default=[], metavar="NAME[,NAME]",
+                   help="also report every run to these trackers: tensorboard, wandb, mlflow or a plugin's "
+                        "(repeatable or comma-separated; added to the experiment's track: list, which "
+                        "track=[...] replaces)")
     c = r.add_argument_group("launchers", "train each pending run as a task of one job array, through submitit\n"
                                           "(pip install -e \".[slurm]\"); these flags override the experiment file's\n"
                                           "slurm: section")
@@ -85,6 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threads must be a positive integer, got {args.threads}")
     _check_launcher_flags(args)
     exp = load_experiment(args.experiment, args.overrides)
+    exp.track = list(dict.fromkeys([*exp.track, *parse_track(args.track, "--track")]))  # the command line adds
     plugins = build_plugin_system(plugin_dirs=args.plugins_dir, extra=exp.plugins,
                                   base_dir=args.experiment.resolve().parent)
     if args.launcher != "inprocess":
@@ -109,7 +116,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                   + (f", {threads} CPU thread(s) per run" if threads else "") + (f", {jobs} at once" if jobs > 1 else "")
                   + f"  ->  {escape(str(runner.exp_dir))}"
                   + (f"  ({kept} finished runs kept)" if kept else "")
-                  + (f"  ({resumed} resumed from their last state)" if resumed else ""))
+                  + (f"  ({resumed} resumed from their last state)" if resumed else "")
+                  + (f"  tracking: {escape(', '.join(exp.track))}" if exp.track else ""))
     import torch
 
     before = torch.get_num_threads()
@@ -286,8 +294,10 @@ def _dry_run(runner, out, overrides: list[str]) -> int:
     from rich.table import Table
     from rich.text import Text
 
+    caption = [f"overrides for every run: {' '.join(overrides)}" if overrides else "",
+               f"tracking: {', '.join(runner.exp.track)}" if runner.exp.track else ""]
     table = Table(title=Text(f"{runner.exp.name}: {len(runner.exp.runs)} runs (dry run, nothing trained)"),
-                  caption=f"overrides for every run: {' '.join(overrides)}" if overrides else None)
+                  caption=Text("; ".join(c for c in caption if c)) if any(caption) else None)
     for col in ("variant", "seed", "hash", "action", "differs from base"):
         table.add_column(col)
     for spec, _, action in runner.plan():
