@@ -23,6 +23,7 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_FILE = "pytorch_model.bin"
 
+
 @dataclass
 class HFImport:
     """What an importer returns: the gptlab model config and where each checkpoint tensor goes.
@@ -301,13 +302,10 @@ def export_hf(model: Any, out_dir: str | Path, plugins: Optional[Any] = None) ->
     params = dict(model.named_parameters())
     tensors = {}
     for name, target, transpose, rows in spec.slots():
-        index = None if rows is None else torch.as_tensor(rows, dtype=torch.long)
-        if target in zero:  # a bias the family has and this model does not: zero computes the same
-            value = torch.zeros(zero[target])
-            value = value if index is None else value[index]
-        else:
-            value = params[target].detach()
-            value = value if index is None else value[index]
+        # a bias the family has and this model does not is zero, which computes the same
+        value = torch.zeros(zero[target]) if target in zero else params[target].detach()
+        if rows is not None:
+            value = value[torch.as_tensor(rows, dtype=torch.long)]
         if transpose:
             value = value.t()
         tensors[spec.stored_name(name)] = value.to("cpu", torch.float32).contiguous().clone()
