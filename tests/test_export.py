@@ -50,7 +50,7 @@ def test_a_trained_default_run_exports_as_gpt2(tmp_path, cli, monkeypatch):
     path = experiment(tmp_path, {"preset": "nano"}, {"base": {}})
     assert cli("run", path, "--quiet")[0] == 0
     run = runs(tmp_path)["base"]
-    code, out, err = cli("export", run, tmp_path / "hf")
+    code, out, err = cli("export", run, "--format", "hf", tmp_path / "hf")  # the form the README gives
     assert code == 0, err
     assert "(gpt2)" in out
     ours = GPTModel.from_run(run)
