@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ConfigError
-from .hfconfig import SAME_FUNCTION
+from .hookspecs import KINDS, MODEL_KINDS
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -286,19 +286,19 @@ def export_hf(model: Any, out_dir: str | Path, plugins: Optional[Any] = None) ->
     reasons = []
     for family in plugins.registry.names("importer"):
         factory = plugins.registry.lookup("importer", family, {}).factory
-        to_hf = getattr(factory, "to_hf", None)
+        to_hf = KINDS["importer"].attr(factory, "to_hf")
         if to_hf is None:
             continue
         try:
             hf_config = to_hf(cfg)
+            spec = factory(hf_config, f"the config exported as {family}")
+            zero = _check_round_trip(model, spec.config, family, plugins)
         except ConfigError as exc:
             reasons.append(f"{family}: {exc}")
             continue
         break
     else:
         raise ConfigError("this model maps to no Hugging Face family: " + "; ".join(reasons or ["no importer exports"]))
-    spec = factory(hf_config, f"the config exported as {family}")
-    zero = _check_round_trip(model, spec.config, family, plugins)
     params = dict(model.named_parameters())
     tensors = {}
     for name, target, transpose, rows in spec.slots():
@@ -339,12 +339,14 @@ def _check_round_trip(model: Any, exported: dict, family: str, plugins: Any) -> 
 
     own, back = ModelConfig.from_any(model.config), ModelConfig.from_any(exported)
     mine, theirs_cfg = _normal(own, plugins), _normal(back, plugins)
-    for kind, names in SAME_FUNCTION.items():  # one function, another kernel: compare the options only
-        if mine[kind][0] in names and theirs_cfg[kind][0] in names:
-            theirs_cfg[kind] = (mine[kind][0], theirs_cfg[kind][1])
+    for kind in MODEL_KINDS:
+        (name, _), (other, options) = mine[kind], theirs_cfg[kind]
+        if name != other and _computes(plugins, kind, name) is not None \
+                and _computes(plugins, kind, name) == _computes(plugins, kind, other):
+            theirs_cfg[kind] = (name, options)  # one function, another kernel: the options still count
+        if theirs_cfg[kind][0] != name:
+            raise ConfigError(f"{kind} '{name}': a {family} checkpoint holds '{other}'")
     differ = [k for k, v in mine.items() if k not in _EXPORT_FREE and theirs_cfg[k] != v]
-    if mine["activation"][0] != theirs_cfg["activation"][0]:
-        differ.append("activation")
     if differ:
         raise ConfigError(f"exporting as {family} would change model.{differ[0]} "
                           f"({getattr(own, differ[0])!r} -> {getattr(back, differ[0])!r})")
@@ -363,12 +365,17 @@ def _check_round_trip(model: Any, exported: dict, family: str, plugins: Any) -> 
     return extra
 
 
+def _computes(plugins: Any, kind: str, name: str) -> Any:
+    """What a component declares it computes (``computes``), or None."""
+    if "computes" not in KINDS[kind].attrs:
+        return None
+    return KINDS[kind].attr(plugins.registry.lookup(kind, name, {}).factory, "computes")
+
+
 def _normal(cfg: Any, plugins: Any) -> dict:
     """A model config as plain data with every component written as (name, options) and the options
     left at their defaults dropped, so two spellings of one model compare equal."""
     import inspect
-
-    from .hookspecs import MODEL_KINDS
 
     out = cfg.to_dict()
     for kind in MODEL_KINDS:

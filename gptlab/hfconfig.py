@@ -12,12 +12,6 @@ from typing import Any, Iterable, Mapping, Optional
 
 from .errors import ConfigError
 
-#: HF activation names -> gptlab activation of the plain two-layer MLP
-PLAIN_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
-                     "silu": "silu", "swish": "silu"}
-#: the reverse, one HF name per gptlab activation
-PLAIN_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
-
 
 class HFConfig:
     """A config.json dict read with ``defaults`` and one-line errors that name ``source`` and the key."""
@@ -65,17 +59,19 @@ class HFConfig:
         eps = self.number(eps_key, default_eps, positive=True)
         return name if eps == 1e-5 else {"name": name, "eps": eps}
 
-    def rope(self, theta_keys: Iterable[str] = ("rope_theta",), fraction_keys: Iterable[str] = (),
-             default_fraction: float = 1.0) -> dict:
-        """A gptlab ``rope`` spec from either layout: transformers 5's ``rope_parameters`` or the
-        older top-level ``rope_theta`` / ``rope_scaling`` keys. ``default_fraction``: the share of
-        each head the family rotates when config.json does not say (GPT-NeoX: 0.25)."""
+    def rope_options(self, theta_keys: Iterable[str] = ("rope_theta",), fraction_keys: Iterable[str] = (),
+                     default_fraction: float = 1.0) -> dict:
+        """The rotary-position options (base, fraction, scaling and its factors, as the built-in rope
+        plugin names them) from either layout: transformers 5's ``rope_parameters`` or the older
+        top-level ``rope_theta`` / ``rope_scaling`` keys. Options at their defaults are left out.
+        ``default_fraction``: the share of each head the family rotates when config.json does not
+        say (GPT-NeoX: 0.25)."""
         params = self.values.get("rope_parameters") or {}
         scaling = self.values.get("rope_scaling") or params
         where = "rope_scaling" if self.values.get("rope_scaling") else "rope_parameters"
         if not isinstance(params, Mapping) or not isinstance(scaling, Mapping):
             raise self.fail(where, "must be a mapping")
-        spec: dict[str, Any] = {"name": "rope"}
+        spec: dict[str, Any] = {}
         base = params.get("rope_theta", next((self.values[k] for k in theta_keys if k in self.values), 10000.0))
         if base != 10000.0:
             spec["base"] = self._positive(f"{where}.rope_theta", base)
@@ -124,10 +120,10 @@ def rope_to_hf(options: Mapping[str, Any], family: str, partial_ok: bool = False
     if partial_ok:  # always written: a family may rotate less than the whole head when it is left out
         out["partial_rotary_factor"] = fraction
     elif fraction != 1.0:
-        raise ConfigError(f"position 'rope' with fraction {fraction}: {family} rotates whole heads")
+        raise ConfigError(f"rotary fraction {fraction}: {family} rotates whole heads")
     scaling = options.get("scaling")
     if scaling == "ntk":
-        raise ConfigError(f"position 'rope' with scaling 'ntk': {family} checkpoints have no static NTK scaling")
+        raise ConfigError(f"rotary scaling 'ntk': {family} checkpoints have no static NTK scaling")
     if scaling == "linear":
         out.update(rope_type="linear", factor=float(options.get("factor", 1.0)))
     if scaling == "llama3":
@@ -136,11 +132,6 @@ def rope_to_hf(options: Mapping[str, Any], family: str, partial_ok: bool = False
                    high_freq_factor=float(options.get("high_freq_factor", 4.0)),
                    original_max_position_embeddings=options["original_context_length"])
     return out
-
-
-#: components that compute the same function, so an export may read one back as the other
-#: (both attentions are exact causal softmax attention; they differ only in the kernel)
-SAME_FUNCTION = {"attention": frozenset({"sdpa", "vanilla"})}
 
 
 class Export:
@@ -169,8 +160,13 @@ class Export:
         return bool(self.cfg.get("bias", True) if own is None else own)
 
     def attention(self, grouped: bool) -> Optional[int]:
-        """Checks the attention; returns its n_kv_heads (None: one per query head)."""
-        _, opts = self.one_of("attention", ("sdpa", "vanilla"), ("n_kv_heads",) if grouped else ())
+        """Checks the attention's options; returns its n_kv_heads (None: one per query head).
+        Whether it computes what the family's does is checked when the export is read back
+        (``gptlab.hf``: the attentions' ``computes``)."""
+        name, opts = component(self.cfg, "attention")
+        extra = sorted(set(opts) - ({"n_kv_heads"} if grouped else set()))
+        if extra:
+            raise ConfigError(f"attention '{name}' option {extra[0]}: {self.family} has no equivalent")
         return opts.get("n_kv_heads")
 
     def norm_eps(self, names: Iterable[str]) -> float:

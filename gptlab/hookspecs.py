@@ -102,6 +102,10 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
                  "Subclass gptlab.CausalSelfAttention and write only attend(q, k, v, ctx).",
          attrs={"accepts": Attr("factory", frozenset(),
                                 "which of the position's 'rotation' and 'score_bias' it applies"),
+                "computes": Attr("factory", None,
+                                 "a name for the function it computes, shared by attentions that differ only in "
+                                 "their kernel ('causal_softmax': vanilla, sdpa); an exported checkpoint may "
+                                 "hold one as the other"),
                 "kernel_path": Attr("module", None,
                                     "kernel_path(ctx) -> str: which kernel runs; 'explicit' (the default) means "
                                     "the (T x T) attention matrix is stored, anything else that it is not")}),

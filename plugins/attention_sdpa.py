@@ -8,6 +8,8 @@ from gptlab import CausalSelfAttention
 class SDPAAttention(CausalSelfAttention):
     """Causal attention through F.scaled_dot_product_attention; flash-eligible unless a score bias is set."""
 
+    computes = "causal_softmax"  # vanilla's function, another kernel
+
     def attend(self, q, k, v, ctx):
         k, v = self.expand_kv(k), self.expand_kv(v)
         p = self.dropout if self.training else 0.0

@@ -11,6 +11,8 @@ from gptlab import CausalSelfAttention, Range
 class VanillaAttention(CausalSelfAttention):
     """Causal attention as written in the paper: softmax(QK^T/sqrt(d) + bias, masked) V."""
 
+    computes = "causal_softmax"  # sdpa's function, another kernel
+
     def __init__(self, cfg, n_kv_heads: Annotated[Optional[int], Range(ge=1)] = None):
         super().__init__(cfg, n_kv_heads)
         self.attn_drop = torch.nn.Dropout(cfg.drop_rate)

@@ -10,7 +10,7 @@ from typing import Any
 
 import gptlab
 from gptlab import ConfigError, HFImport
-from gptlab.hfconfig import PLAIN_TO_HF, Export, component
+from gptlab.hfconfig import Export, component
 
 # Values transformers' GPT2Config assumes for keys a config.json leaves out; using the same ones
 # means a sparse config.json gives the model transformers itself would build from it.
@@ -19,6 +19,7 @@ _HF_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_laye
                 "layer_norm_epsilon": 1e-5}
 
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
 
 # HF switches that change the computation, with the only value gptlab reproduces.
 _FIXED = {
@@ -122,9 +123,7 @@ def to_hf(cfg):
     check.one_of("position", ("learned",))
     check.one_of("norm_placement", ("pre",))
     eps = check.norm_eps(("layernorm",))
-    act, _ = check.one_of("activation", tuple(PLAIN_TO_HF), ("hidden_dim",))
-    if act not in _ACTIVATIONS.values():
-        raise ConfigError(f"activation '{act}': GPT-2 has 'gelu' or 'gelu_tanh'")
+    act, _ = check.one_of("activation", tuple(_TO_HF), ("hidden_dim",))
     check.require("tie_embeddings", True, "ties its output head to the token embedding")
     check.require("embedding_norm", False, "has no norm on the embeddings")
     check.plain_head_dim()
@@ -132,7 +131,7 @@ def to_hf(cfg):
     drop = cfg["drop_rate"]
     return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg["vocab_size"],
             "n_positions": cfg["context_length"], "n_embd": cfg["emb_dim"], "n_layer": cfg["n_layers"],
-            "n_head": cfg["n_heads"], "n_inner": hidden, "activation_function": PLAIN_TO_HF[act],
+            "n_head": cfg["n_heads"], "n_inner": hidden, "activation_function": _TO_HF[act],
             "resid_pdrop": drop, "embd_pdrop": drop, "attn_pdrop": drop, "layer_norm_epsilon": eps,
             "tie_word_embeddings": True}
 

@@ -9,7 +9,12 @@ all keys, then all values, so the rows are reordered on the way in and out.
 import gptlab
 from gptlab import HFImport
 from gptlab.hf import per_head_rows
-from gptlab.hfconfig import PLAIN_ACTIVATIONS, PLAIN_TO_HF, Export, HFConfig, rope_to_hf
+from gptlab.hfconfig import Export, HFConfig, rope_to_hf
+
+# HF hidden_act -> gptlab activation of the plain MLP, and one HF name back for each
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
+               "silu": "silu", "swish": "silu"}
+TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
 
 # transformers' GPTNeoXConfig defaults for the keys that shape the model
 DEFAULTS = {"vocab_size": 50432, "hidden_size": 6144, "num_hidden_layers": 44, "num_attention_heads": 64,
@@ -30,11 +35,11 @@ def gpt_neox(hf_config, source):
            "emb_dim": emb, "n_heads": heads, "n_layers": hf.integer("num_hidden_layers"),
            "drop_rate": hf.number("hidden_dropout"), "qkv_bias": attn_bias, "bias": True, "attn_out_bias": attn_bias,
            "tie_embeddings": tied, "attention": "sdpa",
-           "position": hf.rope(theta_keys=("rope_theta", "rotary_emb_base"), fraction_keys=("rotary_pct",),
-                               default_fraction=0.25),
+           "position": {"name": "rope", **hf.rope_options(theta_keys=("rope_theta", "rotary_emb_base"),
+                                                          fraction_keys=("rotary_pct",), default_fraction=0.25)},
            "norm": hf.norm("layernorm", "layer_norm_eps"),
            "norm_placement": {"name": "parallel", "shared_norm": False} if parallel else "pre",
-           "activation": hf.choice("hidden_act", PLAIN_ACTIVATIONS), "ff_dim": hf.integer("intermediate_size")}
+           "activation": hf.choice("hidden_act", ACTIVATIONS), "ff_dim": hf.integer("intermediate_size")}
     rows = per_head_rows(heads, emb // heads)
     tensors = {"embed_in.weight": ("tok_emb.weight", False), "final_layer_norm.weight": ("final_norm.weight", False),
                "final_layer_norm.bias": ("final_norm.bias", False)}
@@ -68,13 +73,13 @@ def to_hf(cfg):
         raise gptlab.ConfigError("norm_placement 'parallel' with one shared norm: GPT-NeoX has a norm per branch "
                                  "(shared_norm: false)")
     eps = check.norm_eps(("layernorm",))
-    act, act_opts = check.one_of("activation", tuple(PLAIN_TO_HF), ("hidden_dim",))
+    act, act_opts = check.one_of("activation", tuple(TO_HF), ("hidden_dim",))
     check.require("embedding_norm", False, "has no norm on the embeddings")
     check.plain_head_dim()
     return {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "vocab_size": cfg["vocab_size"],
             "hidden_size": cfg["emb_dim"], "num_hidden_layers": cfg["n_layers"], "num_attention_heads": cfg["n_heads"],
             "intermediate_size": act_opts.get("hidden_dim") or cfg.get("ff_dim") or 4 * cfg["emb_dim"],
-            "hidden_act": PLAIN_TO_HF[act], "max_position_embeddings": cfg["context_length"], "layer_norm_eps": eps,
+            "hidden_act": TO_HF[act], "max_position_embeddings": cfg["context_length"], "layer_norm_eps": eps,
             "rope_parameters": rope_to_hf(rope, "GPT-NeoX", partial_ok=True),
             "use_parallel_residual": placement == "parallel",
             "attention_bias": cfg["qkv_bias"] or check.bias("attn_out"), "hidden_dropout": cfg["drop_rate"],

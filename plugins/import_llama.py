@@ -32,7 +32,7 @@ def llama(hf_config, source):
            "drop_rate": hf.number("attention_dropout"), "qkv_bias": attn_bias, "bias": False,
            "attn_out_bias": attn_bias, "mlp_bias": mlp_bias, "tie_embeddings": tied,
            "attention": "sdpa" if kv == heads else {"name": "sdpa", "n_kv_heads": kv},
-           "position": hf.rope(), "norm": {"name": "rmsnorm", "eps": hf.number("rms_norm_eps", positive=True)},
+           "position": {"name": "rope", **hf.rope_options()}, "norm": {"name": "rmsnorm", "eps": hf.number("rms_norm_eps", positive=True)},
            "norm_placement": "pre", "activation": "swiglu", "ff_dim": hidden}
     if head_dim * heads != emb:
         cfg["head_dim"] = head_dim

@@ -394,7 +394,7 @@ QWEN2_PLUGIN = '''
         cfg = {"vocab_size": hf.integer("vocab_size"), "context_length": hf.integer("max_position_embeddings"),
                "emb_dim": emb, "n_heads": heads, "n_layers": hf.integer("num_hidden_layers"),
                "drop_rate": hf.number("attention_dropout"), "qkv_bias": True, "bias": False, "tie_embeddings": tied,
-               "attention": {"name": "sdpa", "n_kv_heads": kv}, "position": hf.rope(), "activation": "swiglu",
+               "attention": {"name": "sdpa", "n_kv_heads": kv}, "position": {"name": "rope", **hf.rope_options()}, "activation": "swiglu",
                "norm": {"name": "rmsnorm", "eps": hf.number("rms_norm_eps", positive=True)}, "ff_dim": hidden}
         qkv, gate_up = fused_rows(heads * hd, kv * hd, kv * hd), fused_rows(hidden, hidden)
         t = {"embed_tokens.weight": ("tok_emb.weight", False), "norm.weight": ("final_norm.weight", False)}
