@@ -193,6 +193,20 @@ def forward_fn(name: str, model: nn.Module):
     return model
 
 
+def loss_fn(name: str, model: nn.Module):
+    """``(x, targets=y) -> mean cross-entropy`` for train_step; gptlab's model computes its own loss,
+    the others get the cross-entropy written after their logits (compiled with them under --compile)."""
+    if name == "gptlab":
+        return model
+    fwd = forward_fn(name, model)
+
+    def loss(x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = fwd(x)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    return loss
+
+
 @torch.no_grad()
 def max_logit_diffs(models: dict, args) -> dict:
     """fp32 eval-mode logits of every model against gptlab's, on one short batch (on CPU)."""
@@ -262,7 +276,7 @@ def run(args) -> dict:
     for name, m in models.items():
         m.to(device).train()
         opt = make_optimizer(m, t, device)
-        fwd = forward_fn(name, m)
+        fwd = loss_fn(name, m)
         if args.compile:
             try:
                 fwd = torch.compile(fwd)

@@ -79,6 +79,15 @@ class ModelConfig:
     mlp_bias: Optional[bool] = None  # biases of the feed-forward linears; None: as `bias`
     norm_bias: Optional[bool] = None  # biases of the norms that have one (LayerNorm); None: as `bias`
     from_hf: Optional[str] = None  # a Hugging Face checkpoint directory whose weights a run starts from
+    # Rows of the embedding and head rounded up to a multiple of this (64 on GPUs: aligned matmuls);
+    # the padded rows are never predicted, sampled or counted in the loss. None: no padding.
+    vocab_multiple: Optional[int] = None
+
+    @property
+    def padded_vocab(self) -> int:
+        """Rows of the embedding and head: vocab_size rounded up to a multiple of ``vocab_multiple``."""
+        m = self.vocab_multiple or 1
+        return -(-self.vocab_size // m) * m
 
     @property
     def head_size(self) -> int:
@@ -119,12 +128,13 @@ class ModelConfig:
             raise ConfigError(f"model.emb_dim ({self.emb_dim}) must be divisible by model.n_heads ({self.n_heads}), "
                               f"or set model.head_dim")
         positive(self, "model", "ff_dim")
+        positive(self, "model", "vocab_multiple")
 
 
 #: model keys added after the first results were written, with the value that means "as before";
 #: a config hash leaves a key out while it has that value, so existing runs keep their identity
 LATER_KEYS = {"head_dim": None, "embedding_norm": False, "attn_out_bias": None, "mlp_bias": None,
-              "norm_bias": None, "from_hf": None}
+              "norm_bias": None, "from_hf": None, "vocab_multiple": None}
 
 
 def hashed_model(model: dict) -> dict:

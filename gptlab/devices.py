@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 import torch
@@ -10,6 +11,7 @@ from .errors import ConfigError
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (no sparsity), FLOP/s.
 PEAK_BF16_FLOPS = {
+    "H200 NVL": 835e12,
     "H200": 989e12,
     "H100 SXM": 989e12,
     "H100 PCIe": 756e12,
@@ -20,6 +22,7 @@ PEAK_BF16_FLOPS = {
     "A10G": 125e12,
     "A10": 125e12,
     "L40S": 362e12,
+    "L40": 181e12,
     "L4": 121e12,
     "RTX 4090": 165e12,
     "RTX 3090": 71e12,
@@ -28,10 +31,14 @@ PEAK_BF16_FLOPS = {
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' picks cuda, then mps, then cpu; anything else must be available."""
+    """'auto' picks cuda, then mps, then cpu; anything else must be available.
+
+    A CUDA device always comes back with its index ('cuda' and 'auto' mean the current device),
+    so code downstream can pass it to set_device, DDP's device_ids and the RNG tables as it is.
+    """
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", torch.cuda.current_device())
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -41,6 +48,12 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"--device '{name}' is not a device; use auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu or auto")
+    if dev.type == "cuda":
+        if dev.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError(f"--device {name}: MPS is not available here; use --device cpu or auto")
     return dev
@@ -60,9 +73,14 @@ def peak_flops(device: torch.device) -> Optional[float]:
     """Peak dense bf16 FLOP/s of a known GPU, else None (MFU is then reported as n/a)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_for_name(torch.cuda.get_device_name(device))
+
+
+def peak_for_name(name: str) -> Optional[float]:
+    """The table's peak for a device name: the longest key found in it as whole words ("L4" is
+    not an "L40", "H200" not an "H200 NVL")."""
     for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):  # most specific first
-        if key in name:
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name):
             return PEAK_BF16_FLOPS[key]
     return None
 

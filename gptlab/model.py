@@ -64,7 +64,8 @@ class GPTModel(nn.Module):
         def make_norm(dim: int) -> nn.Module:
             return build("norm", dim)
 
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
+        # rows past vocab_size (vocab_multiple padding) exist only so the head's matmul is aligned
+        self.tok_emb = nn.Embedding(cfg.padded_vocab, cfg.emb_dim)
         self.position = build("position")
         self.embedding_norm = make_norm(cfg.emb_dim) if cfg.embedding_norm else nn.Identity()
         self.drop_emb = nn.Dropout(cfg.drop_rate)
@@ -75,7 +76,7 @@ class GPTModel(nn.Module):
             for _ in range(cfg.n_layers))
         needs_final_norm = KINDS["norm_placement"].attr(placement.factory, "final_norm")
         self.final_norm = make_norm(cfg.emb_dim) if needs_final_norm else nn.Identity()
-        self.head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        self.head = nn.Linear(cfg.emb_dim, cfg.padded_vocab, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
         self.reset_parameters()
@@ -99,8 +100,14 @@ class GPTModel(nn.Module):
         """Longest sequence the positional scheme can encode (None: no limit)."""
         return getattr(self.position, "max_length", None)
 
-    def forward(self, idx: torch.Tensor, cache: Optional[ModelCache] = None) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, vocab_size). With ``cache``, ``idx`` holds only new tokens."""
+    def forward(self, idx: torch.Tensor, cache: Optional[ModelCache] = None,
+                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab_size). With ``cache``, ``idx`` holds only new tokens.
+
+        With ``targets`` (B, T) it returns the mean next-token cross-entropy instead, computed here so
+        that torch.compile fuses it with the head: the full logits are never copied to float32 and
+        are freed as soon as the backward pass has used them.
+        """
         B, T = idx.shape
         offset = cache.offset if cache is not None else 0
         limit = self.max_length
@@ -116,7 +123,17 @@ class GPTModel(nn.Module):
                 x = checkpoint(block, x, ctx, None, use_reentrant=False)
             else:
                 x = block(x, ctx, cache.layers[i] if cache is not None else None)
-        return self.head(self.final_norm(x))
+        logits = self.head(self.final_norm(x))
+        V = self.config.vocab_size
+        if targets is None:
+            return logits if logits.shape[-1] == V else logits[..., :V]
+        if logits.shape[-1] != V:  # padded rows get no probability mass
+            logits = logits.masked_fill(self.padding_rows(logits.shape[-1], logits.device), float("-inf"))
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def padding_rows(self, rows: int, device: torch.device) -> torch.Tensor:
+        """Boolean (rows,): True for the head rows past vocab_size."""
+        return torch.arange(rows, device=device) >= self.config.vocab_size
 
     # -- generation ------------------------------------------------------------------------------
     def new_cache(self, max_len: Optional[int] = None) -> ModelCache:

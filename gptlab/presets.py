@@ -4,8 +4,9 @@ from __future__ import annotations
 from .config import GPT_CONFIG_124M
 from .errors import ConfigError, did_you_mean
 
-# Hugging Face GPT-2: qkv bias, tanh-approximated GELU, learned positions, tied head.
-_HF_GPT2 = dict(GPT_CONFIG_124M, qkv_bias=True, activation="gelu_tanh")
+# Hugging Face GPT-2: qkv bias, tanh-approximated GELU, learned positions, tied head. The GPU-sized
+# presets pad the 50257-row vocabulary to 50304 (a multiple of 64) so the head's matmul is aligned.
+_HF_GPT2 = dict(GPT_CONFIG_124M, qkv_bias=True, activation="gelu_tanh", vocab_multiple=64)
 
 PRESETS: dict[str, dict] = {
     "gpt2": dict(_HF_GPT2),

@@ -136,5 +136,6 @@ def restore(found: Resumable, model: torch.nn.Module, optimizer: torch.optim.Opt
             restored.setdefault(int(index), {})[name] = value  # load_state_dict moves them to the params' device
     state["state"] = restored
     optimizer.load_state_dict(state)
-    for name, gen in generators.items():
-        gen.set_state(found.tensors[f"rng.{name}"])
+    for name, gen in generators.items():  # a stream the state lacks (saved on another device) starts fresh
+        if f"rng.{name}" in found.tensors:
+            gen.set_state(found.tensors[f"rng.{name}"])

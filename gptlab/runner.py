@@ -46,6 +46,8 @@ class ExperimentRunner:
             self.device = distributed.join(self.group, device)
             if not self.group.main:
                 warn = lambda message: None  # noqa: E731 - rank 0 says it once
+        elif self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # a --jobs worker on cuda:N: its kernels and allocations land there
         self.results_dir = Path(results_dir)
         self.exp_dir = self.results_dir / exp.name
         self.cache_dir = self.results_dir / ".cache" / "tokens"
@@ -276,7 +278,7 @@ class ExperimentRunner:
             state_info = lambda: {"metrics_rows": written[0], "wall_time_s": time.perf_counter() - start}  # noqa: E731
             summary.update(train_run(spec, data, model, self.device, on_log, on_eval, progress, state_dir=run_dir,
                                      resume_from=found, state_info=state_info, should_stop=self.should_stop,
-                                     group=self.group))
+                                     group=self.group, warn=self.warn))
             if self.group.active:
                 summary["world_size"] = self.group.world
             summary["status"] = rd.COMPLETED

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from .data import Batches, TokenData, eval_starts, windows
 from .devices import peak_flops, synchronize
@@ -40,7 +39,8 @@ class TrainState:
     best_val_step: Optional[int] = None
     last_val: Optional[float] = None
     last_train: Optional[float] = None
-    train_time: float = 0.0  # seconds spent in training steps (no eval, no first-step warm-up)
+    train_time: float = 0.0  # seconds spent in training steps (no eval, no checkpoints, no first-step warm-up)
+    checkpoint_time: float = 0.0  # seconds spent writing resumable states
     timed_tokens: int = 0
     init_grad_norms: Optional[list] = None
 
@@ -67,12 +67,12 @@ def make_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.opt
 def train_step(step_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], grad_accum: int, ctx: Callable,
                grad_clip: Optional[float], params: list, inspect: Optional[Callable[[], None]] = None,
-               logits_of: Callable[[Any], torch.Tensor] = lambda out: out,
                no_sync: Callable[[], Any] = nullcontext) -> torch.Tensor:
     """One optimizer step, the way every gptlab run and benchmark takes it.
 
-    ``grad_accum`` micro-batches from ``next_batch``: forward under ``ctx`` (autocast or nothing),
-    float32 cross-entropy, backward of loss / grad_accum; then ``inspect()`` (gradients are
+    ``grad_accum`` micro-batches from ``next_batch``: ``step_model(x, targets=y)`` under ``ctx``
+    (autocast or nothing) gives the loss (the model computes it, inside a compiled region when
+    the model is compiled), backward of loss / grad_accum; then ``inspect()`` (gradients are
     complete), clipping to ``grad_clip`` (null or 0: off), the optimizer step and
     zero_grad(set_to_none). Returns the mean micro-batch loss as a device tensor: reading it
     is the caller's choice, so the GPU never waits on the host here. Under DDP, ``no_sync`` keeps
@@ -83,8 +83,7 @@ def train_step(step_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         x, y = next_batch()
         with (no_sync() if micro < grad_accum - 1 else nullcontext()):
             with ctx():
-                logits = logits_of(step_model(x))
-                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+                loss = step_model(x, targets=y)
             (loss / grad_accum).backward()
         total = loss.detach() if total is None else total + loss.detach()
     if inspect is not None:
@@ -112,15 +111,15 @@ def evaluate(model: GPTModel, tokens, seq_len: int, batches: int, batch_size: in
         return None
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     for i in range(0, len(starts), batch_size):
         x, y = windows(tokens, starts[i:i + batch_size], seq_len, device)
         with ctx():
-            logits = model(x)
-        total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+            loss = model(x, targets=y)  # the model's own (fused) loss: the mean over the batch
+        total += loss.double() * y.numel()
         count += y.numel()
     model.train(was_training)
-    return total / count
+    return float(total) / count  # one host read for the whole evaluation
 
 
 def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.device,
@@ -128,16 +127,18 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
               progress: Callable[[TrainState, dict], None] = lambda s, m: None, *,
               state_dir: Optional[Path] = None, resume_from: Optional[Resumable] = None,
               state_info: Callable[[], dict] = dict, should_stop: Callable[[], bool] = lambda: False,
-              group: Group = Group()) -> dict:
+              group: Group = Group(), warn: Callable[[str], None] = lambda message: None) -> dict:
     """Train ``model`` per ``spec.train``; returns the summary metrics. Raises Diverged.
 
     With ``state_dir`` (the run directory), a resumable state is saved every
     ``train.checkpoint_every`` steps, with ``state_info()`` added to it (the runner's counters),
     and when ``should_stop()`` turns true at the end of a step, after which KeyboardInterrupt is
     raised. ``resume_from`` continues from such a state: on CPU the result is bit for bit the run
-    that was never stopped. In a torchrun ``group`` the model trains through DistributedDataParallel,
-    each rank on its slice of every batch; only rank 0 evaluates and reports (the others' callbacks
-    are no-ops and their summary is empty), and every rank sees the same stop at the same step.
+    that was never stopped; a state saved on another kind of device (CPU <-> CUDA) resumes too, not
+    bit for bit, and ``warn`` says so. In a torchrun ``group`` the model trains through
+    DistributedDataParallel, each rank on its slice of every batch; only rank 0 evaluates and
+    reports (the others' callbacks are no-ops and their summary is empty), and every rank sees the
+    same stop at the same step: stops are agreed at log steps, so no other step waits on the host.
     """
     t = spec.train
     seq_len = t.seq_len or spec.model.context_length
@@ -150,7 +151,9 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
     if group.active:
         from torch.nn.parallel import DistributedDataParallel
 
-        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # buffers are deterministic (position tables, masks): nothing to broadcast before each step
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                             broadcast_buffers=False)
         no_sync = step_model.no_sync
     if t.compile:
         step_model, compile_note = compile_or_fallback(step_model, (t.batch_size // group.world, seq_len), device, ctx)
@@ -161,6 +164,10 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
     generators = rng_generators(batches, device)
     first = 1
     if resume_from is not None:
+        saved_on = resume_from.info.get("device_type", "cpu" if "rng.cuda" not in resume_from.tensors else "cuda")
+        if saved_on != device.type:
+            warn(f"{resume_from.path}: saved on {saved_on}, resumed on {device.type}: the run continues, but not "
+                 f"bit for bit as it would have on {saved_on} (other kernels and random streams)")
         restore(resume_from, model, optimizer, generators)
         loop = resume_from.info["loop"]
         state = TrainState(**{**loop["state"], "best_val": _inf(loop["state"]["best_val"])})
@@ -171,7 +178,8 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
     def save_state(step: int) -> None:
         loop = {"state": {**asdict(state), "best_val": _finite(state.best_val)},
                 "loss_sum": loss_sum.item(), "loss_count": loss_count}
-        save(state_dir, step, model, optimizer, generators, {"loop": loop, **state_info()}, t.checkpoint_keep)
+        save(state_dir, step, model, optimizer, generators, {"loop": loop, "device_type": device.type, **state_info()},
+             t.checkpoint_keep)
 
     synchronize(device)
     interval_start = time.perf_counter()
@@ -190,7 +198,8 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
         if step == first:  # the first step pays for warm-up (allocator, compile): keep it out of tokens/s
             synchronize(device)
             interval_start, interval_tokens = time.perf_counter(), 0
-        if not (step % t.log_every and step % t.eval_every and step != t.steps):
+        log_step = not (step % t.log_every and step % t.eval_every and step != t.steps)
+        if log_step:
             train_loss = mean(loss_sum / max(1, loss_count), group).item()  # the only host sync in the loop
             elapsed = time.perf_counter() - interval_start
             if interval_tokens:
@@ -215,9 +224,15 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
             synchronize(device)
             interval_start, interval_tokens = time.perf_counter(), 0
         if step < t.steps and (state_dir is not None or group.active):
-            stop = any_rank(should_stop(), group, device)  # one decision for every rank
+            # one decision for every rank, agreed where the loop already reads the device (log steps)
+            stop = any_rank(should_stop(), group, device) if (log_step or not group.active) else False
             if state_dir is not None and (stop or (t.checkpoint_every and step % t.checkpoint_every == 0)):
+                synchronize(device)  # the steps queued so far are training time, not checkpoint time
+                saving = time.perf_counter()
                 save_state(step)
+                spent = time.perf_counter() - saving
+                state.checkpoint_time += spent
+                interval_start += spent
             if stop:
                 raise KeyboardInterrupt
 
@@ -231,6 +246,7 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
         "tokens": state.tokens,
         "tokens_per_s": state.timed_tokens / state.train_time if state.train_time > 0 else None,
         "train_time_s": state.train_time,
+        "checkpoint_time_s": state.checkpoint_time,
         "init_grad_norms": state.init_grad_norms,
     }
     if compile_note:
@@ -238,7 +254,10 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
     flops = model.flops_per_token(seq_len)
     peak = peak_flops(device)
     summary["flops_per_token"] = flops
-    summary["mfu"] = (summary["tokens_per_s"] * flops / peak) if peak and summary["tokens_per_s"] else None
+    # tokens/s counts the whole job; MFU is one device's share against one device's peak
+    per_device = summary["tokens_per_s"] / group.world if summary["tokens_per_s"] else None
+    summary["tokens_per_s_per_device"] = per_device
+    summary["mfu"] = (per_device * flops / peak) if peak and per_device else None
     summary.update(length_extrapolation(model, data, t, seq_len, device, ctx))
     return summary
 
@@ -284,9 +303,13 @@ def compile_or_fallback(model: GPTModel, shape: tuple, device: torch.device,
         compiled = torch.compile(model)
         # the probe's dropout must not advance the random streams: a resumed run probes again
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            # inputs and targets laid out as real batches are (views of one (B, T + 1) window), so
+            # the first real step finds the graph compiled for its strides and does not recompile
+            B, T = shape
+            window = torch.zeros((B, T + 1), dtype=torch.long, device=device)
             with ctx():
-                out = compiled(torch.zeros(shape, dtype=torch.long, device=device))
-            out.float().sum().backward()
+                loss = compiled(window[:, :-1], targets=window[:, 1:])
+            loss.backward()
         model.zero_grad(set_to_none=True)
     except Exception as exc:  # dynamo/inductor errors come in many types
         model.zero_grad(set_to_none=True)

@@ -59,6 +59,9 @@ class RotaryPositions(PositionScheme):
         inv_freq = frequencies(self.rot_dim, self.base, scaling, factor, low_freq_factor, high_freq_factor,
                                original_context_length)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # buffers, so .to(device) moves the tables with the model (no rebuild, no recompile)
+        self.register_buffer("_cos", None, persistent=False)
+        self.register_buffer("_sin", None, persistent=False)
         self._build(cfg.context_length, inv_freq.device)
 
     @classmethod

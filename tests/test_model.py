@@ -193,7 +193,9 @@ SEED_CONFIG = {"vocab_size": 50257, "context_length": 1024, "emb_dim": 768, "n_h
 
 def expected_params(cfg: dict) -> int:
     """Parameter count of a GPT-2-style model (learned positions, pre-LN LayerNorm, 4x GELU MLP)."""
-    V_, C, d, L = cfg["vocab_size"], cfg["context_length"], cfg["emb_dim"], cfg["n_layers"]
+    C, d, L = cfg["context_length"], cfg["emb_dim"], cfg["n_layers"]
+    m = cfg.get("vocab_multiple") or 1
+    V_ = -(-cfg["vocab_size"] // m) * m  # rows of the embedding and head, padded
     tied = cfg.get("tie_embeddings", True)
     ln = 2 * d  # weight + bias
     attn = d * 3 * d + (3 * d if cfg.get("qkv_bias", False) else 0) + d * d + d
@@ -249,7 +251,12 @@ def test_presets():
         with torch.device("meta"):
             model = GPTModel(p)
         assert model.components["activation"] == "gelu_tanh"
-        assert model.num_parameters() == expected_params(p) == published[name], name
+        # the GPU presets pad the vocabulary to 50304 rows (vocab_multiple 64): 47 rows of emb_dim more
+        assert p["vocab_multiple"] == 64
+        assert model.num_parameters() == expected_params(p) == published[name] + 47 * d, name
+        with torch.device("meta"):
+            unpadded = GPTModel({**p, "vocab_multiple": None})
+        assert unpadded.num_parameters() == published[name], name
     for name in cpu:  # CPU presets build and run
         torch.manual_seed(0)
         model = GPTModel(PRESETS[name])

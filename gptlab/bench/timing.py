@@ -42,7 +42,9 @@ def environment(device: torch.device, dtype: str) -> dict:
 
     env = {"device": device_name(device), "device_type": device.type, "dtype": dtype,
            "torch": torch.__version__, "gptlab": __version__, "python": platform.python_version(),
-           "cuda": torch.version.cuda, "cpu_threads": torch.get_num_threads(),
+           "cuda": torch.version.cuda,
+           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+           "cpu_threads": torch.get_num_threads(),
            "float32_matmul_precision": torch.get_float32_matmul_precision()}
     try:
         env["load_avg"] = [round(x, 2) for x in os.getloadavg()]
