@@ -23,7 +23,7 @@ site="${GPTLAB_SITE:-/tmp/gptlab-site}"
 wheels="${GPTLAB_WHEELS:-.whl}"
 export PYTHONUNBUFFERED=1
 
-if ! "$py" -c "import gptlab" 2>/dev/null; then
+if ! "$py" -c "import omegaconf, plotille, gptlab.builtin_plugins" 2>/dev/null; then
   if ls "$wheels"/*.whl >/dev/null 2>&1; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
       "$wheels"/*.whl || exit 2
@@ -53,9 +53,13 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=cs
 # The experiment as users run it, with the bytes tokenizer (tiktoken cannot fetch its vocabulary
 # offline; the model keeps its 50257-token vocabulary, so every FLOP is the same) and a short run.
 steps="${GPU_SESSION_STEPS:-150}"
-timeout "${GPU_RUN_TIMEOUT:-180}" "$py" -m gptlab run experiments/gpt2_124m.yaml --device cuda --results-dir "$out/results" --force \
+# (from another folder: `python -m` puts the current one first on sys.path, and the checkout's gptlab/
+# lacks the builtin_plugins package that the installed layout has)
+repo="$PWD"; out="$(cd "$out" && pwd)"
+(cd "$out" && timeout "${GPU_RUN_TIMEOUT:-180}" "$py" -m gptlab run "$repo/experiments/gpt2_124m.yaml" --device cuda \
+  --results-dir "$out/results" --force \
   data.tokenizer=bytes "seeds=[0]" "train.steps=$steps" "train.eval_every=$steps" train.warmup_steps=20 \
-  train.log_every=25 train.eval_batches=4 2>&1 | tee "$out/run.log"
+  train.log_every=25 train.eval_batches=4) 2>&1 | tee "$out/run.log"
 "$py" - "$out" <<'EOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
