@@ -270,7 +270,8 @@ class ExperimentRunner:
             seq_len = spec.train.seq_len or spec.model.context_length
             summary["memory_estimate"] = model.memory_estimate(
                 spec.train.batch_size, seq_len,
-                dtype="bfloat16" if self.device.type == "cuda" and spec.train.precision != "fp32" else "float32")["total"]
+                dtype="bfloat16" if self.device.type == "cuda" and spec.train.precision != "fp32" else "float32",
+                compiled=spec.train.compile)["total"]
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             hooks("gptlab_run_start", run=info)

@@ -123,7 +123,9 @@ def bench_model(config: str, overrides: Iterable[str] = (), *, batch: int = 8, s
         gen_tokens = _gen_tokens(gen_tokens, prompt_len, model)
         model.to(dev)
         flops = model.flops_per_token(seq_len)
-        estimate = model.memory_estimate(batch, seq_len, dtype="bfloat16" if dtype == "bf16" else "float32")
+        estimates = {mode: model.memory_estimate(batch, seq_len, dtype="bfloat16" if dtype == "bf16" else "float32",
+                                                 compiled=mode == "compiled") for mode in ("eager", "compiled")}
+        estimate = estimates["eager"]
         peak = peak_flops(dev)
         settings = {"config": config, "overrides": overrides, "batch": batch, "seq_len": seq_len,
                     "tokens_per_step": batch * seq_len, "steps": steps, "warmup": warmup, "compile": compile,
@@ -132,13 +134,14 @@ def bench_model(config: str, overrides: Iterable[str] = (), *, batch: int = 8, s
         t = train_settings(dtype)
         settings.update(lr=t.lr, weight_decay=t.weight_decay, betas=[t.beta1, t.beta2], grad_clip=t.grad_clip)
         info = {"components": dict(model.components), "config": cfg.to_dict(), "parameters": model.num_parameters(),
-                "flops_per_token": flops, "peak_flops": peak, "memory_estimate": estimate}
+                "flops_per_token": flops, "peak_flops": peak, "memory_estimate": estimate,
+                "memory_estimate_compiled": estimates["compiled"]}
 
         shared = dict(device=dev, dtype=dtype, batch=batch, seq_len=seq_len, steps=steps, warmup=warmup, seed=seed,
-                      flops=flops, peak=peak, estimate=estimate)
-        train_rows = [_time_training(model, "eager", **shared)]
+                      flops=flops, peak=peak)
+        train_rows = [_time_training(model, "eager", estimate=estimates["eager"], **shared)]
         if compile:
-            train_rows.append(_time_training(model, "compiled", **shared))
+            train_rows.append(_time_training(model, "compiled", estimate=estimates["compiled"], **shared))
         gen_rows = (_time_generation(model, dev, dtype, gen_tokens, prompt_len, gen_batch, gen_repeats, warmup, seed)
                     if gen_tokens else [])
         env = environment(dev, dtype)
