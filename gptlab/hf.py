@@ -206,9 +206,21 @@ def _load_sharded(index: Path, shapes_only: bool = False) -> dict:
     return tensors
 
 
+#: the skeleton's parameters with one row per vocabulary entry (padded by ``model.vocab_multiple``)
+VOCAB_ROWS = ("tok_emb.weight", "head.weight")
+
+
+def unpadded(model: Any, name: str, value: Any) -> Any:
+    """``value`` (parameter ``name`` of ``model``) without the rows ``vocab_multiple`` padding added."""
+    if name in VOCAB_ROWS and value.shape[0] != model.config.vocab_size:
+        return value[:model.config.vocab_size]
+    return value
+
+
 def copy_hf_weights(model: Any, tensors: dict, source: Path, spec: HFImport) -> None:
     """Copy every checkpoint tensor into ``model``; fail on any missing, unexpected or misshapen key,
-    and on a parameter (or part of one) that no tensor filled."""
+    and on a parameter (or part of one) that no tensor filled. A vocabulary padded by
+    ``vocab_multiple`` takes the checkpoint's rows first; its padding rows are zeros."""
     import torch
 
     slots = {name: (target, transpose, rows) for name, target, transpose, rows in spec.slots()}
@@ -234,6 +246,12 @@ def copy_hf_weights(model: Any, tensors: dict, source: Path, spec: HFImport) -> 
                               f"a plugin may have replaced a component the importer maps")
         value = tensor.t() if transpose else tensor
         param = params[target]
+        if rows is None and target in VOCAB_ROWS and param.shape[0] > model.config.vocab_size:
+            with torch.no_grad():
+                param[model.config.vocab_size:] = 0  # padding: never an input, never predicted
+            done = filled.setdefault(target, torch.zeros(param.shape[0], dtype=torch.bool))
+            done[model.config.vocab_size:] = True
+            rows = list(range(model.config.vocab_size))
         want = param.shape if rows is None else (len(rows), *param.shape[1:])
         if value.shape != want or (rows is not None and max(rows, default=-1) >= param.shape[0]):
             if rows is not None:
@@ -254,7 +272,7 @@ def copy_hf_weights(model: Any, tensors: dict, source: Path, spec: HFImport) -> 
         raise ConfigError(f"{source}: missing tensor {shown}")
     if head is not None:
         key, tensor = head
-        emb = params[spec.tied_to]
+        emb = unpadded(model, spec.tied_to, params[spec.tied_to])
         values_differ = not (tensor.is_meta or emb.is_meta) and not torch.equal(tensor.to(emb.dtype), emb.detach())
         if tensor.shape != emb.shape or values_differ:
             raise ConfigError(f"{source}: '{key}' differs from the token embedding; only checkpoints with a "
@@ -303,7 +321,7 @@ def export_hf(model: Any, out_dir: str | Path, plugins: Optional[Any] = None) ->
     tensors = {}
     for name, target, transpose, rows in spec.slots():
         # a bias the family has and this model does not is zero, which computes the same
-        value = torch.zeros(zero[target]) if target in zero else params[target].detach()
+        value = torch.zeros(zero[target]) if target in zero else unpadded(model, target, params[target].detach())
         if rows is not None:
             value = value[torch.as_tensor(rows, dtype=torch.long)]
         if transpose:
@@ -320,10 +338,10 @@ def export_hf(model: Any, out_dir: str | Path, plugins: Optional[Any] = None) ->
 
 
 #: keys that may differ between a model and its export: dropout and checkpointing (training only),
-#: the weights it started from, the MLP width (compared by parameter shape) and the bias switches
-#: (compared parameter by parameter)
+#: the weights it started from, the MLP width (compared by parameter shape), the bias switches
+#: (compared parameter by parameter) and the vocabulary padding (its rows are not exported)
 _EXPORT_FREE = {"drop_rate", "gradient_checkpointing", "from_hf", "bias", "qkv_bias", "attn_out_bias", "mlp_bias",
-                "norm_bias", "ff_dim", "activation"}
+                "norm_bias", "ff_dim", "activation", "vocab_multiple"}
 
 
 def _check_round_trip(model: Any, exported: dict, family: str, plugins: Any) -> dict:
@@ -352,7 +370,7 @@ def _check_round_trip(model: Any, exported: dict, family: str, plugins: Any) -> 
                           f"({getattr(own, differ[0])!r} -> {getattr(back, differ[0])!r})")
     with torch.device("meta"):
         twin = type(model)(back, plugins=plugins)
-    ours = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    ours = {n: tuple(unpadded(model, n, p).shape) for n, p in model.named_parameters()}  # padding rows stay home
     theirs = {n: tuple(p.shape) for n, p in twin.named_parameters()}
     for name, shape in ours.items():
         if theirs.get(name) != shape:

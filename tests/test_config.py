@@ -108,11 +108,11 @@ def test_keys_added_later_keep_old_config_hashes():
     # a run made before head_dim, embedding_norm and the bias switches existed hashed this dict
     from gptlab.experiment import config_hash
     old = {k: v for k, v in ModelConfig().to_dict().items()
-           if k not in ("head_dim", "embedding_norm", "attn_out_bias", "mlp_bias", "norm_bias")}
+           if k not in ("head_dim", "embedding_norm", "attn_out_bias", "mlp_bias", "norm_bias", "vocab_multiple")}
     resolved = {"model": ModelConfig().to_dict(), "data": {}, "train": {}}
     assert config_hash(resolved) == config_hash({"model": old, "data": {}, "train": {}})
     for key, value in [("head_dim", 64), ("embedding_norm", True), ("attn_out_bias", True), ("mlp_bias", False),
-                       ("norm_bias", True)]:
+                       ("norm_bias", True), ("vocab_multiple", 64)]:
         changed = {**resolved, "model": {**resolved["model"], key: value}}
         assert config_hash(changed) != config_hash(resolved), key
 
