@@ -10,7 +10,7 @@ Positions are offsets (``offset`` = tokens already in the KV cache), never assum
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -27,10 +27,19 @@ class PositionalContext:
     q_len: int  # number of new tokens
     rotate: Optional[Rotate] = None  # (q, k) -> (q, k), both (B, H, q_len, D)
     score_bias: Optional[torch.Tensor] = None  # (H, q_len, offset + q_len), float
+    _masked: dict = field(default_factory=dict, repr=False, compare=False)  # masked_bias, per dtype
 
     @property
     def k_len(self) -> int:
         return self.offset + self.q_len
+
+    def masked_bias(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``score_bias`` with -inf where the causal mask forbids attention, in ``dtype``: an
+        additive mask built once per forward pass and shared by every layer (not cast per layer)."""
+        if dtype not in self._masked:
+            bias = self.score_bias.to(device=device, dtype=dtype)
+            self._masked[dtype] = bias.masked_fill(~self.causal_mask(device), float("-inf"))
+        return self._masked[dtype]
 
     def causal_mask(self, device: torch.device) -> torch.Tensor:
         """Boolean (q_len, k_len) mask, True where query i may attend key j (j <= offset + i)."""

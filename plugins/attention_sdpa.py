@@ -17,9 +17,7 @@ class SDPAAttention(CausalSelfAttention):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         if ctx.score_bias is None and ctx.q_len == 1:  # one new token sees the whole cache
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        mask = ctx.causal_mask(q.device)
-        if ctx.score_bias is not None:
-            mask = ctx.score_bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+        mask = ctx.causal_mask(q.device) if ctx.score_bias is None else ctx.masked_bias(q.dtype, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
 
     def kernel_path(self, ctx):

@@ -20,9 +20,10 @@ class VanillaAttention(CausalSelfAttention):
     def attend(self, q, k, v, ctx):
         k, v = self.expand_kv(k), self.expand_kv(v)
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-        if ctx.score_bias is not None:
-            scores = scores + ctx.score_bias.to(scores.dtype)
-        scores = scores.masked_fill(~ctx.causal_mask(q.device), float("-inf"))
+        if ctx.score_bias is not None:  # the bias with the causal mask folded in, built once per forward
+            scores = scores + ctx.masked_bias(scores.dtype, q.device)
+        else:
+            scores = scores.masked_fill(~ctx.causal_mask(q.device), float("-inf"))
         weights = self.attn_drop(torch.softmax(scores, dim=-1))
         return weights @ v
 
