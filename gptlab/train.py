@@ -111,12 +111,14 @@ def evaluate(model: GPTModel, tokens, seq_len: int, batches: int, batch_size: in
         return None
     was_training = model.training
     model.eval()
-    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+    # summed on the device, read once at the end (float64 where the device has it; MPS does not)
+    total = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+    count = 0
     for i in range(0, len(starts), batch_size):
         x, y = windows(tokens, starts[i:i + batch_size], seq_len, device)
         with ctx():
             loss = model(x, targets=y)  # the model's own (fused) loss: the mean over the batch
-        total += loss.double() * y.numel()
+        total += loss.to(total.dtype) * y.numel()
         count += y.numel()
     model.train(was_training)
     return float(total) / count  # one host read for the whole evaluation
