@@ -153,9 +153,14 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
     if group.active:
         from torch.nn.parallel import DistributedDataParallel
 
+        import inspect
+
         # buffers are deterministic (position tables, masks): nothing to broadcast before each step
+        # (newer torch names the switch forward_sync_buffers and deprecates broadcast_buffers)
+        known = inspect.signature(DistributedDataParallel.__init__).parameters
+        quiet = {"forward_sync_buffers": False} if "forward_sync_buffers" in known else {"broadcast_buffers": False}
         step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                             broadcast_buffers=False)
+                                             **quiet)
         no_sync = step_model.no_sync
     if t.compile:
         step_model, compile_note = compile_or_fallback(step_model, (t.batch_size // group.world, seq_len), device, ctx)
