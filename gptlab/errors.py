@@ -25,3 +25,16 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """A ' (did you mean X?)' suffix for the closest choice, or ''."""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class DamagedFile(ConfigError):
+    """A file gptlab reads back is not what it writes: too large, not a regular file (a link to
+    /dev/zero, a FIFO), not parseable, or holding the wrong types. ``path`` names it; ``reason``
+    says what is wrong, as a predicate ("is not a JSON object")."""
+
+    def __init__(self, path: object, reason: str = "is damaged") -> None:
+        super().__init__(path, reason)
+        self.path, self.reason = path, reason
+
+    def __str__(self) -> str:
+        return f"{self.path} {self.reason}"

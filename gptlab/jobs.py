@@ -6,12 +6,20 @@ only about runs that have not finished.
 """
 from __future__ import annotations
 
+import contextlib
+import re
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 from . import rundir as rd
-from .errors import ConfigError
+from .errors import ConfigError, DamagedFile
 from .launch import FINAL_STATES, JOBS, QUEUED, REQUEUED, SUBMITIT
+
+#: a Slurm job id (12345, 12345_7, 12345_[0-9%2]) or a local job's process id
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+%,\[\]-]{0,99}")
+#: the status of a run whose folder cannot be trusted (see rundir.damage)
+DAMAGED = "damaged"
 
 
 def _job_states(folder: Path, jobs: list[dict]) -> dict[str, str]:
@@ -28,16 +36,47 @@ def _job_states(folder: Path, jobs: list[dict]) -> dict[str, str]:
         else:
             slurm.append(job_id)
     if slurm:
+        said: list[str] = []
         try:
-            from submitit import SlurmJob
+            from submitit import SlurmJob  # its import configures its logger: before _quiet_submitit
 
-            for job_id in slurm:
-                SlurmJob(folder, job_id)  # registers the id with submitit's shared watcher
-            SlurmJob.watcher.update()  # one sacct call for every array
-            states.update({job_id: SlurmJob.watcher.get_state(job_id, mode="cache") for job_id in slurm})
+            with _quiet_submitit(said):
+                for job_id in slurm:
+                    SlurmJob(folder, job_id)  # registers the id with submitit's shared watcher
+                SlurmJob.watcher.update()  # one sacct call for every array
+                states.update({job_id: str(SlurmJob.watcher.get_state(job_id, mode="cache")) for job_id in slurm})
         except Exception:  # no submitit, no sacct: the run directories alone have to say it
             states.update(dict.fromkeys(slurm, "UNKNOWN"))
+        if said:
+            sys.stderr.write(f"gptlab: warning: Slurm could not be asked about {len(slurm)} job(s), so their state "
+                             f"is unknown ({' '.join(said[0].split())[:200]})\n")
     return states
+
+
+@contextlib.contextmanager
+def _quiet_submitit(said: list[str]) -> Iterator[None]:
+    """Around a call into submitit: its log records (it logs to stdout as well as stderr, e.g.
+    "Bypassing sacct error" when sacct is missing) and anything printed are kept off stdout, so
+    ``gptlab status --json`` prints JSON alone; the records' messages are collected for one
+    warning line."""
+    import logging
+    import warnings
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                said.append(record.getMessage())
+
+    log = logging.getLogger("submitit")
+    saved = (log.handlers[:], log.propagate)
+    log.handlers[:] = [Collect()]
+    log.propagate = False
+    try:
+        with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        log.handlers[:], log.propagate = saved
 
 
 def _alive(pid: str) -> bool:
@@ -51,15 +90,62 @@ def _alive(pid: str) -> bool:
 
 
 def recorded_jobs(exp_dir: Path) -> dict[str, dict]:
-    """Run directory name -> the job it was last submitted as (job_id, variant, seed, launcher)."""
-    data = rd.read_json(Path(exp_dir) / SUBMITIT / JOBS) or {}
+    """Run directory name -> the job it was last submitted as (job_id, variant, seed, launcher).
+
+    jobs.json is read bounded and checked entry by entry (see _submission_problem); entries that
+    are not what ``gptlab run`` writes are left out with one warning line naming the file."""
+    path = Path(exp_dir) / SUBMITIT / JOBS
+    try:
+        data = rd.load_json(path, dict)
+    except FileNotFoundError:
+        return {}
+    except DamagedFile as exc:
+        sys.stderr.write(f"gptlab: warning: ignoring {exc}; runs still queued cannot be listed\n")
+        return {}
+    submissions = data.get("submissions")
+    if not isinstance(submissions, list):
+        sys.stderr.write(f"gptlab: warning: ignoring {path}: its submissions are "
+                         f"{'missing' if submissions is None else 'not a list'}; runs still queued cannot be listed\n")
+        return {}
     out: dict[str, dict] = {}
-    for entry in data.get("submissions") or []:
-        if isinstance(entry, dict) and isinstance(entry.get("runs"), dict):
-            for name, run in entry["runs"].items():
-                if isinstance(run, dict) and "job_id" in run:
-                    out[name] = {**run, "job_id": str(run["job_id"]), "launcher": entry.get("launcher", "slurm")}
+    problems = []
+    for number, entry in enumerate(submissions, 1):
+        problem = _submission_problem(entry)
+        if problem:
+            problems.append(f"submission {number} {problem}")
+            continue
+        launcher = entry.get("launcher") or "slurm"
+        for name, run in entry["runs"].items():
+            out[name] = {**run, "job_id": str(run["job_id"]), "launcher": launcher}
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        sys.stderr.write(f"gptlab: warning: {path}: ignoring what is not what gptlab writes: {problems[0]}{more}\n")
     return out
+
+
+def _submission_problem(entry: Any) -> Optional[str]:
+    """Why one submission of jobs.json is not what ``gptlab run`` writes, or None. Run names must
+    be plain folder names (a name such as ../x would make status read outside the experiment)."""
+    if not isinstance(entry, dict):
+        return "is not a mapping"
+    if entry.get("launcher") is not None and entry["launcher"] not in ("slurm", "local"):
+        return "has a launcher other than slurm or local"
+    runs = entry.get("runs")
+    if not isinstance(runs, dict):
+        return "has no mapping of runs"
+    for name, run in runs.items():
+        if name in ("", ".", "..") or "/" in name or "\0" in name or name.startswith("."):
+            return f"names a run {name[:60]!r} that is not a run folder's name"
+        if not isinstance(run, dict):
+            return f"holds run {name[:60]} as {type(run).__name__}, not a mapping"
+        job_id = run.get("job_id")
+        if isinstance(job_id, bool) or not isinstance(job_id, (str, int)) or not _JOB_ID.fullmatch(str(job_id)):
+            return f"holds a job id for {name[:60]} that is not one"
+        if run.get("seed") is not None and (isinstance(run["seed"], bool) or not isinstance(run["seed"], int)):
+            return f"holds a seed for {name[:60]} that is not an integer"
+        if run.get("variant") is not None and not isinstance(run["variant"], str):
+            return f"holds a variant for {name[:60]} that is not text"
+    return None
 
 
 def experiment_status(exp_dir: Path) -> list[dict]:
@@ -73,19 +159,26 @@ def experiment_status(exp_dir: Path) -> list[dict]:
     if not (jobs or names or (exp_dir / rd.EXPERIMENT).is_file()):
         raise ConfigError(f"{exp_dir} holds no experiment (no {rd.EXPERIMENT}, runs or submitted jobs); "
                           f"pass results/<experiment>")
-    runs = {name: (exp_dir / name, rd.read_summary(exp_dir / name), jobs.get(name))
+    damaged = {}
+    for name in sorted(names):
+        reason = rd.damage(exp_dir / name)
+        if reason:  # one line naming it; the run is listed as damaged, the others as usual
+            sys.stderr.write(f"gptlab: warning: damaged run {exp_dir / name}: {reason}\n")
+            damaged[name] = reason
+    runs = {name: (exp_dir / name, None if name in damaged else rd.read_summary(exp_dir / name), jobs.get(name))
             for name in sorted(names | set(jobs))}
-    unsettled = [job for _, summary, job in runs.values()
-                 if job and (summary or {}).get("status") not in (rd.COMPLETED, rd.DIVERGED, rd.FAILED)]
+    unsettled = [job for name, (_, summary, job) in runs.items()
+                 if job and name not in damaged and (summary or {}).get("status") not in (rd.COMPLETED, rd.DIVERGED,
+                                                                                          rd.FAILED)]
     states = _job_states(exp_dir / SUBMITIT, unsettled)
     rows = []
     for name, (run_dir, summary, job) in runs.items():
-        config = rd.read_config(run_dir)
+        config = {} if name in damaged else rd.read_config(run_dir)
         last = None
-        for last in rd.metric_rows(run_dir):
+        for last in () if name in damaged else rd.metric_rows(run_dir):
             pass
         state = states.get(job["job_id"]) if job else None
-        status, note = _run_state(run_dir, summary, job, state)
+        status, note = (DAMAGED, damaged[name]) if name in damaged else _run_state(run_dir, summary, job, state)
         train = config.get("train") if isinstance(config.get("train"), dict) else {}
         val = (summary or {}).get("final_val_loss")
         known = summary or config or job or {}

@@ -17,8 +17,8 @@ from typing import Any, Iterable, Optional
 import pandas as pd
 
 from .errors import ConfigError
-from .rundir import (CONFIG, EXPERIMENT, METRICS, SUMMARY, damage, finished_at, is_run_dir, metric_rows, read_config,
-                     read_experiment, read_summary, run_status, seed_from_name)
+from .rundir import (CONFIG, EXPERIMENT, METRICS, SUMMARY, damage, finished_at, is_run_dir, load_yaml, metric_rows,
+                     read_config, read_experiment, read_summary, run_status, seed_from_name, summary_oddities)
 
 META = ("experiment", "variant", "seed", "status", "run_dir", "config_hash", "defined", "overrides", "finished_at")
 SECTIONS = ("model", "data", "train")
@@ -48,8 +48,11 @@ def load_results(*paths: Any, results_dir: Any = "results") -> pd.DataFrame:
         reason = damage(run_dir)
         if reason:  # one line, and the table still prints
             sys.stderr.write(f"gptlab: warning: skipping damaged run {run_dir}: {reason}\n")
-        else:
-            run_dirs.append(run_dir)
+            continue
+        odd = summary_oddities(read_summary(run_dir) or {})
+        if odd:  # a number held as text shows as n/a: say why, once per run
+            sys.stderr.write(f"gptlab: warning: run {run_dir}: {SUMMARY} holds {'; '.join(odd)} (shown as n/a)\n")
+        run_dirs.append(run_dir)
     if not run_dirs:
         raise ConfigError(f"no readable runs under {', '.join(map(str, paths)) or results_dir}")
     named = {p.resolve() for p in map(Path, paths) if p.is_dir() and is_run_dir(p)}
@@ -59,7 +62,7 @@ def load_results(*paths: Any, results_dir: Any = "results") -> pd.DataFrame:
     for run_dir in run_dirs:
         exp_dir = str(run_dir.parent)
         if exp_dir not in experiments:
-            experiments[exp_dir] = read_experiment(run_dir.parent)
+            experiments[exp_dir] = read_experiment(run_dir.parent, warn=True)
             defined[exp_dir] = definition(run_dir.parent)
         row, config = read_run(run_dir)
         known = defined[exp_dir]
@@ -89,8 +92,9 @@ def definition(exp_dir: Path) -> Optional[set]:
     source = meta.get("source")
     if isinstance(source, str) and Path(source).is_file():
         try:
+            load_yaml(Path(source), aliases=True)  # bounded, no alias bomb, before the experiment loader sees it
             exp = load_experiment(Path(source))
-        except GptlabError:
+        except (GptlabError, OSError):
             exp = None
         if exp is not None and exp.name == meta.get("name"):
             return set(exp.defined)

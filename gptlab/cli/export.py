@@ -23,23 +23,57 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     e.set_defaults(handler=cmd_export)
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    out = Path(args.out_dir)
+def check_out_dir(out: Path) -> Path:
+    """Refuse an OUT_DIR that cannot work, in one line naming it, before anything is read or
+    written: a planted link (to a folder, or to nothing), anything but a new or empty folder, or
+    a folder under a kernel file system (/proc, /sys)."""
+    from ..rundir import refuse_link
+
+    out = Path(out)
+    refuse_link(out)  # as report and show --png refuse the same link: never written through
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} already exists and is not an empty directory; pick a new OUT_DIR "
                           f"(nothing there is overwritten)")
+    real = out.parent.resolve() / out.name
+    if real.parts[1:2] in (("proc",), ("sys",)):
+        raise ConfigError(f"cannot write {out}: it lies under /{real.parts[1]}, a kernel file system; "
+                          f"pick a folder on disk")
+    return out
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = check_out_dir(Path(args.out_dir))
     from ..model import GPTModel
     from ..plugin_manager import build_plugin_system
 
     plugins = build_plugin_system(plugin_dirs=args.plugins_dir)
     model = GPTModel.from_run(args.run_dir, plugins)
-    created = not out.exists()
+    check_out_dir(out)  # again, right before writing: loading took a while
+    made = [p for p in (out, *out.parents) if not p.exists() and not p.is_symlink()][::-1]  # outermost first
+    try:
+        for folder in made:
+            folder.mkdir()  # never through a link: OUT_DIR's was refused above, and mkdir never follows one
+    except OSError as exc:
+        _remove_empty(made)
+        raise ConfigError(f"cannot write {out}: {exc.strerror or exc}") from None
     try:
         family = model.save_hf(out, plugins)
-    except ConfigError as exc:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+    except (ConfigError, OSError) as exc:
+        _remove_empty(made)
+        if isinstance(exc, OSError):
+            raise ConfigError(f"cannot write {out}: {exc.strerror or exc}") from None
         raise ConfigError(f"{args.run_dir}: cannot export: {exc}") from None
     sys.stdout.write(f"wrote {out} ({family}): load it with "
                      f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})\n")
     return 0
+
+
+def _remove_empty(made: list) -> None:
+    """Remove the folders export created (innermost first) while they are still empty: a refused
+    export leaves nothing behind."""
+    for folder in reversed(made):
+        try:
+            if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+                folder.rmdir()
+        except OSError:
+            return

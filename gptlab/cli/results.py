@@ -6,13 +6,14 @@ torch nor anything that does; matplotlib loads only for --png.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 from .. import fmt
 from ..errors import ConfigError
-from ..rundir import (COMPLETED, DIVERGED, EXPERIMENT, FAILED, INTERRUPTED, RUNNING, damage, is_run_dir, length_multiple,
-                      read_experiment)
+from ..rundir import (COMPLETED, DIVERGED, EXPERIMENT, FAILED, INTERRUPTED, RUNNING, SUMMARY, damage, is_run_dir,
+                      length_multiple, read_experiment, read_summary, summary_oddities)
 
 COMPARE_HELP = """\
 PATH: experiment directories (results/<name>), run directories, or a folder of experiments;
@@ -78,6 +79,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         reason = damage(path)
         if reason:
             raise ConfigError(f"{path}: cannot show it: {reason}")
+        odd = summary_oddities(read_summary(path) or {})
+        if odd:  # shown as n/a: say why
+            sys.stderr.write(f"gptlab: warning: run {path}: {SUMMARY} holds {'; '.join(odd)} (shown as n/a)\n")
         if png:
             png_run(path, png, console)
         else:
@@ -107,7 +111,7 @@ def show_run(run_dir: Path, console: Any) -> None:
     status = row["status"]
     console.print(Text.assemble((f"{row['experiment']} / {row['variant']} / seed {row['seed']}", "bold"), "  ",
                                 (status, _STATUS_STYLE.get(status, "")), "  ", (str(run_dir), "dim")))
-    base = flatten_config(read_experiment(run_dir.parent).get("base") or {})
+    base = flatten_config(read_experiment(run_dir.parent, warn=True).get("base") or {})
     differs = {k for k, v in config.items() if base and base.get(k, _MISSING) != v}
     head = "config" + ("  (* = differs from the experiment base)" if base else
                        "  (no experiment.json next to the run: nothing to compare against)")
@@ -207,11 +211,12 @@ def _summary_pairs(row: dict) -> list[tuple[str, str]]:
     def num(key: str, spec: str = "{:.4f}") -> str:
         return _num(row.get(key), spec)
 
-    best = num("best_val_loss") + (f" @{row['best_val_step']}" if row.get("best_val_step") is not None else "")
+    best = num("best_val_loss") + (f" @{num('best_val_step', '{:,}')}" if row.get("best_val_step") is not None else "")
     memory = num("peak_memory", "{:,.0f} B")
-    if memory == fmt.NA and row.get("memory_estimate") is not None:
+    if memory == fmt.NA and num("memory_estimate") != fmt.NA:
         memory = f"~{row['memory_estimate']:,.0f} B (estimate)"
-    pairs = [("status", str(row["status"]) + (f" at step {row['diverged_step']}" if row.get("diverged_step") else "")),
+    diverged = num("diverged_step", "{:,}") if row.get("diverged_step") else fmt.NA
+    pairs = [("status", str(row["status"]) + (f" at step {diverged}" if diverged != fmt.NA else "")),
              ("step", num("step", "{:,}")), ("final val", num("final_val_loss")), ("best val", best),
              ("final train", num("final_train_loss")), ("tokens", num("tokens", "{:,}")),
              ("tok/s", num("tokens_per_s", "{:,.0f}")), ("MFU", num("mfu", "{:.1%}")),

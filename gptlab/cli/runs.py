@@ -98,6 +98,21 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _link_below(run_dir: Path, roots: list) -> Any:
+    """The first symbolic link on the way from the folder named on the command line down to
+    ``run_dir`` (the run folder itself included), or None. The folder named is the user's choice
+    and may be a link; nothing below it is followed for deleting."""
+    for root in map(Path, roots):
+        if run_dir == root or run_dir.is_relative_to(root):
+            parts = run_dir.relative_to(root).parts
+            for i in range(len(parts)):
+                step = root.joinpath(*parts[:i + 1])
+                if step.is_symlink():
+                    return step
+            return None
+    return run_dir  # not under any folder named: never deleted
+
+
 def cmd_clean(args: argparse.Namespace) -> int:
     import shutil
 
@@ -123,7 +138,16 @@ def cmd_clean(args: argparse.Namespace) -> int:
                  and (args.older_than is None or now - r["finished_at"] > args.older_than)
                  and r["status"] != RUNNING
                  for _, r in df.iterrows()]]
-    rows = _rows(chosen)
+    rows, links = [], {}
+    for row in _rows(chosen):  # a run reached through a link below the folders named is never deleted
+        link = _link_below(Path(row["run_dir"]), args.paths)
+        if link is None:
+            rows.append(row)
+        else:
+            links[link] = links.get(link, 0) + 1
+    for link, n in links.items():
+        sys.stderr.write(f"gptlab: warning: skipping {link}: a symbolic link (clean never deletes through links); "
+                         f"{n} run(s) there kept\n")
     if not rows:
         print("no run matches; nothing removed")
         return 0
