@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,9 @@ TOP_KEYS = ("name", "description", "plugins", "model", "data", "train", "variant
 CONFIG_SECTIONS = ("model", "data", "train")
 COMPARE_KEYS = ("baseline", "metric", "by", "sort")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: the most runs one experiment may expand to (variants x grid points x seeds), counted before any is
+#: made: each costs milliseconds to resolve and check, so 100,000 already take minutes to plan
+MAX_RUNS = 100_000
 
 
 @dataclass
@@ -196,7 +200,9 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
         raise ConfigError(f"{where}: 'variants' must map variant names to partial configs, e.g. "
                           f"{{pre_ln: {{model: {{norm_placement: pre}}}}}}; leave it out for a single run of the base")
     variant_items = [(str(k), v) for k, v in variants.items()] or [("base", OmegaConf.create({}))]
-    grid_points = _grid_points(cfg.get("grid"), where)
+    grid_keys, grid_values = _grid_axes(cfg.get("grid"), where)
+    _check_run_count(len(variant_items), [len(v) for v in grid_values], len(seeds), where)
+    grid_points = [dict(zip(grid_keys, values)) for values in itertools.product(*grid_values)]
 
     runs, labels, seen = [], [], {}
     for vname, vcfg in variant_items:
@@ -294,9 +300,21 @@ def _short(v: Any) -> str:
     return str(v)
 
 
-def _grid_points(grid: Any, where: str) -> list[dict]:
+def _check_run_count(n_variants: int, grid_sizes: list[int], n_seeds: int, where: str) -> None:
+    """Refuse an experiment of more than MAX_RUNS runs, counted as a product before any is made."""
+    points = math.prod(grid_sizes)
+    runs = n_variants * points * n_seeds
+    if runs > MAX_RUNS:
+        grid = f" x {points:,} grid points ({' x '.join(map(str, grid_sizes))})" if grid_sizes else ""
+        raise ConfigError(f"{where}: the experiment expands to {runs:,} runs ({n_variants:,} variant(s){grid} x "
+                          f"{n_seeds:,} seed(s)), more than the {MAX_RUNS:,} gptlab plans at once; "
+                          f"shrink the grid or split the experiment")
+
+
+def _grid_axes(grid: Any, where: str) -> tuple[list, list]:
+    """The grid's dotted keys and, per key, its list of values (their product is the grid)."""
     if grid is None:
-        return [{}]
+        return [], []
     if not isinstance(grid, DictConfig):
         raise ConfigError(f"{where}: 'grid' must map dotted keys to lists, e.g. {{model.activation: [gelu, swiglu]}}")
     grid = _plain(grid, where)
@@ -306,7 +324,7 @@ def _grid_points(grid: Any, where: str) -> list[dict]:
             raise ConfigError(f"{where}: grid key '{key}' must be a dotted config key such as model.activation")
         if not isinstance(grid[key], list) or not grid[key]:
             raise ConfigError(f"{where}: grid key '{key}' needs a non-empty list of values")
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    return keys, [grid[k] for k in keys]
 
 
 def _point_cfg(point: dict) -> DictConfig:
@@ -325,6 +343,7 @@ def _resolve(merged: DictConfig, where: str) -> tuple[ModelConfig, DataConfig, T
         model = ModelConfig.from_any(apply_preset(plain.get("model") or {}))
         data = parse_section(DataConfig, plain.get("data"), "data")
         train = parse_section(TrainConfig, plain.get("train"), "train")
+        train.check_eval_lengths(train.seq_len or model.context_length)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     return model, data, train

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import pickle
+import stat
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -22,6 +24,9 @@ CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_FILE = "pytorch_model.bin"
+#: the largest config.json read (a real one is a few kB) and the largest shard index (one line a tensor)
+MAX_CONFIG_BYTES = 4 * 2 ** 20
+MAX_INDEX_BYTES = 64 * 2 ** 20
 
 
 @dataclass
@@ -130,18 +135,42 @@ def load_hf_weights(model: Any, path: str | Path, plugins: Any, shapes_only: boo
 
 
 def read_hf_config(directory: Path) -> dict:
-    """config.json as a dict, with a one-line error when it is missing or not JSON."""
+    """config.json as a dict, with a one-line error when it is missing, not a regular file, larger
+    than ``MAX_CONFIG_BYTES``, not JSON or not a JSON object."""
     file = directory / CONFIG_FILE
-    if not file.is_file():
+    if not file.exists() and not file.is_symlink():
         raise ConfigError(f"{directory}: no {CONFIG_FILE}; expected a Hugging Face checkpoint "
                           f"directory with {CONFIG_FILE} and {SAFETENSORS_FILE} (or {PICKLE_FILE})")
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{file}: cannot read it as JSON ({exc})") from None
+    data = read_json_bounded(file, MAX_CONFIG_BYTES)
     if not isinstance(data, dict):
-        raise ConfigError(f"{file}: expected a JSON object, got {type(data).__name__}")
+        raise ConfigError(f"{file}: expected a JSON object, got {_json_kind(data)}")
     return data
+
+
+def read_json_bounded(file: Path, limit: int) -> Any:
+    """A JSON file's contents, refused in one line naming ``file`` when it is not a regular file
+    (a link to /dev/zero, a fifo), is larger than ``limit`` bytes, or does not parse (bad text,
+    nesting deeper than Python can follow, an integer of more digits than Python converts)."""
+    try:
+        if not stat.S_ISREG(file.stat().st_mode):  # before opening: a fifo would block the open itself
+            raise ConfigError(f"{file}: not a regular file; expected a JSON file")
+        with open(file, "rb") as fh:
+            raw = fh.read(limit + 1)
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    if len(raw) > limit:
+        raise ConfigError(f"{file}: larger than the {limit // 2 ** 20} MiB gptlab reads of it; "
+                          f"a Hugging Face {file.name} is far smaller")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        detail = " ".join(str(exc).split())[:120] if not isinstance(exc, RecursionError) else "nested too deeply"
+        raise ConfigError(f"{file}: cannot read it as JSON ({detail})") from None
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false",
+            type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def read_hf_weights(directory: Path, shapes_only: bool = False) -> tuple[dict, Path]:
@@ -160,7 +189,9 @@ def read_hf_weights(directory: Path, shapes_only: bool = False) -> tuple[dict, P
         return _load_sharded(index, shapes_only), index
     if pickled.is_file():
         try:
-            state = torch.load(pickled, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns (protocol, TorchScript) before refusing: one line only
+                warnings.simplefilter("ignore")
+                state = torch.load(pickled, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
             # torch's own message suggests weights_only=False, which is exactly what must not happen
             raise ConfigError(f"{pickled}: not a plain tensor state dict (corrupt, or it pickles other objects, "
@@ -192,13 +223,15 @@ def _load_safetensors(file: Path, shapes_only: bool = False) -> dict:
 def _load_sharded(index: Path, shapes_only: bool = False) -> dict:
     """Merge the shards a ``model.safetensors.index.json`` names (what save_pretrained writes
     for large models)."""
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ConfigError(f"{index}: expected a JSON object with a 'weight_map' ({exc})") from None
+    data = read_json_bounded(index, MAX_INDEX_BYTES)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ConfigError(f"{index}: expected a JSON object with a 'weight_map' of tensor names to shard files")
+    shards = sorted(set(weight_map.values()))
     tensors: dict = {}
     for name in shards:
+        if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise ConfigError(f"{index}: names shard {name[:80]!r}, which is not a file name in {index.parent}")
         shard = index.parent / name
         if not shard.is_file():
             raise ConfigError(f"{index}: names shard {name}, which is not in {index.parent}")

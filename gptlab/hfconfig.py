@@ -8,9 +8,33 @@ family can express and names the component it cannot. Nothing here imports torch
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Iterable, Mapping, Optional
 
+from .config import MAX_LAYERS, count
 from .errors import ConfigError
+
+#: the widest dimension an importer reads (hidden size, MLP width, heads, heads x head size): its
+#: row maps are Python lists that long, and no published model comes within a tenth of it
+MAX_WIDTH = 2 ** 20
+
+
+def shown(value: Any, width: int = 60) -> str:
+    """``repr(value)`` cut to ``width`` characters, so a hostile value keeps an error to one short line."""
+    text = repr(value) if not isinstance(value, int) or isinstance(value, bool) else count(value)
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def finite(value: Any) -> bool:
+    """A number that is neither inf, nan nor an integer too large for a float (JSON allows any)."""
+    return math.isfinite(value) if isinstance(value, float) else abs(value) < 2 ** 1000
+
+
+def shown_json(value: Any, width: int = 60) -> str:
+    """``value`` as JSON (true, null), cut like ``shown``."""
+    text = json.dumps(value) if not isinstance(value, int) or isinstance(value, bool) else count(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 class HFConfig:
@@ -25,33 +49,52 @@ class HFConfig:
     def fail(self, key: str, problem: str) -> ConfigError:
         return ConfigError(f"{self.source}: {key} {problem}")
 
-    def integer(self, key: str, default: Any = None) -> int:
+    def integer(self, key: str, default: Any = None, most: Optional[int] = None, what: str = "") -> int:
+        """A positive integer; with ``most``, no larger (``what`` names what it counts)."""
         value = self.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise self.fail(key, f"must be a positive integer, got {value!r}")
+            raise self.fail(key, f"must be a positive integer, got {shown(value)}")
+        if most is not None and value > most:
+            raise self.fail(key, f"is {count(value)}, more than the {most:,}{what} gptlab reads")
         return value
+
+    def layers(self, key: str, default: Any = None) -> int:
+        """A layer count, at most ``gptlab.config.MAX_LAYERS``: checked before any per-layer map is made."""
+        return self.integer(key, default, MAX_LAYERS, " layers")
+
+    def width(self, key: str, default: Any = None) -> int:
+        """A width or head count, at most ``MAX_WIDTH``: checked before any row map is made."""
+        return self.integer(key, default, MAX_WIDTH)
 
     def number(self, key: str, default: Any = None, positive: bool = False) -> float:
         value = self.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and value <= 0):
-            raise self.fail(key, f"must be a {'positive ' if positive else ''}number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not finite(value) \
+                or (positive and value <= 0):
+            raise self.fail(key, f"must be a finite{' positive' if positive else ''} number, got {shown(value)}")
         return float(value)
+
+    def dropout(self, key: str, default: Any = None) -> float:
+        """A dropout probability, in [0, 1)."""
+        value = self.number(key, default)
+        if not 0.0 <= value < 1.0:
+            raise self.fail(key, f"must be a dropout probability in [0, 1), got {shown(value)}")
+        return value
 
     def flag(self, key: str, default: Any = None) -> bool:
         value = self.get(key, default)
         if not isinstance(value, bool):
-            raise self.fail(key, f"must be true or false, got {value!r}")
+            raise self.fail(key, f"must be true or false, got {shown(value)}")
         return value
 
     def fixed(self, key: str, ok: Any, why: str) -> None:
         """Refuse a switch set to anything but the one value gptlab reproduces."""
         if key in self.values and self.values[key] != ok:
-            raise self.fail(key, f"={json.dumps(self.values[key])} is not supported ({why})")
+            raise self.fail(key, f"={shown_json(self.values[key])} is not supported ({why})")
 
     def choice(self, key: str, table: Mapping[str, Any], default: Any = None) -> Any:
         value = self.get(key, default)
-        if value not in table:
-            raise self.fail(key, f"{value!r} is not supported; expected one of {', '.join(sorted(table))}")
+        if not isinstance(value, str) or value not in table:
+            raise self.fail(key, f"{shown(value)} is not supported; expected one of {', '.join(sorted(table))}")
         return table[value]
 
     def norm(self, name: str, eps_key: str, default_eps: float = 1e-5) -> Any:
@@ -90,17 +133,17 @@ class HFConfig:
             original = scaling.get("original_max_position_embeddings")
             if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
                 raise self.fail(f"{where}.original_max_position_embeddings",
-                                f"must be a positive integer, got {original!r}")
+                                f"must be a positive integer, got {shown(original)}")
             spec["original_context_length"] = original
         elif kind not in ("default", "linear"):
-            raise self.fail(f"{where}.rope_type", f"{kind!r} is not supported (gptlab's rope scales "
+            raise self.fail(f"{where}.rope_type", f"{shown(kind)} is not supported (gptlab's rope scales "
                                                   f"'linear' and 'llama3'; 'dynamic', 'yarn' and 'longrope' "
                                                   f"change with the sequence or rescale attention)")
         return spec
 
     def _positive(self, key: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise self.fail(key, f"must be a positive number, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not finite(value) or value <= 0:
+            raise self.fail(key, f"must be a finite positive number, got {shown(value)}")
         return float(value)
 
 

@@ -2,8 +2,9 @@
 
 The real run and ``--dry-run`` call the same checks (the dry run writes nothing), so a dry run
 rejects exactly what the real run would: an unwritable results folder, unknown or incompatible
-components and bad option values (each model is built on the meta device), the data set and
-tokenizer, lengths that do not fit.
+components and bad option values (each model is built on the meta device), models too large for
+the machine (measured from the config before the meta build, and exactly after it), the data set
+and tokenizer, lengths that do not fit.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .data import TokenData, prepare_tokens
+from .config import size_problem
 from .errors import ConfigError
 from .experiment import Experiment, RunSpec
 from .hf import load_hf_weights
@@ -44,6 +46,41 @@ def check_writable(results_dir: Path) -> None:
                           f"choose another with --results-dir")
 
 
+def machine_memory() -> int:
+    """The most memory one run could have here: the larger of this machine's RAM (or a smaller
+    cgroup limit: a container, a Slurm job) and the largest visible GPU's memory."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        ram = 0
+    for file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(file) as fh:
+                text = fh.read(64).strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < (ram or float("inf")):
+            ram = int(text)
+    gpu = 0
+    try:
+        if torch.cuda.is_available():
+            gpu = max(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+    except Exception:  # a broken driver: the RAM alone
+        pass
+    return max(ram, gpu) or 16 * 2 ** 30
+
+
+def check_size(spec: RunSpec, limit: int, measured: tuple[int, int] | None = None) -> None:
+    """Refuse a run whose model and batch cannot fit in ``limit`` bytes: counted from the config, or
+    with ``measured`` (parameters, buffer bytes) from the model built on the meta device."""
+    seq_len = spec.train.seq_len or spec.model.context_length
+    exact = {} if measured is None else {"parameters": measured[0], "buffer_bytes": measured[1]}
+    problem = size_problem(spec.model, limit, batch_tokens=spec.train.batch_size * seq_len, **exact)
+    if problem:
+        source = f"model.from_hf {spec.model.from_hf}: " if spec.model.from_hf else ""
+        raise ConfigError(f"{source}{problem}; shrink it, or pass --allow-large to gptlab run to try anyway")
+
+
 def data_key(spec: RunSpec) -> str:
     """Runs with the same corpus, tokenizer and split share one prepared token array."""
     return json.dumps([spec.data.dataset.to_plain(), spec.data.tokenizer.to_plain(), spec.data.val_fraction],
@@ -54,22 +91,28 @@ def check_components(exp: Experiment, plugins: PluginSystem) -> None:
     """Every component name exists and every model builds, before anything trains.
 
     Each distinct model is built on the meta device (shapes only, no memory), so a bad option
-    value (``rope`` with ``base: abc``) is a user error now rather than a failed run later.
+    value (``rope`` with ``base: abc``) is a user error now rather than a failed run later. Its size
+    is checked first from the config (a model of 10^12 parameters is never built, even on the meta
+    device) and again exactly once built, buffers included (``--allow-large`` skips both).
     """
-    built = set()
+    measured: dict[str, tuple[int, int]] = {}  # model -> (parameters, buffer bytes), built once
+    limit = None if getattr(exp, "allow_large", False) else machine_memory()
     for spec in exp.runs:
         where = f"{exp.path or 'experiment'}: variant '{spec.variant}'"
+        key = json.dumps(spec.model.to_dict(), sort_keys=True, default=str)
         try:
             resolve_components(spec.model, plugins)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-        key = json.dumps(spec.model.to_dict(), sort_keys=True, default=str)
-        if key in built:
-            continue
-        built.add(key)
-        try:
+            if key in measured:
+                if limit is not None:  # the same model, maybe with another batch
+                    check_size(spec, limit, measured[key])
+                continue
+            if limit is not None:
+                check_size(spec, limit)  # from the config: nothing is built for a model far too large
             with torch.device("meta"):
                 model = GPTModel(spec.model, plugins=plugins)
+            measured[key] = (model.num_parameters(), sum(b.numel() * b.element_size() for b in model.buffers()))
+            if limit is not None:
+                check_size(spec, limit, measured[key])
             if spec.model.from_hf:  # every checkpoint tensor has a place in this variant's model
                 load_hf_weights(model, spec.model.from_hf, plugins, shapes_only=True)
         except ConfigError as exc:

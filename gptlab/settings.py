@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .config import ComponentSpec, positive
+from .config import ComponentSpec, count, positive
 from .errors import ConfigError
 
 
@@ -76,8 +76,25 @@ class TrainConfig:
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
         for m in self.eval_lengths:
-            if isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0:
-                raise ConfigError(f"train.eval_lengths holds multiples of seq_len (e.g. [1, 2, 4]), got {m!r}")
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0 \
+                    or (isinstance(m, float) and not math.isfinite(m)):
+                raise ConfigError(f"train.eval_lengths holds finite multiples of seq_len > 0 (e.g. [1, 2, 4]), "
+                                  f"got {m!r}")
+        if self.seq_len is not None:
+            self.check_eval_lengths(self.seq_len)
+
+    def check_eval_lengths(self, seq_len: int) -> None:
+        """Every eval length, ``round(multiple x seq_len)`` tokens, is at least one token (called again
+        once seq_len is known when it is null: model.context_length)."""
+        for m in self.eval_lengths:
+            if m * seq_len >= 2 ** 63:
+                shown = count(m) if isinstance(m, int) else f"{m:.3g}"
+                raise ConfigError(f"train.eval_lengths: {shown} x seq_len {seq_len} is more tokens than torch "
+                                  f"can count (2**63)")
+            if round(m * seq_len) < 1:
+                raise ConfigError(f"train.eval_lengths: {m!r} x seq_len {seq_len} rounds to "
+                                  f"{round(m * seq_len)} tokens; each length must be at least 1 token "
+                                  f"(a multiple above {0.5 / seq_len:.3g})")
 
 
 #: train keys that change how a run is kept, never what it computes: left out of the config hash,

@@ -23,13 +23,13 @@ def bloom(hf_config, source):
     hf.fixed("apply_residual_connection_post_layernorm", False,
              "gptlab's pre-norm blocks add the block input, not the normed input, to the residual")
     hf.fixed("tie_word_embeddings", True, "the loader builds a tied head, as BLOOM has")
-    emb = hf.integer("hidden_size", hf.get("n_embed"))
-    heads = hf.integer("n_head", hf.get("num_attention_heads"))
+    emb = hf.width("hidden_size", hf.get("n_embed"))
+    heads = hf.width("n_head", hf.get("num_attention_heads"))
     if emb % heads:
         raise hf.fail("hidden_size", f"({emb}) must be divisible by n_head ({heads})")
     cfg = {"vocab_size": hf.integer("vocab_size"), "context_length": hf.integer("seq_length", DEFAULT_CONTEXT),
-           "emb_dim": emb, "n_heads": heads, "n_layers": hf.integer("n_layer", hf.get("num_hidden_layers")),
-           "drop_rate": hf.number("hidden_dropout"), "qkv_bias": True, "bias": True, "tie_embeddings": True,
+           "emb_dim": emb, "n_heads": heads, "n_layers": hf.layers("n_layer", hf.get("num_hidden_layers")),
+           "drop_rate": hf.dropout("hidden_dropout"), "qkv_bias": True, "bias": True, "tie_embeddings": True,
            "embedding_norm": True, "attention": "sdpa", "position": "alibi",
            "norm": hf.norm("layernorm", "layer_norm_epsilon"), "norm_placement": "pre", "activation": "gelu_tanh"}
     rows = per_head_rows(heads, emb // heads)

@@ -5,12 +5,12 @@ Two things differ between the layouts: parameter names (``h.3.attn.c_attn`` here
 nn.Linear stores (out, in)). HF config switches gptlab has no equivalent for are refused, not
 ignored. Reading the files and accounting for every tensor is ``gptlab.hf``'s job.
 """
-import json
 from typing import Any
 
 import gptlab
 from gptlab import ConfigError, HFImport
-from gptlab.hfconfig import Export, component
+from gptlab.config import MAX_LAYERS
+from gptlab.hfconfig import MAX_WIDTH, Export, component, finite, shown, shown_json
 
 # Values transformers' GPT2Config assumes for keys a config.json leaves out; using the same ones
 # means a sparse config.json gives the model transformers itself would build from it.
@@ -53,34 +53,36 @@ def config_from_hf(hf: dict, source: str = "config.json") -> dict:
     def get(key: str) -> Any:
         return hf.get(key, _HF_DEFAULTS.get(key))
 
-    def integer(key: str, value: Any) -> int:
+    def integer(key: str, value: Any, most: Any = None, what: str = "") -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{source}: {key} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{source}: {key} must be a positive integer, got {shown(value)}")
+        if most is not None and value > most:
+            raise ConfigError(f"{source}: {key} is {shown(value)}, more than the {most:,}{what} gptlab reads")
         return value
 
     for key, (ok, why) in _FIXED.items():
         if key in hf and hf[key] != ok:
-            raise ConfigError(f"{source}: {key}={json.dumps(hf[key])} is not supported ({why})")
+            raise ConfigError(f"{source}: {key}={shown_json(hf[key])} is not supported ({why})")
 
     act = get("activation_function")
-    if act not in _ACTIVATIONS:
-        raise ConfigError(f"{source}: activation_function {act!r} is not supported; "
+    if not isinstance(act, str) or act not in _ACTIVATIONS:
+        raise ConfigError(f"{source}: activation_function {shown(act)} is not supported; "
                           f"expected one of {', '.join(sorted(_ACTIVATIONS))}")
     # Old configs carry n_ctx beside n_positions; n_positions sizes the position table.
     ctx_key = "n_positions" if "n_positions" in hf or "n_ctx" not in hf else "n_ctx"
     eps = get("layer_norm_epsilon")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
-        raise ConfigError(f"{source}: layer_norm_epsilon must be a positive number, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not finite(eps) or eps <= 0:
+        raise ConfigError(f"{source}: layer_norm_epsilon must be a finite positive number, got {shown(eps)}")
     drop = get("resid_pdrop")
-    if isinstance(drop, bool) or not isinstance(drop, (int, float)):
-        raise ConfigError(f"{source}: resid_pdrop must be a number, got {drop!r}")
+    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0.0 <= drop < 1.0:
+        raise ConfigError(f"{source}: resid_pdrop must be a dropout probability in [0, 1), got {shown(drop)}")
 
     cfg: dict[str, Any] = {
         "vocab_size": integer("vocab_size", get("vocab_size")),
         "context_length": integer(ctx_key, get(ctx_key)),
-        "emb_dim": integer("n_embd", get("n_embd")),
-        "n_heads": integer("n_head", get("n_head")),
-        "n_layers": integer("n_layer", get("n_layer")),
+        "emb_dim": integer("n_embd", get("n_embd"), MAX_WIDTH),
+        "n_heads": integer("n_head", get("n_head"), MAX_WIDTH),
+        "n_layers": integer("n_layer", get("n_layer"), MAX_LAYERS, " layers"),
         "drop_rate": float(drop),
         "qkv_bias": True,
         "bias": True,
@@ -93,7 +95,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> dict:
     }
     n_inner = get("n_inner")
     if n_inner is not None:
-        cfg["ff_dim"] = integer("n_inner", n_inner)
+        cfg["ff_dim"] = integer("n_inner", n_inner, MAX_WIDTH)
     return cfg
 
 

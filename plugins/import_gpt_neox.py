@@ -27,19 +27,19 @@ DEFAULTS = {"vocab_size": 50432, "hidden_size": 6144, "num_hidden_layers": 44, "
 def gpt_neox(hf_config, source):
     """Hugging Face GPT-NeoX (model_type gpt_neox): parallel blocks, partial rope, untied head."""
     hf = HFConfig(hf_config, source, DEFAULTS)
-    emb, heads = hf.integer("hidden_size"), hf.integer("num_attention_heads")
+    emb, heads = hf.width("hidden_size"), hf.width("num_attention_heads")
     if emb % heads:
         raise hf.fail("hidden_size", f"({emb}) must be divisible by num_attention_heads ({heads})")
     parallel, tied, attn_bias = hf.flag("use_parallel_residual"), hf.flag("tie_word_embeddings"), hf.flag("attention_bias")
     cfg = {"vocab_size": hf.integer("vocab_size"), "context_length": hf.integer("max_position_embeddings"),
-           "emb_dim": emb, "n_heads": heads, "n_layers": hf.integer("num_hidden_layers"),
-           "drop_rate": hf.number("hidden_dropout"), "qkv_bias": attn_bias, "bias": True, "attn_out_bias": attn_bias,
+           "emb_dim": emb, "n_heads": heads, "n_layers": hf.layers("num_hidden_layers"),
+           "drop_rate": hf.dropout("hidden_dropout"), "qkv_bias": attn_bias, "bias": True, "attn_out_bias": attn_bias,
            "tie_embeddings": tied, "attention": "sdpa",
            "position": {"name": "rope", **hf.rope_options(theta_keys=("rope_theta", "rotary_emb_base"),
                                                           fraction_keys=("rotary_pct",), default_fraction=0.25)},
            "norm": hf.norm("layernorm", "layer_norm_eps"),
            "norm_placement": {"name": "parallel", "shared_norm": False} if parallel else "pre",
-           "activation": hf.choice("hidden_act", ACTIVATIONS), "ff_dim": hf.integer("intermediate_size")}
+           "activation": hf.choice("hidden_act", ACTIVATIONS), "ff_dim": hf.width("intermediate_size")}
     rows = per_head_rows(heads, emb // heads)
     tensors = {"embed_in.weight": ("tok_emb.weight", False), "final_layer_norm.weight": ("final_norm.weight", False),
                "final_layer_norm.bias": ("final_norm.bias", False)}

@@ -9,7 +9,7 @@ reproduces only when the window covers the whole context.
 import gptlab
 from gptlab import HFImport
 from gptlab.hf import fused_rows
-from gptlab.hfconfig import Export, HFConfig, rope_to_hf
+from gptlab.hfconfig import MAX_WIDTH, Export, HFConfig, rope_to_hf
 
 # transformers' LlamaConfig defaults for the keys that shape the model
 DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -22,14 +22,18 @@ def llama(hf_config, source):
     """Hugging Face Llama (model_type llama): RMSNorm, rope, SwiGLU, grouped-query attention."""
     hf = HFConfig(hf_config, source, DEFAULTS)
     hf.choice("hidden_act", {"silu": "swiglu"})
-    emb, heads = hf.integer("hidden_size"), hf.integer("num_attention_heads")
-    kv = hf.integer("num_key_value_heads", heads)
-    head_dim = hf.integer("head_dim", emb // heads)
+    emb, heads = hf.width("hidden_size"), hf.width("num_attention_heads")
+    kv = hf.width("num_key_value_heads", heads)
+    if heads % kv:
+        raise hf.fail("num_key_value_heads", f"({kv}) must divide num_attention_heads ({heads})")
+    head_dim = hf.width("head_dim", emb // heads)
+    if heads * head_dim > MAX_WIDTH:
+        raise hf.fail("head_dim", f"x num_attention_heads is {heads * head_dim:,}, more than the {MAX_WIDTH:,} gptlab reads")
     attn_bias, mlp_bias, tied = hf.flag("attention_bias"), hf.flag("mlp_bias"), hf.flag("tie_word_embeddings")
-    hidden = hf.integer("intermediate_size")
+    hidden = hf.width("intermediate_size")
     cfg = {"vocab_size": hf.integer("vocab_size"), "context_length": hf.integer("max_position_embeddings"),
-           "emb_dim": emb, "n_heads": heads, "n_layers": hf.integer("num_hidden_layers"),
-           "drop_rate": hf.number("attention_dropout"), "qkv_bias": attn_bias, "bias": False,
+           "emb_dim": emb, "n_heads": heads, "n_layers": hf.layers("num_hidden_layers"),
+           "drop_rate": hf.dropout("attention_dropout"), "qkv_bias": attn_bias, "bias": False,
            "attn_out_bias": attn_bias, "mlp_bias": mlp_bias, "tie_embeddings": tied,
            "attention": "sdpa" if kv == heads else {"name": "sdpa", "n_kv_heads": kv},
            "position": {"name": "rope", **hf.rope_options()}, "norm": {"name": "rmsnorm", "eps": hf.number("rms_norm_eps", positive=True)},

@@ -28,8 +28,8 @@ def openai_gpt(hf_config, source):
     hf = HFConfig(hf_config, source, DEFAULTS)
     hf.fixed("tie_word_embeddings", True, "the loader builds a tied head, as GPT has")
     cfg = {"vocab_size": hf.integer("vocab_size"), "context_length": hf.integer("n_positions"),
-           "emb_dim": hf.integer("n_embd"), "n_heads": hf.integer("n_head"), "n_layers": hf.integer("n_layer"),
-           "drop_rate": hf.number("resid_pdrop"), "qkv_bias": True, "bias": True, "tie_embeddings": True,
+           "emb_dim": hf.width("n_embd"), "n_heads": hf.width("n_head"), "n_layers": hf.layers("n_layer"),
+           "drop_rate": hf.dropout("resid_pdrop"), "qkv_bias": True, "bias": True, "tie_embeddings": True,
            "attention": "sdpa", "position": "learned", "norm": hf.norm("layernorm", "layer_norm_epsilon"),
            "norm_placement": "post", "activation": hf.choice("afn", ACTIVATIONS)}
     tensors = {"tokens_embed.weight": ("tok_emb.weight", False), "positions_embed.weight": ("position.emb.weight", False)}

@@ -47,6 +47,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     r.add_argument("--restart", action="store_true",
                    help="start unfinished runs over instead of resuming them from their last resumable state")
     r.add_argument("--dry-run", action="store_true", help="list the runs and how they differ; train nothing")
+    r.add_argument("--allow-large", action="store_true",
+                   help="train models whose fp32 training state (16 bytes a parameter), buffers and batch need "
+                        "more memory than this machine (or its largest GPU) has; refused otherwise")
     r.add_argument("--jobs", default=None, metavar="N|auto",
                    help="train up to N runs at once, in worker processes: on CPU they share the cores, on CUDA "
                         "each gets its own GPU (auto: one per visible GPU; 1 on CPU). Default 1")
@@ -92,6 +95,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_launcher_flags(args)
     exp = load_experiment(args.experiment, args.overrides)
     exp.track = list(dict.fromkeys([*exp.track, *parse_track(args.track, "--track")]))  # the command line adds
+    exp.allow_large = args.allow_large
     plugins = build_plugin_system(plugin_dirs=args.plugins_dir, extra=exp.plugins,
                                   base_dir=args.experiment.resolve().parent)
     if args.launcher != "inprocess":
