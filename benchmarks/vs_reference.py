@@ -1,22 +1,28 @@
 """gptlab side by side with references, in one process: training tokens/s, alternating rounds.
 
-Three models of one architecture (GPT-2: pre-LN, LayerNorm, tanh-GELU MLP, learned positions,
+Four models of one architecture (GPT-2: pre-LN, LayerNorm, tanh-GELU MLP, learned positions,
 causal SDPA attention with a fused qkv projection, qkv bias, tied head) with the same weights:
 
-  gptlab  GPTModel built through the plugin registry (``GPTModel.from_hf_gpt2`` of the HF model)
-  hf      Hugging Face transformers' GPT2LMHeadModel, attn_implementation='sdpa'
-  hand    the same GPT written out by hand below (nanoGPT style), weights copied from gptlab
+  gptlab   GPTModel built through the plugin registry (``GPTModel.from_hf_gpt2`` of the HF model)
+  hf       Hugging Face transformers' GPT2LMHeadModel, attn_implementation='sdpa'
+  nanogpt  nanoGPT's model.py GPT rewritten below (c_attn/c_proj, LayerNorm with bias, wte/wpe,
+           the loss computed inside forward, the vocabulary padded to a multiple of 64 as nanoGPT
+           pads 50257 to 50304), weights copied from gptlab (its padded rows are extra, unmasked
+           classes, as in nanoGPT: they leave the real tokens' logits as they are)
+  hand     the same GPT written out by hand below (plain modules), weights copied from gptlab
 
 Each takes the same training step (autocast forward, float32 cross-entropy, backward, clipping
-at 1.0, AdamW with gptlab's defaults, zero_grad) on the same batch. After warm-up, every round
-runs ``--steps`` steps of each model one step at a time in turn (A B C A B C ...; the order
-rotates every round), so drift in machine load hits every model alike; each step is timed on its
-own (CUDA events or synchronize) and a model's round figure is its tokens / its summed step time.
-Reported: median tokens/s per model over the rounds; for gptlab/hf and gptlab/hand the median of
-the per-round ratios (paired within a round, so load that drifts between rounds cancels; the
-ratio of the two medians is printed too), and the spread: the sample standard deviation of the
-per-round ratios. A ratio whose distance from 1 is below the spread is "within noise".
-Target: gptlab >= 1.0x the reference (met when the ratio is >= 1 or within noise).
+at 1.0, AdamW with gptlab's defaults, zero_grad) on the same batch; gptlab and nanogpt compute the
+loss in their forward (``targets=``), hf and hand get ``F.cross_entropy`` after their logits.
+After warm-up, every round runs ``--steps`` steps of each model one step at a time in turn
+(A B C D A B C D ...; the order rotates every round), so drift in machine load hits every model
+alike; each step is timed on its own (CUDA events or synchronize) and a model's round figure is
+its tokens / its summed step time. Reported: median tokens/s per model over the rounds; for gptlab
+against each reference the median of the per-round ratios (paired within a round, so load that
+drifts between rounds cancels; the ratio of the two medians is printed too), and the spread: the
+sample standard deviation of the per-round ratios. A ratio whose distance from 1 is below the
+spread is "within noise". Target: gptlab >= 1.0x the reference (met when the ratio is >= 1 or
+within noise).
 
 CPU default (small):  python benchmarks/vs_reference.py --threads 1
 GPU:                  python benchmarks/vs_reference.py --preset gpt2 --batch 16 --seq-len 1024 \
@@ -44,7 +50,7 @@ from gptlab.devices import resolve_device, synchronize
 from gptlab.errors import ConfigError, did_you_mean
 from gptlab.train import make_optimizer, train_step
 
-MODELS = ("gptlab", "hf", "hand")
+MODELS = ("gptlab", "hf", "nanogpt", "hand")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,6 +117,113 @@ class HandGPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# nanoGPT (github.com/karpathy/nanoGPT, model.py) rewritten compactly: the same modules, names and
+# forward, without its init, generation and optimizer helpers
+# ----------------------------------------------------------------------------------------------
+class NanoLayerNorm(nn.Module):
+    """LayerNorm with an optional bias (nanoGPT's own; here with the bias, as GPT-2)."""
+
+    def __init__(self, ndim: int, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class NanoCausalSelfAttention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, dropout: float) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)  # q, k, v for all heads in one matmul
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.attn_dropout, self.resid_dropout = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.n_head, self.n_embd, self.dropout = n_head, n_embd, dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=self.dropout if self.training else 0,
+                                           is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class NanoMLP(nn.Module):
+    def __init__(self, n_embd: int, dropout: float) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # nanoGPT has nn.GELU() (erf); GPT-2's weights want tanh
+        self.c_proj = nn.Linear(4 * n_embd, n_embd)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class NanoBlock(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, dropout: float) -> None:
+        super().__init__()
+        self.ln_1, self.attn = NanoLayerNorm(n_embd), NanoCausalSelfAttention(n_embd, n_head, dropout)
+        self.ln_2, self.mlp = NanoLayerNorm(n_embd), NanoMLP(n_embd, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT's GPT: ``forward(idx, targets)`` -> (logits, loss), the loss computed inside forward
+    (over the padded vocabulary, ``ignore_index=-1``); without targets only the last position's
+    logits, as nanoGPT does for generation. ``vocab_size`` is padded up to a multiple of 64."""
+
+    def __init__(self, vocab: int, block_size: int, n_embd: int, n_head: int, n_layer: int,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.real_vocab, self.vocab_size = vocab, -(-vocab // 64) * 64
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(self.vocab_size, n_embd),
+            wpe=nn.Embedding(block_size, n_embd),
+            drop=nn.Dropout(dropout),
+            h=nn.ModuleList(NanoBlock(n_embd, n_head, dropout) for _ in range(n_layer)),
+            ln_f=NanoLayerNorm(n_embd)))
+        self.lm_head = nn.Linear(n_embd, self.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.02)  # nanoGPT's init (the padded rows keep it)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        b, t = idx.size()
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        else:
+            logits, loss = self.lm_head(x[:, [-1], :]), None  # inference: the last position only
+        return logits, loss
+
+    @torch.no_grad()
+    def load_from_gptlab(self, model: GPTModel) -> None:
+        names = {"tok_emb.": "transformer.wte.", "position.emb.": "transformer.wpe.", "blocks.": "transformer.h.",
+                 "final_norm.": "transformer.ln_f.", "head.": "lm_head.", ".norm1.": ".ln_1.", ".norm2.": ".ln_2.",
+                 ".attn.qkv.": ".attn.c_attn.", ".attn.out_proj.": ".attn.c_proj.", ".mlp.fc.": ".mlp.c_fc.",
+                 ".mlp.proj.": ".mlp.c_proj."}
+        if model.config.vocab_size != self.real_vocab:
+            raise ValueError(f"nanogpt: vocabulary {self.real_vocab} differs from gptlab's {model.config.vocab_size}")
+        mine = self.state_dict()
+        for key, value in model.state_dict().items():
+            for old, new in names.items():
+                key = key.replace(old, new)
+            mine[key][:value.shape[0]].copy_(value)  # the tied wte/lm_head: gptlab's rows; the padding keeps its init
+
+
+# ----------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="see the module docstring for the method")
@@ -134,7 +247,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf-activation", default="gelu_pytorch_tanh", choices=("gelu_pytorch_tanh", "gelu_new"),
                    help="HF activation_function: gelu_pytorch_tanh (fused kernel, default) or gelu_new "
                         "(GPT-2's config value, the same function written as Python ops)")
-    p.add_argument("--models", default=",".join(MODELS), help="subset of gptlab,hf,hand (gptlab is required)")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help="subset of gptlab,hf,nanogpt,hand (gptlab is required; default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
@@ -148,7 +262,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in args.models if m not in MODELS]
     if bad or "gptlab" not in args.models or len(args.models) < 2:
-        p.error(f"--models takes gptlab plus at least one of hf, hand (got {','.join(args.models)})")
+        p.error(f"--models takes gptlab plus at least one of hf, nanogpt, hand (got {','.join(args.models)})")
     if args.seq_len > args.ctx:
         p.error(f"--seq-len {args.seq_len} exceeds the context length {args.ctx}")
     for name in ("layers", "width", "heads", "ctx", "vocab", "batch", "steps"):
@@ -162,7 +276,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_models(args) -> dict:
-    """HF GPT-2 (random init), gptlab loaded from its saved checkpoint, the hand GPT from gptlab."""
+    """HF GPT-2 (random init), gptlab loaded from its saved checkpoint, nanogpt and hand from gptlab."""
     import transformers
 
     torch.manual_seed(args.seed)
@@ -180,6 +294,10 @@ def build_models(args) -> dict:
     models = {"gptlab": gl}
     if "hf" in args.models:
         models["hf"] = hf
+    if "nanogpt" in args.models:
+        nano = NanoGPT(args.vocab, args.ctx, args.width, args.heads, args.layers)
+        nano.load_from_gptlab(gl)
+        models["nanogpt"] = nano
     if "hand" in args.models:
         hand = HandGPT(args.vocab, args.ctx, args.width, args.heads, args.layers)
         hand.load_from_gptlab(gl)
@@ -188,16 +306,22 @@ def build_models(args) -> dict:
 
 
 def forward_fn(name: str, model: nn.Module):
+    """``x -> logits`` of every position over the real vocabulary."""
     if name == "hf":
         return lambda x: model(input_ids=x, use_cache=False).logits
+    if name == "nanogpt":  # nanoGPT gives every position's logits only along with a loss
+        return lambda x: model(x, targets=x)[0][..., :model.real_vocab]
     return model
 
 
 def loss_fn(name: str, model: nn.Module):
-    """``(x, targets=y) -> mean cross-entropy`` for train_step; gptlab's model computes its own loss,
-    the others get the cross-entropy written after their logits (compiled with them under --compile)."""
+    """``(x, targets=y) -> mean cross-entropy`` for train_step; gptlab's and nanoGPT's models compute
+    their own loss, the others get the cross-entropy written after their logits (compiled with them
+    under --compile)."""
     if name == "gptlab":
         return model
+    if name == "nanogpt":
+        return lambda x, targets: model(x, targets)[1]
     fwd = forward_fn(name, model)
 
     def loss(x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -222,9 +346,11 @@ def max_logit_diffs(models: dict, args) -> dict:
 
 def count_ops(models: dict, args) -> dict:
     """aten ops dispatched by one training-mode forward+backward of each model (fp32, CPU, a short
-    batch), and how many of them read a value back to the host (``_local_scalar_dense``: a device
-    sync on GPU). Equal counts mean the plugin layer adds no work per step; timings cannot be that
-    exact on a shared machine."""
+    batch; the forward to the logits, the backward from their sum, no loss: nanogpt's count holds its
+    loss's forward, as it gives every position's logits only with one), and how many of them read
+    a value back to the host (``_local_scalar_dense``: a device sync on GPU). Equal counts mean the
+    plugin layer adds no work per step; timings cannot be that exact on a shared machine (and at the
+    default size a step's time is in its matmuls, attention and loss, not in its count of small ops)."""
     from collections import Counter
 
     from torch.utils._python_dispatch import TorchDispatchMode

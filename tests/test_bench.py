@@ -207,12 +207,12 @@ def test_vs_reference_smoke(capsys):
     mod.main(["--layers", "1", "--width", "32", "--heads", "2", "--ctx", "16", "--vocab", "64", "--batch", "2",
               "--rounds", "2", "--steps", "1", "--warmup", "1", "--json"])
     res = json.loads(capsys.readouterr().out)
-    assert set(res["models"]) == {"gptlab", "hf", "hand"}
-    assert all(v < 1e-5 for v in res["max_abs_logit_diff_vs_gptlab"].values())  # the same model three times
+    assert set(res["models"]) == {"gptlab", "hf", "nanogpt", "hand"}
+    assert all(v < 1e-5 for v in res["max_abs_logit_diff_vs_gptlab"].values())  # the same model four times
     ops = res["aten_ops_per_fwd_bwd"]
     assert ops["gptlab"]["ops"] == ops["hand"]["ops"]  # the registry adds no work per step
     assert ops["gptlab"]["host_syncs"] == 0
     assert all(positive(m["tokens_per_s"]) for m in res["models"].values())
-    assert {c["reference"] for c in res["comparisons"]} == {"hf", "hand"}
+    assert {c["reference"] for c in res["comparisons"]} == {"hf", "nanogpt", "hand"}
     for c in res["comparisons"]:
         assert positive(c["ratio"]) and len(c["round_ratios"]) == 2 and isinstance(c["within_noise"], bool)
