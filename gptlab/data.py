@@ -17,7 +17,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from . import rundir as rd
+from .errors import ConfigError, DamagedFile
 from .plugin_manager import PluginSystem
 from .rundir import file_sha256, refuse_link, write_json_atomic
 from .settings import DataConfig
@@ -91,8 +92,8 @@ def _verified_cache(bin_path: Path, meta_path: Path) -> Optional[dict]:
     """The cache's metadata when the token file matches it (length and sha256); otherwise None,
     after a warning, and the cache is rebuilt: a damaged cache would silently change the data."""
     try:
-        meta = json.loads(meta_path.read_text())
-        if isinstance(meta, dict) and "sha256" not in meta:
+        meta = rd.load_json(meta_path, dict)
+        if "sha256" not in meta:
             raise LookupError("written by an earlier gptlab, without a checksum")
         size = bin_path.stat().st_size  # the cheap test first; the hash reads the file in blocks
         if size and size == meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize and \
@@ -101,6 +102,8 @@ def _verified_cache(bin_path: Path, meta_path: Path) -> Optional[dict]:
         reason = "its tokens do not match its length and checksum"
     except LookupError as exc:
         reason = str(exc) if not isinstance(exc, KeyError) else f"no {exc} in its metadata"
+    except DamagedFile as exc:
+        reason = f"its metadata is unreadable: {exc.reason}"
     except (OSError, ValueError, TypeError) as exc:
         reason = f"unreadable ({type(exc).__name__})"
     sys.stderr.write(f"gptlab: warning: token cache {bin_path} cannot be trusted ({reason}); rebuilding it\n")

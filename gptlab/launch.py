@@ -271,27 +271,49 @@ def _record(sub: Submission) -> None:
 
 
 class _MetricsTail:
-    """The rows a task appended to a run's metrics.jsonl since the last look (complete lines only)."""
+    """The rows a task appended to a run's metrics.jsonl since the last look (complete lines only).
+
+    Each look reads at most CHUNK bytes from where the last stopped, from a regular file opened
+    without following a link, so a planted or runaway file cannot exhaust memory; a line longer
+    than rundir.MAX_METRICS_LINE is skipped whole."""
+
+    CHUNK = 4 << 20
 
     def __init__(self, path: Path) -> None:
-        self.path, self.offset = path, 0
+        self.path, self.offset, self.skipping = path, 0, False
 
     def rows(self) -> list[dict]:
+        import stat
+
         try:
-            with open(self.path, "rb") as fh:
-                if fh.seek(0, os.SEEK_END) < self.offset:  # a resumed run cut the file back: read it again
-                    self.offset = 0
-                fh.seek(self.offset)
-                data = fh.read()
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
         except OSError:
             return []
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return []
+            if st.st_size < self.offset:  # a resumed run cut the file back: read it again
+                self.offset, self.skipping = 0, False
+            data = os.pread(fd, self.CHUNK, self.offset)
+        except OSError:
+            return []
+        finally:
+            os.close(fd)
         end = data.rfind(b"\n") + 1
+        if not end:  # no complete line yet; one longer than any row is skipped up to its end
+            if len(data) > rd.MAX_METRICS_LINE:
+                self.offset, self.skipping = self.offset + len(data), True
+            return []
         self.offset += end
+        lines = data[:end].splitlines()
+        if self.skipping:  # the rest of an over-long line
+            lines, self.skipping = lines[1:], False
         rows = []
-        for line in data[:end].splitlines():
+        for line in lines:
             try:
                 row = json.loads(line)
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (UnicodeDecodeError, ValueError, RecursionError):
                 continue
             if isinstance(row, dict) and isinstance(row.get("step"), int):
                 rows.append(row)

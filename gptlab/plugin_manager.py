@@ -278,9 +278,12 @@ class _Listed:
 
 def read_manifest(folder: Path) -> dict:
     """{module: {"version": "sha256:...", "registers": [[kind, name, doc], ...]}}, or {} if unreadable."""
+    from .errors import DamagedFile
+    from .rundir import load_json
+
     try:
-        data = json.loads((Path(folder) / MANIFEST).read_text())
-    except (OSError, ValueError):
+        data = load_json(Path(folder) / MANIFEST, dict)
+    except (OSError, DamagedFile):
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -495,6 +495,23 @@ def damage(run_dir: Path) -> Optional[str]:
     return None
 
 
+def row_steps(run_dir: Path, count: int) -> list:
+    """The ``step`` of each of the first ``count`` complete rows of metrics.jsonl (None for a row
+    without an integer step); fewer when the file holds fewer. Bounded as metric_rows; a damaged
+    file raises DamagedFile, a missing one gives []."""
+    steps: list = []
+    try:
+        for _, line in _metric_lines(Path(run_dir) / METRICS):
+            if len(steps) >= count:
+                break
+            row = _metric_row(line)
+            step = row.get("step") if isinstance(row, dict) else None
+            steps.append(step if _is_int(step) else None)
+    except FileNotFoundError:
+        pass
+    return steps
+
+
 def metric_rows(run_dir: Path) -> Iterator[dict]:
     """The rows of metrics.jsonl; a line cut short by a kill, or that is not a JSON object, is
     skipped. Bounded as damage() checks it: past a bound (or for a file that is not regular) the

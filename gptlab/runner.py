@@ -31,7 +31,7 @@ from .plugin_manager import PluginSystem
 from .rundir import read_summary, write_json_atomic
 from .preflight import check_writable, data_key, preflight
 from .tracking import RunHooks
-from .train import Diverged, train_run
+from .train import Diverged, make_optimizer, train_run
 
 
 class ExperimentRunner:
@@ -187,7 +187,7 @@ class ExperimentRunner:
         decision = distributed.share(None, self.group)
         if decision[0] != "train":
             return {}, "skip"
-        found = resume.latest(run_dir, only=decision[1]) if decision[1] is not None else None
+        found = self.usable_state(spec, run_dir, only=decision[1]) if decision[1] is not None else None
         torch.manual_seed(spec.seed)
         model = GPTModel(spec.model, plugins=self.plugins)
         if spec.model.from_hf and found is None:
@@ -212,11 +212,26 @@ class ExperimentRunner:
             if summary and summary.get("status") in rd.FINISHED and not self.force:
                 return summary, "skip"  # finished by another process since we planned
             rd.clean_stale_temporaries(run_dir)  # what a killed writer left; we hold the lock
-            found = resume.latest(run_dir, self.warn) if action == "resume" else None
+            found = self.usable_state(spec, run_dir) if action == "resume" else None
             if found is None:
                 action = "redo" if action == "resume" else action
             self._share_decision(("train", found.step if found else None))
             return self._train_locked(spec, run_dir, data, on_progress, found, summary), action
+
+    def usable_state(self, spec: RunSpec, run_dir: Path, only: Optional[int] = None) -> Optional[resume.Resumable]:
+        """The newest resumable state of ``run_dir`` that is within this run, consistent with its
+        metrics.jsonl and fits its model (checked against a model built on the meta device, so
+        nothing is allocated); each one that is not is skipped with a warning naming it."""
+        t = spec.train
+        try:
+            with torch.device("meta"):
+                model = GPTModel(spec.model, plugins=self.plugins)
+            optimizer = make_optimizer(model, t, torch.device("cpu"))
+            fits = lambda found: resume.check_fits(found, model, optimizer)  # noqa: E731
+        except Exception:  # the real build fails the same way, and the run reports it
+            fits = None
+        return resume.latest(run_dir, self.warn, only=only, steps=t.steps, fits=fits,
+                             tokens_per_step=t.batch_size * t.grad_accum * (t.seq_len or spec.model.context_length))
 
     def _train_locked(self, spec: RunSpec, run_dir: Path, data: TokenData, on_progress,
                       found: Optional[resume.Resumable] = None, previous: Optional[dict] = None) -> dict:

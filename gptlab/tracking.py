@@ -84,8 +84,8 @@ class RunHooks:
     """The lifecycle hooks of one run, called one plugin at a time.
 
     Why not ``pm.hook.gptlab_log(...)``: pluggy stops at the first exception, so one broken sink
-    would end every other plugin's call and the run. Here a plugin that raises (``Exception``;
-    Ctrl-C still stops the run) is warned about once, recorded (``hook_errors`` in the summary)
+    would end every other plugin's call and the run. Here a plugin that raises anything short of
+    a keyboard interrupt (SystemExit included; Ctrl-C still stops the run) is warned about once, recorded (``hook_errors`` in the summary)
     and skipped for the rest of the run. A tracker plugin is called only when the run chose one
     of its trackers. The time each plugin's hooks take is summed (``hook_seconds``).
     """
@@ -114,12 +114,14 @@ class RunHooks:
                 else:
                     for impl in impls:
                         impl.function(*(kwargs[arg] for arg in impl.argnames))
-            except Exception as exc:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # SystemExit too: a sink calling sys.exit must not end the run
                 self._failed(name, hook, kwargs, exc)
             finally:
                 self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
-    def _failed(self, name: str, hook: str, kwargs: dict, exc: Exception) -> None:
+    def _failed(self, name: str, hook: str, kwargs: dict, exc: BaseException) -> None:
         at = f" at step {kwargs['step']}" if "step" in kwargs else ""
         detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         self.errors[name] = f"{hook}{at}: {detail}"

@@ -1,6 +1,7 @@
 """Shared helpers for the gptlab test suite: tiny configs, weight randomisation, plugin files."""
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import textwrap
@@ -100,3 +101,23 @@ def builtin_system():
     system = gptlab.PluginSystem()
     system.load_builtins()
     return system
+
+
+def tree_hash(root: Path) -> str:
+    """A hash of every entry under ``root``: names, file bytes, link targets (links never followed)."""
+    digest = hashlib.sha256()
+    if not os.path.lexists(root):
+        return "absent"
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            digest.update(str(path.relative_to(root)).encode() + b"\0")
+            if path.is_symlink():
+                digest.update(b"link:" + os.readlink(path).encode())
+            elif path.is_file():
+                with open(path, "rb") as fh:
+                    for block in iter(lambda: fh.read(1 << 22), b""):
+                        digest.update(block)
+            digest.update(b"\0")
+    return digest.hexdigest()

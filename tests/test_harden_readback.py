@@ -15,7 +15,6 @@ after: nothing outside the folders named changes (and a read-only command change
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -26,31 +25,11 @@ from pathlib import Path
 import pytest
 
 import gptlab.rundir as rd
-from conftest import run_cli
+from conftest import run_cli, tree_hash
 from run_folders import make_experiment, make_run
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def tree_hash(root: Path) -> str:
-    """A hash of every entry under ``root``: names, file bytes, link targets (links never followed)."""
-    digest = hashlib.sha256()
-    if not os.path.lexists(root):
-        return "absent"
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        for name in sorted(dirnames + filenames):
-            path = Path(dirpath) / name
-            digest.update(str(path.relative_to(root)).encode() + b"\0")
-            if path.is_symlink():
-                digest.update(b"link:" + os.readlink(path).encode())
-            elif path.is_file():
-                with open(path, "rb") as fh:
-                    for block in iter(lambda: fh.read(1 << 22), b""):
-                        digest.update(block)
-            digest.update(b"\0")
-    return digest.hexdigest()
-
-
 def hashes(*roots: Path) -> dict:
     return {str(r): tree_hash(r) for r in roots}
 

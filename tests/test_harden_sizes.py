@@ -9,7 +9,6 @@ a 60 s timeout: finishing at all is the assertion. The rest call ``gptlab.cli.ma
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -27,7 +26,7 @@ from gptlab import ConfigError, GPTModel
 from gptlab.config import MAX_LAYERS, ModelConfig, parameter_parts
 from gptlab.experiment import MAX_RUNS, load_experiment
 
-from conftest import run_cli, tiny_cfg
+from conftest import run_cli, tiny_cfg, tree_hash
 
 TRAIN = {"steps": 2, "batch_size": 2, "eval_every": 2, "log_every": 2, "eval_batches": 1}
 EXP = {"name": "sizes", "model": {"preset": "nano", "n_layers": 1, "context_length": 32}, "train": TRAIN,
@@ -36,18 +35,6 @@ EXP = {"name": "sizes", "model": {"preset": "nano", "n_layers": 1, "context_leng
 BIG_GRID = {f"train.{k}": list(range(1, 11)) for k in ("steps", "batch_size", "eval_every", "eval_batches",
                                                       "log_every", "grad_accum", "warmup_steps",
                                                       "checkpoint_keep", "checkpoint_every")}
-
-
-def tree_hash(root: Path) -> str:
-    """Every path under ``root`` with its bytes (or link target): any write, deletion or new file changes it."""
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        h.update(str(p.relative_to(root)).encode() + b"\0")
-        if p.is_symlink():
-            h.update(b"link:" + os.readlink(p).encode())
-        elif p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def one_line(rc: int, err: str, *words: str) -> str:
