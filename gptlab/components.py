@@ -6,6 +6,8 @@ A positional scheme acts through up to three seams, and says which with ``provid
   "score_bias" - ``context()`` returns an additive (heads, q_len, k_len) bias on attention scores.
 An attention says which of "rotation" and "score_bias" it honours with ``accepts``; the builder
 refuses a pair where the position provides something the attention would ignore.
+``CausalSelfAttention`` applies the rotation itself and so accepts only "rotation"; a subclass
+whose ``attend`` adds the score bias must add "score_bias" to its ``accepts``.
 Positions are offsets (``offset`` = tokens already in the KV cache), never assumed to start at 0.
 """
 from __future__ import annotations

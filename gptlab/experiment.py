@@ -142,8 +142,17 @@ def _plain(cfg: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {' '.join(str(exc).split())}") from None
 
 
-def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfig | None = None) -> Experiment:
-    """Read and check an experiment, returning every run it asks for."""
+def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfig | None = None,
+                    plugins: Any = None) -> Experiment:
+    """Read and check an experiment, returning every run it asks for.
+
+    ``plugins`` is where ``model: {from_hf: DIR}`` finds the importer of the checkpoint's
+    ``model_type``: the plugin system the experiment will run with, or a function that builds it
+    from the experiment's ``plugins:`` list (called at most once, and only for a ``from_hf``, so
+    an experiment without one builds no plugin system here). None: the process-wide default system
+    when the experiment lists no ``plugins:``, else one of the default folders plus those (relative
+    to the YAML), as ``gptlab run`` builds without ``--plugins-dir``.
+    """
     where = str(path) if path is not None else "experiment"
     if cfg is None:
         cfg = load_yaml(path)
@@ -170,9 +179,10 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ConfigError(f"{where}: 'name' must be a folder-safe string (letters, digits, _ . -), got {name!r}")
     description = cfg.get("description") or ""
-    plugins = _plain(cfg.get("plugins"), where) or []
-    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+    plugin_specs = _plain(cfg.get("plugins"), where) or []
+    if not isinstance(plugin_specs, list) or not all(isinstance(p, str) for p in plugin_specs):
         raise ConfigError(f"{where}: 'plugins' must be a list of module names or .py paths")
+    importers = _LazyPlugins(plugins, plugin_specs, path)
     seeds = _plain(cfg.get("seeds", [0]), where)
     if not isinstance(seeds, list) or not seeds or not all(
             isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 63 for s in seeds):
@@ -220,7 +230,7 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
             label = (f"{vname},{suffix}" if variants else suffix) if point else vname
             merged = _merge(f"{where}: variant '{vname}'", base, vcfg, _point_cfg(point), section_ov)
             ctx = f"{where}: variant '{label}'" if (variants or point) else where
-            model, data, train = _resolve(merged, ctx)
+            model, data, train = _resolve(merged, ctx, importers)
             changes = _changes(vcfg, point)
             h = config_hash({"model": model.to_dict(), "data": to_plain(data), "train": to_plain(train)})
             if h in seen:
@@ -233,16 +243,17 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
     warnings = [f"{where}: variant '{spec.variant}': train.warmup_steps ({spec.train.warmup_steps}) is not shorter than "
                 f"train.steps ({spec.train.steps}): the learning rate never leaves the warmup"
                 for spec in runs[::len(seeds)] if spec.train.warmup_steps >= spec.train.steps > 0]
-    base_model, base_data, base_train = _resolve(_merge(where, base, section_ov), where)
+    base_model, base_data, base_train = _resolve(_merge(where, base, section_ov), where, importers)
     base_resolved = {"model": base_model.to_dict(), "data": to_plain(base_data), "train": to_plain(base_train)}
     defined = {config_hash(spec.resolved()): spec.variant for spec in runs}
     if section_ov:  # what the file alone defines: runs made with overrides are set apart from those
         try:
-            plain = load_experiment(path, [o for o in overrides if _section(o) not in CONFIG_SECTIONS], source_cfg)
+            plain = load_experiment(path, [o for o in overrides if _section(o) not in CONFIG_SECTIONS], source_cfg,
+                                    plugins=lambda specs: importers())  # the same plugins: list, the same system
             defined, base_resolved = plain.defined, plain.base
         except ConfigError:  # the file is only valid with the overrides: no run is as the file defines it
             defined = {}
-    return Experiment(name, str(description), Path(path) if path else None, plugins, runs, base_resolved,
+    return Experiment(name, str(description), Path(path) if path else None, plugin_specs, runs, base_resolved,
                       compare, labels, list(overrides), defined, warnings, slurm, track)
 
 
@@ -334,13 +345,36 @@ def _point_cfg(point: dict) -> DictConfig:
     return out
 
 
-def _resolve(merged: DictConfig, where: str) -> tuple[ModelConfig, DataConfig, TrainConfig]:
+class _LazyPlugins:
+    """The plugin system of an experiment's ``from_hf`` importers, made on first use (see load_experiment)."""
+
+    def __init__(self, given: Any, specs: list, path: Path | None) -> None:
+        self.given, self.specs, self.path = given, list(specs), path
+        self.system: Any = None
+
+    def __call__(self) -> Any:
+        if self.system is None:
+            from .plugin_manager import build_plugin_system, default_plugins
+
+            if self.given is None and not self.specs:  # nothing of the experiment's own: the default system
+                self.system = default_plugins()
+            elif self.given is None:
+                base_dir = Path(self.path).resolve().parent if self.path is not None else None
+                self.system = build_plugin_system(extra=self.specs, base_dir=base_dir)
+            elif hasattr(self.given, "registry"):  # a plugin system
+                self.system = self.given
+            else:
+                self.system = self.given(self.specs)
+        return self.system
+
+
+def _resolve(merged: DictConfig, where: str, plugins: Any = None) -> tuple[ModelConfig, DataConfig, TrainConfig]:
     plain = _plain(merged, where)
     try:
         for section in CONFIG_SECTIONS:
             if plain.get(section) is not None and not isinstance(plain[section], dict):
                 raise ConfigError(f"{section}: expected a mapping of keys, got {plain[section]!r}")
-        model = ModelConfig.from_any(apply_preset(plain.get("model") or {}))
+        model = ModelConfig.from_any(apply_preset(plain.get("model") or {}, plugins))
         data = parse_section(DataConfig, plain.get("data"), "data")
         train = parse_section(TrainConfig, plain.get("train"), "train")
         train.check_eval_lengths(train.seq_len or model.context_length)

@@ -19,9 +19,14 @@ class CausalSelfAttention(nn.Module):
     """Q/K/V projection, rotation, KV cache and grouped-query heads; subclasses implement ``attend``.
 
     ``n_kv_heads`` < ``n_heads`` gives grouped-query attention (1 = multi-query).
+
+    ``accepts`` declares what this class applies: the base applies the position's rotation in
+    ``forward``; a subclass whose ``attend`` adds ``ctx.score_bias`` declares it too
+    (``accepts = frozenset({"rotation", "score_bias"})``), so one that ignores the bias is refused
+    with ALiBi when the model is built instead of silently dropping it.
     """
 
-    accepts = frozenset({"rotation", "score_bias"})
+    accepts = frozenset({"rotation"})
 
     def __init__(self, cfg, n_kv_heads: Positive = None) -> None:
         super().__init__()

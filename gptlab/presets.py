@@ -1,6 +1,8 @@
 """Named model configs: the four Hugging Face GPT-2 sizes and a few CPU-sized ones."""
 from __future__ import annotations
 
+from typing import Any
+
 from .config import GPT_CONFIG_124M
 from .errors import ConfigError, did_you_mean
 
@@ -21,9 +23,14 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def apply_preset(model: dict) -> dict:
+def apply_preset(model: dict, plugins: Any = None) -> dict:
     """Model keys with ``preset: NAME`` replaced by that preset's keys, and ``from_hf: DIR`` by
-    the keys that checkpoint's config.json describes (the keys written beside either win)."""
+    the keys that checkpoint's config.json describes (the keys written beside either win).
+
+    ``plugins`` holds the importer that reads the checkpoint: a plugin system, or a function of no
+    arguments returning one (called only when there is a ``from_hf``, so a config without one
+    builds no plugin system); None is the process-wide default system.
+    """
     model = dict(model)
     name = model.pop("preset", None)
     source = model.get("from_hf")
@@ -34,7 +41,9 @@ def apply_preset(model: dict) -> dict:
             raise ConfigError(f"model.from_hf must be a checkpoint directory path, got {source!r}")
         from .hf import hf_model_config
 
-        return {**hf_model_config(source), **model}
+        if callable(plugins):
+            plugins = plugins()
+        return {**hf_model_config(source, plugins), **model}
     if name is None:
         return model
     if name not in PRESETS:

@@ -8,6 +8,7 @@ from gptlab import CausalSelfAttention
 class SDPAAttention(CausalSelfAttention):
     """Causal attention through F.scaled_dot_product_attention; flash-eligible unless a score bias is set."""
 
+    accepts = frozenset({"rotation", "score_bias"})  # the base rotates; attend adds the bias as a mask
     computes = "causal_softmax"  # vanilla's function, another kernel
 
     def attend(self, q, k, v, ctx):

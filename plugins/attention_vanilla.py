@@ -11,6 +11,7 @@ from gptlab import CausalSelfAttention, Range
 class VanillaAttention(CausalSelfAttention):
     """Causal attention as written in the paper: softmax(QK^T/sqrt(d) + bias, masked) V."""
 
+    accepts = frozenset({"rotation", "score_bias"})  # the base rotates; attend adds the bias to the scores
     computes = "causal_softmax"  # sdpa's function, another kernel
 
     def __init__(self, cfg, n_kv_heads: Annotated[Optional[int], Range(ge=1)] = None):

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -612,8 +613,10 @@ def test_restore_ignores_a_generator_the_state_lacks(tmp_path):
     model(torch.zeros(1, 4, dtype=torch.long), targets=torch.zeros(1, 4, dtype=torch.long)).backward()
     optimizer.step()
     batches = torch.Generator().manual_seed(11)
+    counters = {**asdict(gtrain.TrainState(step=1, tokens=4)), "best_val": None}  # as the loop saves them
     save(tmp_path, 1, model, optimizer, {"torch": torch.random.default_generator, "batches": batches},
-         {"device_type": "cpu"}, keep=1)
+         {"device_type": "cpu", "metrics_rows": 0, "wall_time_s": 0.0,
+          "loop": {"state": counters, "loss_sum": 0.0, "loss_count": 0}}, keep=1)
     saved_batches = batches.get_state()
     found = latest(tmp_path)
     assert "rng.cuda" not in found.tensors

@@ -30,6 +30,8 @@ MY_ATTENTION = '''
     class MyAttention(CausalSelfAttention):
         """Hand-written softmax attention."""
 
+        accepts = frozenset({"rotation", "score_bias"})
+
         def attend(self, q, k, v, ctx):
             k, v = self.expand_kv(k), self.expand_kv(v)
             scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])

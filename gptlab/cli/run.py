@@ -93,11 +93,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be a positive integer, got {args.threads}")
     _check_launcher_flags(args)
-    exp = load_experiment(args.experiment, args.overrides)
+    built: list = []
+
+    def plugin_system(extra: list):
+        """The one plugin system of this command (--plugins-dir and the experiment's plugins: list),
+        built when the loader first needs an importer (model: {from_hf: DIR}) or after it."""
+        if not built:
+            built.append(build_plugin_system(plugin_dirs=args.plugins_dir, extra=extra,
+                                             base_dir=args.experiment.resolve().parent))
+        return built[0]
+
+    exp = load_experiment(args.experiment, args.overrides, plugins=plugin_system)
     exp.track = list(dict.fromkeys([*exp.track, *parse_track(args.track, "--track")]))  # the command line adds
     exp.allow_large = args.allow_large
-    plugins = build_plugin_system(plugin_dirs=args.plugins_dir, extra=exp.plugins,
-                                  base_dir=args.experiment.resolve().parent)
+    plugins = plugin_system(exp.plugins)
     if args.launcher != "inprocess":
         return _launch(args, exp, plugins)
     device = resolve_device(args.device)
