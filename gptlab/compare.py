@@ -16,13 +16,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 import pandas as pd
 
 from .errors import ConfigError, did_you_mean
-from .results import META, SECTIONS, load_results, read_metrics
+from .results import META, load_results, read_metrics
+from .settings import SECTIONS
 from .rundir import COMPLETED, METRIC_ALIASES, STATUSES, SUMMARY_METRICS, length_multiple, read_experiment
 from .stats import welch_ci
 from .termplot import sparkline
@@ -335,16 +336,18 @@ def cell_text(v: Any) -> str:
 # -- loading and export ------------------------------------------------------------------------
 def compare_results(*paths: Any, results_dir: Any = "results", by: Any = None, baseline: Optional[str] = None,
                     metric: Optional[str] = None, at_step: Optional[int] = None, sort: Optional[str] = None,
-                    merge: bool = False, all_runs: bool = False) -> list[pd.DataFrame]:
+                    merge: bool = False, all_runs: bool = False,
+                    defined_by: Optional[Callable[[Path], Optional[set]]] = None) -> list[pd.DataFrame]:
     """The comparison tables of the runs under ``paths``: one per experiment, or one for all with ``merge``.
 
     Each experiment is measured against its own baseline. By default only the runs each
     experiment's file defines as it stands now are shown (``all_runs``: every run, with the
     overrides it was made with); a run directory named in ``paths`` is always shown. by, metric,
-    sort and baseline fall back to the experiment's ``compare`` block. ``table.attrs`` also holds
+    sort and baseline fall back to the experiment's ``compare`` block; ``defined_by`` as in
+    load_results. ``table.attrs`` also holds
     ``experiment`` (its name, or None for a merged table) and ``hidden`` (runs left out).
     """
-    df = load_results(*paths, results_dir=results_dir)
+    df = load_results(*paths, results_dir=results_dir, **({"defined_by": defined_by} if defined_by else {}))
     parts = [df] if merge else [part for _, part in df.groupby(df["run_dir"].map(lambda d: str(Path(d).parent)),
                                                                sort=False)]
     tables = []

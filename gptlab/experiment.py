@@ -5,9 +5,7 @@ so renaming a variant or reordering the YAML never reruns anything, and any chan
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -17,44 +15,20 @@ from typing import Any, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import ModelConfig, hashed_model, parse_section, to_plain
+from .config import ModelConfig, parse_section, to_plain
 from .errors import ConfigError, did_you_mean
+from .hf import hf_model_config
 from .presets import apply_preset
-from .rundir import run_dir_name
-from .settings import OPERATIONAL_TRAIN_KEYS, DataConfig, SlurmConfig, TrainConfig
+from .settings import SECTIONS, DataConfig, RunSpec, SlurmConfig, TrainConfig, config_hash
 from .tracking import parse_track
 
 TOP_KEYS = ("name", "description", "plugins", "model", "data", "train", "variants", "grid", "seeds", "compare",
             "slurm", "track")
-CONFIG_SECTIONS = ("model", "data", "train")
 COMPARE_KEYS = ("baseline", "metric", "by", "sort")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 #: the most runs one experiment may expand to (variants x grid points x seeds), counted before any is
 #: made: each costs milliseconds to resolve and check, so 100,000 already take minutes to plan
 MAX_RUNS = 100_000
-
-
-@dataclass
-class RunSpec:
-    """One training run: a variant label, a seed and its resolved, checked config."""
-
-    variant: str
-    seed: int
-    model: ModelConfig
-    data: DataConfig
-    train: TrainConfig
-    changes: dict = field(default_factory=dict)  # dotted keys this variant sets, for display
-
-    def resolved(self) -> dict:
-        return {"model": self.model.to_dict(), "data": to_plain(self.data), "train": to_plain(self.train)}
-
-    @property
-    def config_hash(self) -> str:
-        return config_hash(self.resolved())
-
-    @property
-    def dir_name(self) -> str:
-        return run_dir_name(self.variant, self.config_hash, self.seed)
 
 
 @dataclass
@@ -79,14 +53,28 @@ class Experiment:
     track: list = field(default_factory=list)
 
 
-def config_hash(resolved: dict) -> str:
-    """The run's identity: a hash of every key that can change what it computes."""
-    train = {k: v for k, v in (resolved.get("train") or {}).items() if k not in OPERATIONAL_TRAIN_KEYS}
-    view = {**resolved, "train": train}
-    if isinstance(resolved.get("model"), dict):
-        view["model"] = hashed_model(resolved["model"])
-    blob = json.dumps(view, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+def current_definition(exp_dir: Path) -> Optional[set]:
+    """Config hashes of the runs an experiment's file defines now; None when that cannot be known.
+
+    The file named in experiment.json is read again (it may have been edited since the runs); when
+    it is gone or no longer valid, the definition recorded at the last ``gptlab run`` is used.
+    Results written before either existed give None: every run counts.
+    """
+    from .errors import GptlabError
+    from .results import recorded_definition
+    from .rundir import load_yaml as load_bounded_yaml, read_experiment
+
+    meta = read_experiment(exp_dir)
+    source = meta.get("source")
+    if isinstance(source, str) and Path(source).is_file():
+        try:
+            load_bounded_yaml(Path(source), aliases=True)  # bounded, no alias bomb, before the loader sees it
+            exp = load_experiment(Path(source))
+        except (GptlabError, OSError):
+            exp = None
+        if exp is not None and exp.name == meta.get("name"):
+            return set(exp.defined)
+    return recorded_definition(exp_dir)
 
 
 def load_yaml(path: Path) -> DictConfig:
@@ -167,8 +155,8 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
             allowed = [k for k in TOP_KEYS if k not in ("variants", "grid")]
             raise ConfigError(f"override '{key}': unknown section{did_you_mean(key, allowed)}; "
                               f"override one of {', '.join(allowed)} (e.g. train.steps=100)")
-    section_ov = {k: ov[k] for k in CONFIG_SECTIONS if k in ov}
-    for k in CONFIG_SECTIONS:
+    section_ov = {k: ov[k] for k in SECTIONS if k in ov}
+    for k in SECTIONS:
         if k in ov:
             del ov[k]
     cfg = _merge(where, cfg, ov)
@@ -202,7 +190,7 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
         raise ConfigError(f"{where}: {exc}") from None
     track = parse_track(_plain(cfg.get("track"), where), where)
 
-    base = OmegaConf.create({k: cfg.get(k) or {} for k in CONFIG_SECTIONS})
+    base = OmegaConf.create({k: cfg.get(k) or {} for k in SECTIONS})
     variants = cfg.get("variants")
     if variants is None:
         variants = OmegaConf.create({})
@@ -222,9 +210,9 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
         if not isinstance(vcfg, DictConfig):
             raise ConfigError(f"{where}: variant '{vname}' must be a mapping like {{model: {{norm_placement: post}}}}")
         for key in vcfg.keys():
-            if key not in CONFIG_SECTIONS:
+            if key not in SECTIONS:
                 raise ConfigError(f"{where}: variant '{vname}': unknown section '{key}'"
-                                  f"{did_you_mean(key, CONFIG_SECTIONS)}; a variant sets model, data or train keys")
+                                  f"{did_you_mean(key, SECTIONS)}; a variant sets model, data or train keys")
         for point in grid_points:
             suffix = ",".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in point.items())
             label = (f"{vname},{suffix}" if variants else suffix) if point else vname
@@ -248,7 +236,7 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
     defined = {config_hash(spec.resolved()): spec.variant for spec in runs}
     if section_ov:  # what the file alone defines: runs made with overrides are set apart from those
         try:
-            plain = load_experiment(path, [o for o in overrides if _section(o) not in CONFIG_SECTIONS], source_cfg,
+            plain = load_experiment(path, [o for o in overrides if _section(o) not in SECTIONS], source_cfg,
                                     plugins=lambda specs: importers())  # the same plugins: list, the same system
             defined, base_resolved = plain.defined, plain.base
         except ConfigError:  # the file is only valid with the overrides: no run is as the file defines it
@@ -260,7 +248,7 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
 def _check_compare(compare: dict, runs: list, where: str) -> None:
     """The compare block names a metric, --by keys and a baseline the runs will have, so a typo
     stops the command now rather than after all the training."""
-    from .results import flatten_config
+    from .results import table_config
     from .rundir import METRIC_ALIASES, SUMMARY_METRICS, length_key
 
     metric = compare.get("metric")
@@ -270,7 +258,7 @@ def _check_compare(compare: dict, runs: list, where: str) -> None:
         if metric not in known:
             raise ConfigError(f"{where}: compare.metric '{metric}' is not a metric of these runs"
                               f"{did_you_mean(str(metric), known)}; metrics: {', '.join(known)}")
-    flat = [flatten_config(spec.resolved()) for spec in runs]
+    flat = [table_config(spec.resolved()) for spec in runs]
     by = compare.get("by")
     keys = [k.strip() for k in (by.split(",") if isinstance(by, str) else by or []) if str(k).strip()]
     if keys == ["variant"]:
@@ -331,7 +319,7 @@ def _grid_axes(grid: Any, where: str) -> tuple[list, list]:
     grid = _plain(grid, where)
     keys = list(grid)
     for key in keys:
-        if key.split(".")[0] not in CONFIG_SECTIONS or "." not in key:
+        if key.split(".")[0] not in SECTIONS or "." not in key:
             raise ConfigError(f"{where}: grid key '{key}' must be a dotted config key such as model.activation")
         if not isinstance(grid[key], list) or not grid[key]:
             raise ConfigError(f"{where}: grid key '{key}' needs a non-empty list of values")
@@ -371,10 +359,11 @@ class _LazyPlugins:
 def _resolve(merged: DictConfig, where: str, plugins: Any = None) -> tuple[ModelConfig, DataConfig, TrainConfig]:
     plain = _plain(merged, where)
     try:
-        for section in CONFIG_SECTIONS:
+        for section in SECTIONS:
             if plain.get(section) is not None and not isinstance(plain[section], dict):
                 raise ConfigError(f"{section}: expected a mapping of keys, got {plain[section]!r}")
-        model = ModelConfig.from_any(apply_preset(plain.get("model") or {}, plugins))
+        model = ModelConfig.from_any(apply_preset(plain.get("model") or {},
+                                                  lambda source: hf_model_config(source, plugins())))
         data = parse_section(DataConfig, plain.get("data"), "data")
         train = parse_section(TrainConfig, plain.get("train"), "train")
         train.check_eval_lengths(train.seq_len or model.context_length)

@@ -18,7 +18,8 @@ import torch
 from .data import TokenData, prepare_tokens
 from .config import size_problem
 from .errors import ConfigError
-from .experiment import Experiment, RunSpec
+from .experiment import Experiment
+from .settings import RunSpec
 from .hf import load_hf_weights
 from .hookspecs import MODEL_KINDS
 from .model import GPTModel, resolve_components

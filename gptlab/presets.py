@@ -1,7 +1,7 @@
 """Named model configs: the four Hugging Face GPT-2 sizes and a few CPU-sized ones."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Callable, Optional
 
 from .config import GPT_CONFIG_124M
 from .errors import ConfigError, did_you_mean
@@ -23,13 +23,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def apply_preset(model: dict, plugins: Any = None) -> dict:
+def apply_preset(model: dict, read_hf: Optional[Callable[[str], dict]] = None) -> dict:
     """Model keys with ``preset: NAME`` replaced by that preset's keys, and ``from_hf: DIR`` by
     the keys that checkpoint's config.json describes (the keys written beside either win).
 
-    ``plugins`` holds the importer that reads the checkpoint: a plugin system, or a function of no
-    arguments returning one (called only when there is a ``from_hf``, so a config without one
-    builds no plugin system); None is the process-wide default system.
+    ``read_hf(DIR)`` gives those keys: the caller binds it to the plugin system whose importers
+    read the checkpoint (gptlab.hf.hf_model_config), called only when there is a ``from_hf``.
     """
     model = dict(model)
     name = model.pop("preset", None)
@@ -39,11 +38,10 @@ def apply_preset(model: dict, plugins: Any = None) -> dict:
             raise ConfigError(f"model: set preset ({name}) or from_hf ({source}), not both")
         if not isinstance(source, str) or not source:
             raise ConfigError(f"model.from_hf must be a checkpoint directory path, got {source!r}")
-        from .hf import hf_model_config
-
-        if callable(plugins):
-            plugins = plugins()
-        return {**hf_model_config(source, plugins), **model}
+        if read_hf is None:
+            raise ConfigError(f"model.from_hf ({source}) is read by an importer plugin, and none was given here; "
+                              f"use it in an experiment or with GPTModel.from_hf")
+        return {**read_hf(source), **model}
     if name is None:
         return model
     if name not in PRESETS:

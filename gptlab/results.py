@@ -12,22 +12,30 @@ import math
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import pandas as pd
 
 from .errors import ConfigError
+from .settings import SECTIONS, flatten_config
 from .rundir import (CONFIG, EXPERIMENT, METRICS, SUMMARY, damage, finished_at, is_run_dir, load_yaml, metric_rows,
                      read_config, read_experiment, read_summary, run_status, seed_from_name, summary_oddities)
 
 META = ("experiment", "variant", "seed", "status", "run_dir", "config_hash", "defined", "overrides", "finished_at")
-SECTIONS = ("model", "data", "train")
 # The keys every metrics row has; any other key in metrics.jsonl was logged by a plugin.
 STANDARD_LOG_KEYS = ("step", "tokens", "train_loss", "val_loss", "lr", "tokens_per_s")
 _SKIP_SUMMARY = {"changes", "plugins", "pid", "overrides"}  # config columns already say what changed
 
 
-def load_results(*paths: Any, results_dir: Any = "results") -> pd.DataFrame:
+def recorded_definition(exp_dir: Path) -> Optional[set]:
+    """Config hashes of the runs an experiment's file defined at its last ``gptlab run``
+    (experiment.json); None for results written before that was recorded: every run counts."""
+    recorded = read_experiment(exp_dir).get("defined")
+    return set(recorded) if isinstance(recorded, dict) else None
+
+
+def load_results(*paths: Any, results_dir: Any = "results",
+                 defined_by: Callable[[Path], Optional[set]] = recorded_definition) -> pd.DataFrame:
     """One row per run under ``paths`` (run or experiment directories, or a results folder).
 
     Columns: experiment, variant, seed, status, run_dir, config_hash; every scalar summary value
@@ -38,9 +46,11 @@ def load_results(*paths: Any, results_dir: Any = "results") -> pd.DataFrame:
     declaration order (a variant's runs of the file's own config first), then seed, so tables
     built from them are stable.
 
-    ``defined`` is False for a run the experiment's file does not define as it stands now (made
-    with command-line overrides, or by an earlier version of the file); a run directory named in
-    ``paths`` itself always counts as defined. ``overrides`` holds the command-line overrides a
+    ``defined`` is False for a run the experiment's file does not define (made with command-line
+    overrides, or by an earlier version of the file): ``defined_by(exp_dir)`` gives the config
+    hashes it defines (by default those recorded at its last run; the CLI passes
+    ``gptlab.experiment.current_definition``, which reads the file as it stands now); a run
+    directory named in ``paths`` itself always counts as defined. ``overrides`` holds the command-line overrides a
     run was made with, as typed.
     """
     run_dirs = []
@@ -63,7 +73,7 @@ def load_results(*paths: Any, results_dir: Any = "results") -> pd.DataFrame:
         exp_dir = str(run_dir.parent)
         if exp_dir not in experiments:
             experiments[exp_dir] = read_experiment(run_dir.parent, warn=True)
-            defined[exp_dir] = definition(run_dir.parent)
+            defined[exp_dir] = defined_by(run_dir.parent)
         row, config = read_run(run_dir)
         known = defined[exp_dir]
         row["defined"] = known is None or row["config_hash"] in known or run_dir.resolve() in named
@@ -76,30 +86,6 @@ def load_results(*paths: Any, results_dir: Any = "results") -> pd.DataFrame:
     config_cols = list(dict.fromkeys(k for *_, config in rows for k in config))
     records = [{**row, **config} for *_, row, config in rows]
     return pd.DataFrame.from_records(records, columns=list(META) + summary_cols + config_cols)
-
-
-def definition(exp_dir: Path) -> Optional[set]:
-    """Config hashes of the runs an experiment's file defines now; None when that cannot be known.
-
-    The file named in experiment.json is read again (it may have been edited since the runs); when
-    it is gone or no longer valid, the definition recorded at the last ``gptlab run`` is used.
-    Results written before either existed give None: every run counts.
-    """
-    from .errors import GptlabError
-    from .experiment import load_experiment
-
-    meta = read_experiment(exp_dir)
-    source = meta.get("source")
-    if isinstance(source, str) and Path(source).is_file():
-        try:
-            load_yaml(Path(source), aliases=True)  # bounded, no alias bomb, before the experiment loader sees it
-            exp = load_experiment(Path(source))
-        except (GptlabError, OSError):
-            exp = None
-        if exp is not None and exp.name == meta.get("name"):
-            return set(exp.defined)
-    recorded = meta.get("defined")
-    return set(recorded) if isinstance(recorded, dict) else None
 
 
 def find_runs(paths: Iterable[Any], results_dir: Any = "results") -> list[Path]:
@@ -164,28 +150,12 @@ def read_run(run_dir: Path) -> tuple[dict, dict]:
         if col not in STANDARD_LOG_KEYS and col not in row:
             last = metrics[col].dropna()
             row[col] = _scalar(last.iloc[-1]) if len(last) else None
-    return row, flatten_config(config)
+    return row, table_config(config)
 
 
-def flatten_config(config: dict) -> dict:
-    """model/data/train as dotted keys; a component mapping gives its name plus one key per option."""
-    out: dict[str, Any] = {}
-
-    def put(key: str, value: Any) -> None:
-        if isinstance(value, dict):
-            if "name" in value:
-                out[key] = value["name"]
-            for k, v in value.items():
-                if k != "name":
-                    put(f"{key}.{k}", v)
-        else:
-            out[key] = _scalar(value)
-
-    for section in SECTIONS:
-        values = config.get(section)
-        for key, value in (values.items() if isinstance(values, dict) else ()):
-            put(f"{section}.{key}", value)
-    return out
+def table_config(config: dict) -> dict:
+    """A run's model/data/train config as table columns: dotted keys, lists and mappings as JSON."""
+    return flatten_config(config, _scalar)
 
 
 def read_metrics(run_dir: Any) -> pd.DataFrame:

@@ -23,7 +23,8 @@ from . import rundir as rd
 from .data import TokenData, prepare_tokens
 from .devices import device_name
 from .errors import ConfigError
-from .experiment import Experiment, RunSpec
+from .experiment import Experiment
+from .settings import RunSpec
 from .hf import load_hf_weights
 from .hookspecs import RunInfo
 from .model import GPTModel
@@ -129,9 +130,10 @@ class ExperimentRunner:
 
     def run(self, on_progress: Callable[..., Any] = None, jobs: int = 1, threads: Optional[int] = None,
             signals: Optional[Callable[[], int]] = None,
-            on_finish: Callable[[RunSpec, dict], None] = lambda spec, summary: None) -> list[dict]:
-        """Train every pending run; with ``jobs`` > 1, that many at once in worker processes
-        (``threads`` CPU threads each). ``on_progress(spec, state, row)`` is called at each log
+            on_finish: Callable[[RunSpec, dict], None] = lambda spec, summary: None,
+            parallel: Optional[Callable[..., dict]] = None) -> list[dict]:
+        """Train every pending run; with ``jobs`` > 1, that many at once through ``parallel`` (the
+        executor above this layer, e.g. ``workers.run_parallel``; ``threads`` CPU threads each). ``on_progress(spec, state, row)`` is called at each log
         step, ``on_finish(spec, summary)`` as each run ends. Returns one summary per run, in the
         experiment's order."""
         if getattr(self, "_data", None) is None:
@@ -145,10 +147,10 @@ class ExperimentRunner:
         plan = distributed.share(self.plan() if self.group.main else None, self.group)
         todo = [(i, spec, existing, action) for i, (spec, existing, action) in enumerate(plan) if action != "skip"]
         done: dict[int, dict] = {}
+        if jobs > 1 and parallel is None:
+            raise ValueError("jobs > 1 needs an executor: pass parallel=gptlab.workers.run_parallel")
         if jobs > 1 and len(todo) > 1:
-            from .workers import run_parallel
-
-            done = run_parallel(self, todo, jobs, threads, on_progress, on_finish,
+            done = parallel(self, todo, jobs, threads, on_progress, on_finish,
                                 signals or (lambda: int(self.should_stop())))
             if any(r.get("_action") == "interrupted" for r in done.values()) or self.should_stop():
                 raise KeyboardInterrupt

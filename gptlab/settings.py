@@ -5,12 +5,15 @@ rules a type cannot say.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Callable, Mapping, Optional
 
-from .config import ComponentSpec, count, positive
+from .config import ComponentSpec, ModelConfig, count, hashed_model, positive, to_plain
 from .errors import ConfigError
+from .rundir import run_dir_name
 
 
 @dataclass
@@ -133,3 +136,61 @@ class SlurmConfig:
             raise bad("mem", "a positive number of GB", self.mem)
         if self.array_parallelism is not None and self.array_parallelism < 1:
             raise bad("array_parallelism", "a positive integer", self.array_parallelism)
+
+
+SECTIONS = ("model", "data", "train")  #: the sections of a run's config, in order
+
+
+def flatten_config(config: Mapping[str, Any], leaf: Callable[[Any], Any] = lambda value: value) -> dict:
+    """model/data/train as dotted keys, each value passed through ``leaf``; a component mapping
+    gives its name plus one key per option (``model.position`` = rope, ``model.position.base``)."""
+    out: dict[str, Any] = {}
+
+    def put(key: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            if "name" in value:
+                out[key] = leaf(value["name"])
+            for k, v in value.items():
+                if k != "name":
+                    put(f"{key}.{k}", v)
+        else:
+            out[key] = leaf(value)
+
+    for section in SECTIONS:
+        values = config.get(section)
+        for key, value in (values.items() if isinstance(values, Mapping) else ()):
+            put(f"{section}.{key}", value)
+    return out
+
+
+@dataclass
+class RunSpec:
+    """One training run: a variant label, a seed and its resolved, checked config."""
+
+    variant: str
+    seed: int
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    changes: dict = field(default_factory=dict)  # dotted keys this variant sets, for display
+
+    def resolved(self) -> dict:
+        return {"model": self.model.to_dict(), "data": to_plain(self.data), "train": to_plain(self.train)}
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.resolved())
+
+    @property
+    def dir_name(self) -> str:
+        return run_dir_name(self.variant, self.config_hash, self.seed)
+
+
+def config_hash(resolved: dict) -> str:
+    """The run's identity: a hash of every key that can change what it computes."""
+    train = {k: v for k, v in (resolved.get("train") or {}).items() if k not in OPERATIONAL_TRAIN_KEYS}
+    view = {**resolved, "train": train}
+    if isinstance(resolved.get("model"), dict):
+        view["model"] = hashed_model(resolved["model"])
+    blob = json.dumps(view, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]

@@ -141,7 +141,6 @@ class RunHooks:
 # ---------------------------------------------------------------------------------------------
 # Helpers for sinks
 # ---------------------------------------------------------------------------------------------
-SECTIONS = ("model", "data", "train")
 _BAD = re.compile(r"[^A-Za-z0-9_./ -]")
 
 
@@ -193,31 +192,18 @@ def grad_norms(summary: Mapping[str, Any]) -> dict[str, float]:
 
 
 def flat_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """model/data/train as dotted keys (a component mapping gives its name plus one key per option),
-    values as int, float, bool or str (None -> "null", lists as their JSON), for params and hparams."""
+    """model/data/train as dotted keys with values a tracker accepts as params and hparams: int,
+    float, bool or str (None -> "null", lists as their JSON)."""
     import json
 
-    out: dict[str, Any] = {}
+    from .settings import flatten_config
 
-    def put(key: str, value: Any) -> None:
-        if isinstance(value, Mapping):
-            if "name" in value:
-                out[key] = value["name"]
-            for k, v in value.items():
-                if k != "name":
-                    put(f"{key}.{k}", v)
-        elif value is None:
-            out[key] = "null"
-        elif isinstance(value, (bool, int, float, str)):
-            out[key] = value
-        else:
-            out[key] = json.dumps(value, default=str)
+    def param(value: Any) -> Any:
+        if value is None:
+            return "null"
+        return value if isinstance(value, (bool, int, float, str)) else json.dumps(value, default=str)
 
-    for section in SECTIONS:
-        values = config.get(section)
-        for key, value in (values.items() if isinstance(values, Mapping) else ()):
-            put(f"{section}.{key}", value)
-    return out
+    return flatten_config(config, param)
 
 
 class Background:

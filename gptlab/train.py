@@ -16,7 +16,7 @@ import torch
 
 from .data import Batches, TokenData, eval_starts, windows
 from .devices import peak_flops, synchronize
-from .experiment import RunSpec
+from .settings import RunSpec
 from .model import GPTModel
 from .distributed import Group, any_rank, mean
 from .resume import Resumable, restore, save

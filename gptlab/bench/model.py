@@ -26,18 +26,20 @@ def train_settings(dtype: str):
     return TrainConfig(precision=dtype)
 
 
-def load_model_config(spec: str, overrides: Iterable[str] = ()):
+def load_model_config(spec: str, overrides: Iterable[str] = (), plugins: Any = None):
     """A ModelConfig from a preset name or a YAML/JSON file of model keys, plus key=value overrides.
 
     A file may hold the model keys at its top level or under ``model:`` (an experiment file) and
-    may name a ``preset`` that its other keys override. Overrides are written ``n_layers=4`` or
-    ``model.n_layers=4``.
+    may name a ``preset`` that its other keys override, or a ``from_hf`` checkpoint that an importer
+    of ``plugins`` (default: the process-wide system) reads. Overrides are written ``n_layers=4``
+    or ``model.n_layers=4``.
     """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from ..config import ModelConfig
     from ..experiment import parse_overrides
+    from ..hf import hf_model_config
     from ..presets import PRESETS, apply_preset
 
     path = Path(spec)
@@ -54,7 +56,7 @@ def load_model_config(spec: str, overrides: Iterable[str] = ()):
         raise ConfigError(f"unknown model preset '{spec}'{did_you_mean(spec, PRESETS)}; presets: "
                           f"{', '.join(PRESETS)}; or pass a YAML/JSON file of model keys")
     try:
-        raw = apply_preset(raw)
+        raw = apply_preset(raw, lambda source: hf_model_config(source, plugins))
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     overrides = list(overrides)
@@ -110,10 +112,10 @@ def bench_model(config: str, overrides: Iterable[str] = (), *, batch: int = 8, s
 
     overrides, plugins_dir = list(overrides), list(plugins_dir)
     with torch_threads(threads):
-        cfg = load_model_config(config, overrides)
+        plugins = build_plugin_system(plugin_dirs=plugins_dir)
+        cfg = load_model_config(config, overrides, plugins)
         dev = resolve_device(device)
         dtype = resolve_dtype(dtype, dev)
-        plugins = build_plugin_system(plugin_dirs=plugins_dir)
         seq_len = seq_len or cfg.context_length
         torch.manual_seed(seed)
         model = GPTModel(cfg, plugins=plugins)

@@ -44,6 +44,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from ..compare import compare_results, export
     from ..plots import check_target, require
     from ..report import Section, page, run_curves, subtitle, write_report
+    from ..experiment import current_definition
     from ..results import load_results
     from ..rundir import read_experiment
     from .table import _empty_note, display_columns, table_notes
@@ -51,9 +52,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     target = check_target(args.html)
     require("plotly.offline", "gptlab report")  # before any reading: the page cannot be made without it
     tables = compare_results(*args.paths, by=args.by, baseline=args.baseline, metric=args.metric,
-                             merge=args.merge, all_runs=args.all)
+                             merge=args.merge, all_runs=args.all, defined_by=current_definition)
     with contextlib.redirect_stderr(io.StringIO()):  # compare_results has already warned about damaged runs
-        df = load_results(*args.paths)
+        df = load_results(*args.paths, defined_by=current_definition)
     # the runs behind each table, split as compare_results splits them
     parts = [df] if args.merge else [part for _, part in df.groupby(df["run_dir"].map(lambda d: str(Path(d).parent)),
                                                                     sort=False)]

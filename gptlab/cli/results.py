@@ -105,13 +105,13 @@ def show_run(run_dir: Path, console: Any) -> None:
     from rich.text import Text
 
     from ..plots import run_panels
-    from ..results import flatten_config, read_run
+    from ..results import read_run, table_config
 
     row, config = read_run(run_dir)
     status = row["status"]
     console.print(Text.assemble((f"{row['experiment']} / {row['variant']} / seed {row['seed']}", "bold"), "  ",
                                 (status, _STATUS_STYLE.get(status, "")), "  ", (str(run_dir), "dim")))
-    base = flatten_config(read_experiment(run_dir.parent, warn=True).get("base") or {})
+    base = table_config(read_experiment(run_dir.parent, warn=True).get("base") or {})
     differs = {k for k, v in config.items() if base and base.get(k, _MISSING) != v}
     head = "config" + ("  (* = differs from the experiment base)" if base else
                        "  (no experiment.json next to the run: nothing to compare against)")
@@ -148,9 +148,10 @@ def show_experiment(exp_dir: Path, console: Any) -> None:
     from rich.text import Text
 
     from ..plots import experiment_panels
+    from ..experiment import current_definition
     from ..results import load_results
 
-    df = load_results(exp_dir)
+    df = load_results(exp_dir, defined_by=current_definition)
     meta = read_experiment(exp_dir)
     counts = ", ".join(f"{n} {s}" for s, n in df["status"].value_counts().items())
     console.print(Text.assemble((str(meta.get("name") or exp_dir.name), "bold"), f"  {len(df)} runs ({counts})  ",
@@ -175,9 +176,10 @@ def png_run(run_dir: Path, png: Path, console: Any) -> None:
 def png_experiment(exp_dir: Path, png: Path, console: Any) -> None:
     """Every run's curves as an image: one line per variant/seed, a colour per variant."""
     from ..plots import run_by_run_panels
+    from ..experiment import current_definition
     from ..results import load_results
 
-    df = load_results(exp_dir)
+    df = load_results(exp_dir, defined_by=current_definition)
     name = str(read_experiment(exp_dir).get("name") or exp_dir.name)
     panels, variant_of = run_by_run_panels(df)
     _write_png(console, png, f"{name}  ({len(df)} runs)", panels, variant_of)

@@ -89,6 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..experiment import load_experiment
     from ..plugin_manager import build_plugin_system
     from ..runner import ExperimentRunner
+    from ..workers import run_parallel
 
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be a positive integer, got {args.threads}")
@@ -140,7 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with stop, reporter:
             results = runner.run(on_progress=reporter.progress, on_finish=reporter.finish, jobs=jobs,
-                                 threads=threads, signals=lambda: stop.count)
+                                 threads=threads, signals=lambda: stop.count, parallel=run_parallel)
     finally:
         torch.set_num_threads(before)  # a caller of main() in-process keeps its own setting
     return _finish(results, exp, out, err)

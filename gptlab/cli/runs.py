@@ -54,9 +54,10 @@ def parse_age(text: str) -> float:
 
 
 def _runs(paths: list, results_dir: Path):
+    from ..experiment import current_definition
     from ..results import load_results
 
-    return load_results(*paths, results_dir=results_dir)
+    return load_results(*paths, results_dir=results_dir, defined_by=current_definition)
 
 
 def _made_with(row: Any) -> str:

@@ -139,8 +139,11 @@ def print_compare(paths: Iterable[Any] = (), *, by: Any = None, baseline: Option
     json go to the output alone, their notes to stderr, so the output can be piped into pandas.
     """
     _check_format(format)
+    from ..experiment import current_definition
+
     tables = compare_results(*paths, results_dir=results_dir, by=by, baseline=baseline, metric=metric,
-                             at_step=at_step, sort=sort, merge=merge, all_runs=all_runs)
+                             at_step=at_step, sort=sort, merge=merge, all_runs=all_runs,
+                             defined_by=current_definition)
     out = file or sys.stdout
     if format in EXPORTS:
         out.write(export(tables, format))
