@@ -50,10 +50,10 @@ import torch.nn.functional as F
 
 from gptlab import GPTModel
 from gptlab.bench.timing import environment
-from gptlab.hookspecs import MODEL_KINDS as COMPONENT_KINDS
-from gptlab.devices import resolve_device, synchronize
+from gptlab.plugin.hookspecs import MODEL_KINDS as COMPONENT_KINDS
+from gptlab.train.devices import resolve_device, synchronize
 from gptlab.errors import ConfigError, IncompatibleComponents, did_you_mean
-from gptlab.plugin_manager import default_plugins
+from gptlab.plugin.manager import default_plugins
 
 TINY = {"vocab_size": 64, "context_length": 32, "emb_dim": 32, "n_heads": 4, "n_layers": 2, "drop_rate": 0.0}
 DEFAULT_WIDE = ("attention", "position")  # kinds that span all names when not --all

@@ -139,7 +139,7 @@ def table(header: list, rows: list) -> list:
 
 def combos() -> list[tuple[str, str]]:
     """Every registered attention x position, read from the registry so a new built-in is covered."""
-    from gptlab.plugin_manager import default_plugins
+    from gptlab.plugin.manager import default_plugins
 
     reg = default_plugins().registry
     return [(a, p) for a in reg.names("attention") for p in reg.names("position")]
@@ -222,8 +222,8 @@ def check_logits(r: Result, device: torch.device, s: dict) -> None:
 def check_training(r: Result, device: torch.device, s: dict) -> None:
     from gptlab import PRESETS, GPTModel
     from gptlab.bench.timing import autocast
-    from gptlab.settings import TrainConfig
-    from gptlab.train import make_optimizer, train_step
+    from gptlab.config.run import TrainConfig
+    from gptlab.train.loop import make_optimizer, train_step
 
     torch.manual_seed(0)
     model = GPTModel(PRESETS[s["preset"]]).to(device).train()
@@ -591,7 +591,7 @@ def parse_args(argv: Optional[list] = None) -> argparse.Namespace:
 def main(argv: Optional[list] = None) -> int:
     args = parse_args(argv)
     from gptlab.bench.timing import environment
-    from gptlab.devices import resolve_device
+    from gptlab.train.devices import resolve_device
     from gptlab.errors import ConfigError
 
     name = args.device

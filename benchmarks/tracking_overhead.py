@@ -91,9 +91,9 @@ def replay(run_dir: Path, sinks: list[str], repeats: int = 5) -> float:
     seconds (this process's threads plus W&B's service) per run, after one unmeasured replay."""
     import yaml
 
-    from gptlab.hookspecs import RunInfo
-    from gptlab.plugin_manager import build_plugin_system
-    from gptlab.tracking import RunHooks
+    from gptlab.plugin.hookspecs import RunInfo
+    from gptlab.plugin.manager import build_plugin_system
+    from gptlab.run.tracking import RunHooks
 
     plugins = build_plugin_system()
     config = {**yaml.safe_load((run_dir / "config.yaml").read_text()), "track": sinks}

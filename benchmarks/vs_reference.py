@@ -46,9 +46,9 @@ from torch import nn
 from gptlab import PRESETS, GPTModel
 from gptlab.bench.model import train_settings
 from gptlab.bench.timing import autocast, environment, peak_memory, resolve_dtype, time_calls
-from gptlab.devices import resolve_device, synchronize
+from gptlab.train.devices import resolve_device, synchronize
 from gptlab.errors import ConfigError, did_you_mean
-from gptlab.train import make_optimizer, train_step
+from gptlab.train.loop import make_optimizer, train_step
 
 MODELS = ("gptlab", "hf", "nanogpt", "hand")
 

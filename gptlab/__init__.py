@@ -12,21 +12,21 @@ from typing import Any
 __version__ = "0.1.0"
 
 from .errors import ConfigError, GptlabError, IncompatibleComponents, PluginError
-from .hookspecs import KINDS, Range, RunInfo, hookimpl
+from .plugin.hookspecs import KINDS, Range, RunInfo, hookimpl
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {
-    "GPT_CONFIG_124M": "config", "ModelConfig": "config", "ComponentSpec": "config",
-    "PRESETS": "presets",
-    "PluginSystem": "plugin_manager", "build_plugin_system": "plugin_manager", "default_plugins": "plugin_manager",
-    "GPTModel": "model",
+    "GPT_CONFIG_124M": "config.model", "ModelConfig": "config.model", "ComponentSpec": "config.model",
+    "PRESETS": "config.presets",
+    "PluginSystem": "plugin.manager", "build_plugin_system": "plugin.manager", "default_plugins": "plugin.manager",
+    "GPTModel": "model.gpt",
     # what plugins subclass or return
-    "CausalSelfAttention": "layers", "MLP": "layers", "GatedMLP": "layers",
-    "PositionScheme": "components", "PositionalContext": "components", "KVCache": "components",
-    "mark_residual": "components",
-    "Corpus": "text", "Tokenizer": "text",
-    "HFImport": "hf",
-    "load_results": "results",
+    "CausalSelfAttention": "plugin.layers", "MLP": "plugin.layers", "GatedMLP": "plugin.layers",
+    "PositionScheme": "plugin.components", "PositionalContext": "plugin.components", "KVCache": "plugin.components",
+    "mark_residual": "plugin.components",
+    "Corpus": "data.text", "Tokenizer": "data.text",
+    "HFImport": "hf.checkpoint",
+    "load_results": "results.frame",
 }
 
 __all__ = ["__version__", "ConfigError", "GptlabError", "IncompatibleComponents", "PluginError", "KINDS", "Range",

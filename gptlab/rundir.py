@@ -11,7 +11,7 @@ once. It imports neither torch nor pandas: the results commands read runs withou
         summary.json   status and final numbers; replaced atomically
         error.txt      the traceback of a failed run
         model.safetensors, tokenizer.json  with train.checkpoint
-        resume/        resumable states while the run is unfinished (gptlab.resume)
+        resume/        resumable states while the run is unfinished (gptlab.train.resume)
         .lock          flock'ed while a process trains the run
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ ERROR = "error.txt"
 MODEL = "model.safetensors"
 TOKENIZER = "tokenizer.json"
 LOCK = ".lock"
-RESUME = "resume"  #: resumable states, one folder per saved step (gptlab.resume)
+RESUME = "resume"  #: resumable states, one folder per saved step (gptlab.train.resume)
 #: files a rerun of the run replaces (config.yaml and summary.json are overwritten atomically instead)
 OUTPUTS = (METRICS, ERROR, MODEL, TOKENIZER)
 

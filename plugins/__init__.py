@@ -2,7 +2,7 @@
 
 Only the modules in ``BUILTINS`` are gptlab's; any other file a user drops into this folder is
 loaded as the user's plugin (the README tutorial does exactly that). After changing a built-in,
-regenerate the listing manifest: ``python -m gptlab.plugin_manager``.
+regenerate the listing manifest: ``python -m gptlab.plugin.manager``.
 """
 
 BUILTINS = (

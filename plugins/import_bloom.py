@@ -6,8 +6,8 @@ query_key_value matrix interleaves q, k and v per head.
 """
 import gptlab
 from gptlab import HFImport
-from gptlab.hf import per_head_rows
-from gptlab.hfconfig import Export, HFConfig
+from gptlab.hf.checkpoint import per_head_rows
+from gptlab.hf.helpers import Export, HFConfig
 
 # transformers' BloomConfig defaults for the keys that shape the model
 DEFAULTS = {"vocab_size": 250880, "hidden_size": 64, "n_layer": 2, "n_head": 8, "layer_norm_epsilon": 1e-5,

@@ -3,14 +3,14 @@
 Two things differ between the layouts: parameter names (``h.3.attn.c_attn`` here is
 ``blocks.3.attn.qkv``) and weight orientation (GPT-2 uses Conv1D, stored (in, out), where
 nn.Linear stores (out, in)). HF config switches gptlab has no equivalent for are refused, not
-ignored. Reading the files and accounting for every tensor is ``gptlab.hf``'s job.
+ignored. Reading the files and accounting for every tensor is ``gptlab.hf.checkpoint``'s job.
 """
 from typing import Any
 
 import gptlab
 from gptlab import ConfigError, HFImport
-from gptlab.config import MAX_LAYERS
-from gptlab.hfconfig import MAX_WIDTH, Export, component, finite, shown, shown_json
+from gptlab.config.model import MAX_LAYERS
+from gptlab.hf.helpers import MAX_WIDTH, Export, component, finite, shown, shown_json
 
 # Values transformers' GPT2Config assumes for keys a config.json leaves out; using the same ones
 # means a sparse config.json gives the model transformers itself would build from it.

@@ -8,8 +8,8 @@ all keys, then all values, so the rows are reordered on the way in and out.
 """
 import gptlab
 from gptlab import HFImport
-from gptlab.hf import per_head_rows
-from gptlab.hfconfig import Export, HFConfig, rope_to_hf
+from gptlab.hf.checkpoint import per_head_rows
+from gptlab.hf.helpers import Export, HFConfig, rope_to_hf
 
 # HF hidden_act -> gptlab activation of the plain MLP, and one HF name back for each
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",

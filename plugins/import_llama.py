@@ -8,8 +8,8 @@ reproduces only when the window covers the whole context.
 """
 import gptlab
 from gptlab import HFImport
-from gptlab.hf import fused_rows
-from gptlab.hfconfig import MAX_WIDTH, Export, HFConfig, rope_to_hf
+from gptlab.hf.checkpoint import fused_rows
+from gptlab.hf.helpers import MAX_WIDTH, Export, HFConfig, rope_to_hf
 
 # transformers' LlamaConfig defaults for the keys that shape the model
 DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,

@@ -5,7 +5,7 @@ stored (in, out), every bias, a tied head.
 """
 import gptlab
 from gptlab import HFImport
-from gptlab.hfconfig import Export, HFConfig
+from gptlab.hf.helpers import Export, HFConfig
 
 # transformers' OpenAIGPTConfig defaults, for keys a config.json leaves out
 DEFAULTS = {"vocab_size": 40478, "n_positions": 512, "n_embd": 768, "n_layer": 12, "n_head": 12, "afn": "gelu",

@@ -33,7 +33,7 @@ PLAIN_ATTENTION = '''
     import torch.nn.functional as F
 
     import gptlab
-    from gptlab.layers import CausalSelfAttention
+    from gptlab.plugin.layers import CausalSelfAttention
 
 
     class PlainAttention(CausalSelfAttention):

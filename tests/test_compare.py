@@ -19,10 +19,10 @@ from scipy import stats
 
 from gptlab.cli import build_parser
 from gptlab.cli.table import print_compare
-from gptlab.compare import compare_table
+from gptlab.results.compare import compare_table
 from gptlab.errors import ConfigError
-from gptlab.results import load_results
-from gptlab.stats import welch_ci
+from gptlab.results.frame import load_results
+from gptlab.results.stats import welch_ci
 from run_folders import make_experiment, make_run
 
 
@@ -305,4 +305,4 @@ def test_compare_command_does_not_import_torch(exp):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines()[0].split()[:2] == ["variant", "position"]
     imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
-    assert "gptlab.compare" in imported and [m for m in imported if m.split(".")[0] == "torch"] == []
+    assert "gptlab.results.compare" in imported and [m for m in imported if m.split(".")[0] == "torch"] == []

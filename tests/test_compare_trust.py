@@ -18,9 +18,9 @@ from scipy import stats
 
 from gptlab.cli import main
 from gptlab.cli.table import print_compare
-from gptlab.compare import compare_results, compare_table
+from gptlab.results.compare import compare_results, compare_table
 from gptlab.errors import ConfigError
-from gptlab.results import load_results
+from gptlab.results.frame import load_results
 from run_folders import make_experiment, make_run
 
 PRE, POST = [2.40, 2.45, 2.38], [3.26, 3.25, 3.27]

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from gptlab.components import PositionalContext
-from gptlab.config import ModelConfig
+from gptlab.plugin.components import PositionalContext
+from gptlab.config.model import ModelConfig
 
 from conftest import TINY, build, randomize_, tiny_cfg
 

@@ -106,7 +106,7 @@ def test_defaults_are_the_seed_model():
 
 def test_keys_added_later_keep_old_config_hashes():
     # a run made before head_dim, embedding_norm and the bias switches existed hashed this dict
-    from gptlab.experiment import config_hash
+    from gptlab.run.experiment import config_hash
     old = {k: v for k, v in ModelConfig().to_dict().items()
            if k not in ("head_dim", "embedding_norm", "attn_out_bias", "mlp_bias", "norm_bias", "vocab_multiple")}
     resolved = {"model": ModelConfig().to_dict(), "data": {}, "train": {}}
@@ -152,9 +152,9 @@ def test_readme_example_experiment_states_the_real_defaults(tmp_path):
 
     import yaml
 
-    from gptlab.config import to_plain
-    from gptlab.experiment import load_experiment
-    from gptlab.settings import DataConfig, TrainConfig
+    from gptlab.config.model import to_plain
+    from gptlab.run.experiment import load_experiment
+    from gptlab.config.run import DataConfig, TrainConfig
 
     from conftest import REPO_ROOT
 

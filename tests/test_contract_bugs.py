@@ -18,7 +18,7 @@ import yaml
 
 import gptlab
 from gptlab import GPTModel
-from gptlab.plugin_manager import build_plugin_system
+from gptlab.plugin.manager import build_plugin_system
 
 from conftest import TINY, build, clone_into, randomize_, run_cli, write_plugin
 
@@ -81,7 +81,7 @@ def test_an_importer_listed_under_the_experiments_plugins_reads_its_from_hf(lab,
 
     # checking the experiment builds one plugin system, the one made with the experiment's plugins:
     # list; the process-wide default system is never asked for
-    import gptlab.plugin_manager as pm
+    import gptlab.plugin.manager as pm
 
     built = []
     monkeypatch.setattr(pm, "build_plugin_system", lambda *a, **k: built.append(k) or build_plugin_system(*a, **k))
@@ -90,7 +90,7 @@ def test_an_importer_listed_under_the_experiments_plugins_reads_its_from_hf(lab,
         raise AssertionError("the process-wide default plugin system was asked for")
 
     monkeypatch.setattr(pm, "default_plugins", no_default)
-    monkeypatch.setattr("gptlab.model.default_plugins", no_default)
+    monkeypatch.setattr("gptlab.model.gpt.default_plugins", no_default)
     code, out, err = run_cli(capsys, "run", path, "--dry-run")
     assert code == 0, err
     assert "mygpt: 1 runs (dry run, nothing trained)" in out

@@ -380,8 +380,8 @@ QWEN2_PLUGIN = '''
     """Importer 'qwen2': Llama's layout with q/k/v biases and no bias on o_proj or the MLP."""
     import gptlab
     from gptlab import HFImport
-    from gptlab.hf import fused_rows
-    from gptlab.hfconfig import HFConfig
+    from gptlab.hf.checkpoint import fused_rows
+    from gptlab.hf.helpers import HFConfig
 
 
     def qwen2(hf_config, source):

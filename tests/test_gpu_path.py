@@ -23,15 +23,15 @@ import torch.nn.functional as F
 import yaml
 from omegaconf import OmegaConf
 
-import gptlab.devices as devices
-import gptlab.train as gtrain
+import gptlab.train.devices as devices
+import gptlab.train.loop as gtrain
 from gptlab import GPTModel
-from gptlab.data import Batches, TokenData
-from gptlab.distributed import Group
+from gptlab.data.tokens import Batches, TokenData
+from gptlab.train.distributed import Group
 from gptlab.errors import ConfigError
-from gptlab.experiment import load_experiment
-from gptlab.plugin_manager import PluginSystem
-from gptlab.settings import TrainConfig
+from gptlab.run.experiment import load_experiment
+from gptlab.plugin.manager import PluginSystem
+from gptlab.config.run import TrainConfig
 
 from conftest import randomize_
 
@@ -455,9 +455,9 @@ def test_no_host_read_back_between_log_steps_under_torchrun(gloo_world_of_one, m
 
 PEAK_PLUGIN = '''
 import gptlab
-import gptlab.train
+import gptlab.train.loop
 
-gptlab.train.peak_flops = lambda device: 1e12  # a known peak, so MFU is reported on CPU
+gptlab.train.loop.peak_flops = lambda device: 1e12  # a known peak, so MFU is reported on CPU
 
 
 @gptlab.hookimpl
@@ -504,8 +504,8 @@ EXPERIMENT = {
 
 
 def make_runner(root: Path, should_stop=lambda: False, warn=lambda message: None):
-    from gptlab.plugin_manager import build_plugin_system
-    from gptlab.runner import ExperimentRunner
+    from gptlab.plugin.manager import build_plugin_system
+    from gptlab.run.runner import ExperimentRunner
 
     path = root / "exp.yaml"
     if not path.exists():
@@ -588,7 +588,7 @@ def test_a_state_saved_on_cuda_resumes_on_cpu_with_a_warning(tmp_path, device_ty
     state = _interrupt_at(root, 4)
     _as_if_saved_on_cuda(state, device_type_in_json)
 
-    from gptlab.resume import latest
+    from gptlab.train.resume import latest
 
     assert latest(state.parent.parent).step == 4  # the edited state verifies: it will be used
     warnings: list[str] = []
@@ -604,7 +604,7 @@ def test_a_state_saved_on_cuda_resumes_on_cpu_with_a_warning(tmp_path, device_ty
 def test_restore_ignores_a_generator_the_state_lacks(tmp_path):
     """restore() of a CPU state with an extra 'cuda' stream in the generators does not raise KeyError:
     the saved streams are restored, the extra one is left as it was."""
-    from gptlab.resume import latest, restore, save
+    from gptlab.train.resume import latest, restore, save
 
     torch.manual_seed(0)
     model = GPTModel(TINY_MODEL)

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 
 import gptlab.rundir as rd
 from conftest import run_cli, tree_hash
-from gptlab import resume
-from gptlab.train import TrainState
+from gptlab.train import resume
+from gptlab.train.loop import TrainState
 from test_resume import EXPERIMENT as LONG
 from test_resume import assert_same_run, run_dir
 
@@ -284,7 +284,7 @@ def test_a_sink_raising_system_exit_is_switched_off_and_the_run_completes(made, 
 
 # -- the launcher's view of metrics.jsonl is bounded ----------------------------------------------------
 def test_the_launchers_metrics_tail_skips_an_over_long_line_and_never_follows_a_link(tmp_path):
-    from gptlab.launch import _MetricsTail
+    from gptlab.run.launch import _MetricsTail
 
     path = tmp_path / "metrics.jsonl"
     path.write_bytes(b'{"step": 1}\n' + b"x" * (rd.MAX_METRICS_LINE + 10))

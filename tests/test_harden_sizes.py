@@ -23,8 +23,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from gptlab import ConfigError, GPTModel
-from gptlab.config import MAX_LAYERS, ModelConfig, parameter_parts
-from gptlab.experiment import MAX_RUNS, load_experiment
+from gptlab.config.model import MAX_LAYERS, ModelConfig, parameter_parts
+from gptlab.run.experiment import MAX_RUNS, load_experiment
 
 from conftest import run_cli, tiny_cfg, tree_hash
 

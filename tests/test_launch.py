@@ -229,8 +229,8 @@ def test_an_unknown_key_in_the_slurm_section_of_the_file_is_one_line(tmp_path, c
 
 
 def test_command_line_flags_override_the_slurm_section():
-    from gptlab.launch import slurm_settings
-    from gptlab.settings import SlurmConfig
+    from gptlab.run.launch import slurm_settings
+    from gptlab.config.run import SlurmConfig
 
     merged = slurm_settings(SlurmConfig(partition="cpu", time=30, mem=8.0), {"partition": "gpu", "time": None}, "slurm")
     assert (merged.partition, merged.time, merged.mem) == ("gpu", 30, 8.0)

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import gptlab
-import gptlab.model as gptlab_model
+import gptlab.model.gpt as gptlab_model
 from gptlab import GPT_CONFIG_124M, PRESETS, GPTModel
-from gptlab.model import sample_next
+from gptlab.model.gpt import sample_next
 
 from conftest import (ACTIVATIONS, ATTENTIONS, NORMS, PLACEMENTS, POSITIONS, TINY, build, clone_into,
                       randomize_, tiny_cfg)

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 PROBE = """
 import json, gptlab
-from gptlab.plugin_manager import build_plugin_system
+from gptlab.plugin.manager import build_plugin_system
 system = build_plugin_system()
 model = gptlab.GPTModel({**gptlab.PRESETS["nano"], "position": "rope", "activation": "swiglu"}, plugins=system)
 mine = gptlab.GPTModel({**gptlab.PRESETS["nano"], "attention": "my_attention"}, plugins=system)
@@ -33,8 +33,10 @@ def _shipped_plugins() -> set[str]:
 def test_wheel_carries_builtin_plugins_and_they_load(tmp_path):
     # build from a copy of the tracked layout: a stale build/ or a user's extra plugin must not leak in
     src = tmp_path / "src"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-        "build", "dist", "*.egg-info", ".venv", "results", ".git", "__pycache__", ".pytest_cache"))
+    skip = shutil.ignore_patterns("build", "dist", "*.egg-info", ".venv", ".git", "__pycache__", ".pytest_cache")
+    # the results folder of runs, not the gptlab.results package
+    shutil.copytree(REPO, src, ignore=lambda folder, names: set(skip(folder, names)) | (
+        {"results"} if Path(folder).resolve() == REPO.resolve() else set()))
     for extra in set(p.name for p in (src / "plugins").glob("*.py")) - _shipped_plugins():
         (src / "plugins" / extra).unlink()
     wheels = tmp_path / "wheels"

@@ -177,7 +177,7 @@ def test_terminal_progress_has_an_experiment_line_and_etas(tmp_path):
     from rich.console import Console
 
     from gptlab.cli.progress import make_reporter
-    from gptlab.experiment import load_experiment
+    from gptlab.run.experiment import load_experiment
 
     path = lab(tmp_path / "lab") / "exp.yaml"
     exp = load_experiment(path)

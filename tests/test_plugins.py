@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import gptlab
-import gptlab.plugin_manager as plugin_manager
+import gptlab.plugin.manager as plugin_manager
 from gptlab import GPTModel
 from gptlab.builtin_plugins import BUILTINS
 
@@ -386,7 +386,7 @@ def test_builtins_are_a_subpackage():
 def test_manifest_matches_the_builtins():
     """plugins/manifest.json (what listings show without importing the built-ins) is current."""
     assert plugin_manager.read_manifest(REPO_ROOT / "plugins") == plugin_manager.builtin_manifest(REPO_ROOT / "plugins"), \
-        "a built-in changed: regenerate the manifest with `python -m gptlab.plugin_manager`"
+        "a built-in changed: regenerate the manifest with `python -m gptlab.plugin.manager`"
 
 
 def test_listing_equals_loading(monkeypatch):
@@ -450,7 +450,7 @@ def test_builtin_registry_contents(builtin_system):
 def test_an_edited_checkout_plugins_folder_replaces_the_installed_builtins(tmp_path, monkeypatch):
     """Run from a checkout whose built-ins differ from the installed copy (an edit, a newer pull):
     ./plugins is the built-ins folder, so nothing registers twice and the local edit is what loads."""
-    from gptlab.plugin_manager import build_plugin_system
+    from gptlab.plugin.manager import build_plugin_system
 
     shutil.copytree(REPO_ROOT / "plugins", tmp_path / "plugins", ignore=shutil.ignore_patterns("__pycache__"))
     edited = tmp_path / "plugins" / "norm_rmsnorm.py"
@@ -469,7 +469,7 @@ def test_an_edited_checkout_plugins_folder_replaces_the_installed_builtins(tmp_p
 # ---------------------------------------------------------------------------------------------
 
 def test_every_hook_and_kind_is_documented():
-    from gptlab import hookspecs
+    from gptlab.plugin import hookspecs
 
     assert set(hookspecs.HOOKS) == {"gptlab_register", "gptlab_run_start", "gptlab_log", "gptlab_eval",
                                     "gptlab_run_end"}
@@ -484,7 +484,9 @@ def test_every_hook_and_kind_is_documented():
 
 
 def test_plugin_base_classes_import_from_gptlab():
-    from gptlab import components, hf, layers, text
+    from gptlab.data import text
+    from gptlab.hf import checkpoint as hf
+    from gptlab.plugin import components, layers
 
     assert gptlab.CausalSelfAttention is layers.CausalSelfAttention and gptlab.MLP is layers.MLP
     assert gptlab.GatedMLP is layers.GatedMLP and gptlab.PositionScheme is components.PositionScheme

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from gptlab.compare import compare_results
-from gptlab.plots import PALETTE, experiment_panels, figure, run_by_run_panels, run_panels
-from gptlab.results import load_results
+from gptlab.results.compare import compare_results
+from gptlab.results.plots import PALETTE, experiment_panels, figure, run_by_run_panels, run_panels
+from gptlab.results.frame import load_results
 from gptlab.rundir import METRICS
 from run_folders import make_experiment, make_run
 

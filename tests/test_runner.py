@@ -26,7 +26,7 @@ import yaml
 from omegaconf import OmegaConf
 
 import gptlab
-from gptlab.experiment import config_hash
+from gptlab.run.experiment import config_hash
 
 TRAIN = dict(steps=10, batch_size=4, eval_every=10, eval_batches=1, log_every=5)
 BASE = {
@@ -142,7 +142,7 @@ def test_first_run_writes_the_documented_files(first_run):
 
     import gptlab.builtin_plugins as bp
     import torch
-    from gptlab.plugin_manager import PluginSystem
+    from gptlab.plugin.manager import PluginSystem
 
     builtins = PluginSystem()
     builtins.load_builtins()
@@ -408,7 +408,7 @@ FLAKY_ATTENTION = '''
     import torch.nn.functional as F
 
     import gptlab
-    from gptlab.layers import CausalSelfAttention
+    from gptlab.plugin.layers import CausalSelfAttention
 
     CALLS = [0]
 
@@ -472,7 +472,7 @@ SLEEPY_ACTIVATION = '''
     import torch.nn.functional as F
 
     import gptlab
-    from gptlab.layers import MLP
+    from gptlab.plugin.layers import MLP
 
     DELAY = float(os.environ.get("SLEEPY_SECONDS", "0"))
 
@@ -679,9 +679,9 @@ def test_text_dataset_char_tokenizer_glob_and_token_cache(inproc, tmp_path, monk
 
 
 def test_train_val_split_does_not_depend_on_the_seed(tmp_path):
-    from gptlab.experiment import load_experiment
-    from gptlab.plugin_manager import PluginSystem
-    from gptlab.preflight import preflight
+    from gptlab.run.experiment import load_experiment
+    from gptlab.plugin.manager import PluginSystem
+    from gptlab.run.preflight import preflight
 
     (tmp_path / "c.txt").write_text(CORPUS)
     doc = json.loads(json.dumps(BASE))
@@ -712,7 +712,7 @@ def test_a_run_locked_by_another_process_is_left_to_it(tmp_path, inproc):
     exp = write_yaml(tmp_path / "exp.yaml", {**BASE, "seeds": [0]})
     rc, out, err = inproc("run", exp, "--results-dir", tmp_path / "res", "--dry-run")
     assert rc == 0
-    from gptlab.experiment import load_experiment
+    from gptlab.run.experiment import load_experiment
 
     spec = next(s for s in load_experiment(exp).runs if s.variant == "a")
     held = tmp_path / "res" / "tiny" / spec.dir_name

@@ -85,7 +85,7 @@ def test_show_experiment_does_not_import_torch(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "validation loss, mean of seeds" in proc.stdout
     imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
-    assert "gptlab.compare" in imported and [m for m in imported if m.split(".")[0] == "torch"] == []
+    assert "gptlab.results.compare" in imported and [m for m in imported if m.split(".")[0] == "torch"] == []
 
 
 def test_generate_greedy_is_deterministic(trained_run, capsys):

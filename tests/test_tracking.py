@@ -219,7 +219,7 @@ def test_every_run_records_its_hook_time_and_no_error(tracked):
 
 # -- choosing sinks ----------------------------------------------------------------------------
 def test_track_is_not_part_of_the_config_hash():
-    from gptlab.experiment import load_experiment
+    from gptlab.run.experiment import load_experiment
 
     plain = load_experiment(None, cfg=OmegaConf.create(EXP))
     doc = OmegaConf.create({**EXP, "track": ["tensorboard", "mlflow"]})

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from gptlab import GPT_CONFIG_124M, GPTModel
-from gptlab.config import ModelConfig
+from gptlab.config.model import ModelConfig
 from gptlab.errors import ConfigError
 
 TINY = dict(vocab_size=250, context_length=32, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
@@ -59,8 +59,8 @@ def test_export_drops_the_padding_and_import_restores_it(tmp_path):
         torch.testing.assert_close(theirs(x).logits, model(x), atol=1e-5, rtol=0)
     back = GPTModel.from_hf(tmp_path / "hf")  # as published: no padding
     assert back.tok_emb.weight.shape[0] == 250
-    from gptlab.hf import load_hf_weights
-    from gptlab.plugin_manager import default_plugins
+    from gptlab.hf.checkpoint import load_hf_weights
+    from gptlab.plugin.manager import default_plugins
 
     repadded = GPTModel({**back.config.to_dict(), "vocab_multiple": 64})
     load_hf_weights(repadded, tmp_path / "hf", default_plugins())

@@ -43,10 +43,10 @@ def bench_attention(*, attention: Optional[Sequence[str]] = None, position: Opti
     and 'default' elsewhere. Returns the report: env, settings, command, argv, baseline, rows,
     failed. A row that cannot run says so in its status instead of raising.
     """
-    from ..config import ModelConfig
-    from ..devices import resolve_device
-    from ..model import resolve_components
-    from ..plugin_manager import build_plugin_system
+    from ..config.model import ModelConfig
+    from ..train.devices import resolve_device
+    from ..model.gpt import resolve_components
+    from ..plugin.manager import build_plugin_system
 
     plugins_dir = list(plugins_dir)
     seq_lens = list(seq_lens)

@@ -1,6 +1,6 @@
 """Time one whole model: training steps (eager and compiled) and generation with and without cache.
 
-Training is timed with ``gptlab.train.train_step`` and ``make_optimizer``, the exact step a
+Training is timed with ``gptlab.train.loop.train_step`` and ``make_optimizer``, the exact step a
 ``gptlab run`` takes, so a benchmark figure predicts training speed rather than a lookalike's.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .timing import (autocast, environment, is_oom, median, milliseconds, peak_m
 
 def train_settings(dtype: str):
     """gptlab's default TrainConfig (AdamW lr, betas, weight decay, clipping) at this precision."""
-    from ..settings import TrainConfig
+    from ..config.run import TrainConfig
 
     return TrainConfig(precision=dtype)
 
@@ -37,10 +37,10 @@ def load_model_config(spec: str, overrides: Iterable[str] = (), plugins: Any = N
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from ..config import ModelConfig
-    from ..experiment import parse_overrides
-    from ..hf import hf_model_config
-    from ..presets import PRESETS, apply_preset
+    from ..config.model import ModelConfig
+    from ..run.experiment import parse_overrides
+    from ..hf.checkpoint import hf_model_config
+    from ..config.presets import PRESETS, apply_preset
 
     path = Path(spec)
     if spec in PRESETS:
@@ -106,9 +106,9 @@ def bench_model(config: str, overrides: Iterable[str] = (), *, batch: int = 8, s
     env, settings, model, command, argv, train and generate rows, failed. A mode that fails or
     runs out of memory is a row with that status, not an exception.
     """
-    from ..devices import peak_flops, resolve_device
-    from ..model import GPTModel
-    from ..plugin_manager import build_plugin_system
+    from ..train.devices import peak_flops, resolve_device
+    from ..model.gpt import GPTModel
+    from ..plugin.manager import build_plugin_system
 
     overrides, plugins_dir = list(overrides), list(plugins_dir)
     with torch_threads(threads):
@@ -177,7 +177,7 @@ def _gen_tokens(gen_tokens: Optional[int], prompt_len: int, model) -> int:
 def _time_training(model, mode: str, *, device: torch.device, dtype: str, batch: int, seq_len: int, steps: int,
                    warmup: int, seed: int, flops: float, peak: Optional[float], estimate: dict) -> dict:
     """One row of the training table: ``mode`` is 'eager' or 'compiled'."""
-    from ..train import make_optimizer, train_step
+    from ..train.loop import make_optimizer, train_step
 
     row = {"mode": mode, "status": "ok", "step_ms": None, "tokens_per_s": None, "tflops": None, "mfu": None,
            "peak_mem_bytes": None, "est_mem_bytes": estimate["total"], "compile_s": None, "times_ms": None}

@@ -38,7 +38,7 @@ def autocast(device: torch.device, dtype: str) -> Callable[[], Any]:
 def environment(device: torch.device, dtype: str) -> dict:
     """The facts about this machine a reader needs to interpret, or reproduce, a figure."""
     from .. import __version__
-    from ..devices import device_name
+    from ..train.devices import device_name
 
     env = {"device": device_name(device), "device_type": device.type, "dtype": dtype,
            "torch": torch.__version__, "gptlab": __version__, "python": platform.python_version(),
@@ -74,7 +74,7 @@ def time_calls(fn: Callable[[], Any], n: int, device: torch.device) -> list[floa
     On CUDA two events bracket each call and the host synchronises once, after the loop, so it
     never stalls the queue. Elsewhere each call sits between two synchronize + perf_counter.
     """
-    from ..devices import synchronize
+    from ..train.devices import synchronize
 
     if device.type == "cuda":
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]

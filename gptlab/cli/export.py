@@ -43,8 +43,8 @@ def check_out_dir(out: Path) -> Path:
 
 def cmd_export(args: argparse.Namespace) -> int:
     out = check_out_dir(Path(args.out_dir))
-    from ..model import GPTModel
-    from ..plugin_manager import build_plugin_system
+    from ..model.gpt import GPTModel
+    from ..plugin.manager import build_plugin_system
 
     plugins = build_plugin_system(plugin_dirs=args.plugins_dir)
     model = GPTModel.from_run(args.run_dir, plugins)

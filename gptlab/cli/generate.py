@@ -28,13 +28,13 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from ..config import parse_section
-    from ..data import build_tokenizer
-    from ..devices import resolve_device
-    from ..model import GPTModel
-    from ..plugin_manager import build_plugin_system
+    from ..config.model import parse_section
+    from ..data.tokens import build_tokenizer
+    from ..train.devices import resolve_device
+    from ..model.gpt import GPTModel
+    from ..plugin.manager import build_plugin_system
     from ..rundir import CONFIG, TOKENIZER, read_config, read_json
-    from ..settings import DataConfig
+    from ..config.run import DataConfig
 
     run_dir = Path(args.run_dir)
     _check_sampling(args)

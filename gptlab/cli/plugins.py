@@ -30,7 +30,7 @@ def _print_table(title: str, columns: tuple, rows: list[tuple]) -> None:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from ..plugin_manager import build_plugin_system
+    from ..plugin.manager import build_plugin_system
 
     system = build_plugin_system(plugin_dirs=args.plugins_dir, listing=True)
     rows = [{"name": p.name, "source": p.source, "location": p.location, "version": p.version,
@@ -45,8 +45,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_components(args: argparse.Namespace) -> int:
     from ..errors import ConfigError, did_you_mean
-    from ..hookspecs import KINDS
-    from ..plugin_manager import build_plugin_system
+    from ..plugin.hookspecs import KINDS
+    from ..plugin.manager import build_plugin_system
 
     if args.kind and args.kind not in KINDS:
         raise ConfigError(f"unknown component kind '{args.kind}'{did_you_mean(args.kind, KINDS)}; "

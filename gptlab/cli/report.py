@@ -41,11 +41,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     import io
 
     from .. import __version__
-    from ..compare import compare_results, export
-    from ..plots import check_target, require
-    from ..report import Section, page, run_curves, subtitle, write_report
-    from ..experiment import current_definition
-    from ..results import load_results
+    from ..results.compare import compare_results, export
+    from ..results.plots import check_target, require
+    from ..results.report import Section, page, run_curves, subtitle, write_report
+    from ..run.experiment import current_definition
+    from ..results.frame import load_results
     from ..rundir import read_experiment
     from .table import _empty_note, display_columns, table_notes
 

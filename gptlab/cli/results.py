@@ -72,7 +72,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     console = Console(highlight=False)
     png = getattr(args, "png", None)
     if png:
-        from ..plots import check_target
+        from ..results.plots import check_target
 
         check_target(png)  # a folder or a missing folder fails before anything is read
     if path.is_dir() and is_run_dir(path):
@@ -104,8 +104,8 @@ def show_run(run_dir: Path, console: Any) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from ..plots import run_panels
-    from ..results import read_run, table_config
+    from ..results.plots import run_panels
+    from ..results.frame import read_run, table_config
 
     row, config = read_run(run_dir)
     status = row["status"]
@@ -147,9 +147,9 @@ def show_experiment(exp_dir: Path, console: Any) -> None:
     """Each variant's mean curve (over its completed seeds) overlaid, for val loss and train loss."""
     from rich.text import Text
 
-    from ..plots import experiment_panels
-    from ..experiment import current_definition
-    from ..results import load_results
+    from ..results.plots import experiment_panels
+    from ..run.experiment import current_definition
+    from ..results.frame import load_results
 
     df = load_results(exp_dir, defined_by=current_definition)
     meta = read_experiment(exp_dir)
@@ -165,8 +165,8 @@ def show_experiment(exp_dir: Path, console: Any) -> None:
 
 def png_run(run_dir: Path, png: Path, console: Any) -> None:
     """The run's loss curves as an image, titled with what show_run prints first."""
-    from ..plots import run_panels
-    from ..results import read_run
+    from ..results.plots import run_panels
+    from ..results.frame import read_run
 
     row, _ = read_run(run_dir)
     _write_png(console, png, f"{row['experiment']} / {row['variant']} / seed {row['seed']}  ({row['status']})",
@@ -175,9 +175,9 @@ def png_run(run_dir: Path, png: Path, console: Any) -> None:
 
 def png_experiment(exp_dir: Path, png: Path, console: Any) -> None:
     """Every run's curves as an image: one line per variant/seed, a colour per variant."""
-    from ..plots import run_by_run_panels
-    from ..experiment import current_definition
-    from ..results import load_results
+    from ..results.plots import run_by_run_panels
+    from ..run.experiment import current_definition
+    from ..results.frame import load_results
 
     df = load_results(exp_dir, defined_by=current_definition)
     name = str(read_experiment(exp_dir).get("name") or exp_dir.name)
@@ -186,7 +186,7 @@ def png_experiment(exp_dir: Path, png: Path, console: Any) -> None:
 
 
 def _write_png(console: Any, png: Path, title: str, panels: list, colour_of: Optional[dict] = None) -> None:
-    from ..plots import figure, save_png
+    from ..results.plots import figure, save_png
 
     fig = figure(title, panels, colour_of=colour_of)
     save_png(fig, png)
@@ -197,7 +197,7 @@ def _write_png(console: Any, png: Path, title: str, panels: list, colour_of: Opt
 def _print_plot(console: Any, title: str, series: list) -> None:
     from rich.text import Text
 
-    from ..termplot import line_plot
+    from ..results.termplot import line_plot
 
     console.print(Text("\n" + title, style="bold"))
     plot = line_plot(series, colors=bool(console.is_terminal and console.color_system))

@@ -9,8 +9,8 @@ from typing import Any
 
 from ..errors import ConfigError, GptlabError
 from ..fmt import num, yaml_value
-from ..settings import SLURM_FLAGS
-from ..tracking import parse_track
+from ..config.run import SLURM_FLAGS
+from ..run.tracking import parse_track
 from .progress import make_reporter
 
 LAUNCHERS = ("inprocess", "local", "slurm")
@@ -85,11 +85,11 @@ def _console(stderr: bool = False):
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
-    from ..devices import cpu_threads, resolve_device, resolve_jobs
-    from ..experiment import load_experiment
-    from ..plugin_manager import build_plugin_system
-    from ..runner import ExperimentRunner
-    from ..workers import run_parallel
+    from ..train.devices import cpu_threads, resolve_device, resolve_jobs
+    from ..run.experiment import load_experiment
+    from ..plugin.manager import build_plugin_system
+    from ..run.runner import ExperimentRunner
+    from ..run.workers import run_parallel
 
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be a positive integer, got {args.threads}")
@@ -185,7 +185,7 @@ def _check_launcher_flags(args: argparse.Namespace) -> None:
         raise ConfigError(f"--jobs applies to --launcher inprocess; with --launcher {args.launcher} every run is a "
                           f"task of its own (--array-parallelism limits how many run at once on Slurm)")
     if args.launcher != "inprocess":
-        from ..launch import require
+        from ..run.launch import require
 
         require(args.launcher)
 
@@ -196,9 +196,9 @@ def _launch(args: argparse.Namespace, exp, plugins) -> int:
     import torch
     from rich.markup import escape
 
-    from .. import launch
-    from ..devices import cpu_threads, resolve_device
-    from ..runner import ExperimentRunner
+    from ..run import launch
+    from ..train.devices import cpu_threads, resolve_device
+    from ..run.runner import ExperimentRunner
 
     if args.launcher == "slurm":  # each task resolves --device on its node; the parent only plans and checks
         launch.check_device_name(args.device)

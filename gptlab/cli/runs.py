@@ -54,8 +54,8 @@ def parse_age(text: str) -> float:
 
 
 def _runs(paths: list, results_dir: Path):
-    from ..experiment import current_definition
-    from ..results import load_results
+    from ..run.experiment import current_definition
+    from ..results.frame import load_results
 
     return load_results(*paths, results_dir=results_dir, defined_by=current_definition)
 

@@ -25,7 +25,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from ..jobs import experiment_status
+    from ..run.jobs import experiment_status
 
     by_experiment = [(path, experiment_status(path)) for path in args.paths]
     if args.json:

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Optional
 import pandas as pd
 
 from .. import fmt
-from ..compare import EXPORTS, SMALL_N, cell_text, compare_results, export
+from ..results.compare import EXPORTS, SMALL_N, cell_text, compare_results, export
 from ..errors import ConfigError, did_you_mean
 from ..rundir import COMPLETED, DIVERGED, FAILED, STATUSES, length_multiple
 
@@ -139,7 +139,7 @@ def print_compare(paths: Iterable[Any] = (), *, by: Any = None, baseline: Option
     json go to the output alone, their notes to stderr, so the output can be piped into pandas.
     """
     _check_format(format)
-    from ..experiment import current_definition
+    from ..run.experiment import current_definition
 
     tables = compare_results(*paths, results_dir=results_dir, by=by, baseline=baseline, metric=metric,
                              at_step=at_step, sort=sort, merge=merge, all_runs=all_runs,

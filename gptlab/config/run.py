@@ -1,0 +1,196 @@
+"""The sections of an experiment besides the model: ``data``, ``train`` and ``slurm``.
+
+Parsed like the model config, by ``gptlab.config.model.parse_section``; each ``validate`` holds the
+rules a type cannot say.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
+
+from .model import ComponentSpec, ModelConfig, count, hashed_model, positive, to_plain
+from ..errors import ConfigError
+from ..rundir import run_dir_name
+
+
+@dataclass
+class DataConfig:
+    """Which corpus and tokenizer, and how much of it is held out for validation."""
+
+    dataset: ComponentSpec = field(default_factory=lambda: ComponentSpec("python_docs"))
+    tokenizer: ComponentSpec = field(default_factory=lambda: ComponentSpec("bytes"))
+    val_fraction: float = 0.1
+
+    def validate(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, evaluation and logging settings for one run."""
+
+    steps: int = 200
+    batch_size: int = 16
+    seq_len: Optional[int] = None  # None: model.context_length
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: Optional[float] = None  # None: lr / 10 at the end of the cosine
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: Optional[float] = 1.0  # null or 0 turns clipping off
+    eval_every: int = 50
+    eval_batches: int = 8
+    eval_lengths: list = field(default_factory=list)  # extra eval lengths as multiples of seq_len
+    log_every: int = 10
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere) | fp32 | bf16
+    compile: bool = False
+    checkpoint: bool = False  # save model.safetensors at the end
+    checkpoint_every: Optional[int] = 500  # steps between resumable states; null or 0: none
+    checkpoint_keep: int = 2  # resumable states kept (the newest)
+
+    def validate(self) -> None:
+        for key in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "log_every", "seq_len",
+                    "checkpoint_keep"):
+            positive(self, "train", key)
+        if self.checkpoint_every is not None and self.checkpoint_every < 0:
+            raise ConfigError(f"train.checkpoint_every must be >= 0 (0 or null: no resumable states), "
+                              f"got {self.checkpoint_every}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"train.lr must be a finite number > 0, got {self.lr}")
+        if self.min_lr is not None and not (math.isfinite(self.min_lr) and self.min_lr >= 0):
+            raise ConfigError(f"train.min_lr must be a finite number >= 0 or null (lr / 10), got {self.min_lr}")
+        for key in ("beta1", "beta2"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"train.{key} must be in [0, 1), got {value}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"train.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ConfigError(f"train.grad_clip must be a finite number >= 0, or null (0 and null: no clipping), "
+                              f"got {self.grad_clip}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
+        for m in self.eval_lengths:
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or m <= 0 \
+                    or (isinstance(m, float) and not math.isfinite(m)):
+                raise ConfigError(f"train.eval_lengths holds finite multiples of seq_len > 0 (e.g. [1, 2, 4]), "
+                                  f"got {m!r}")
+        if self.seq_len is not None:
+            self.check_eval_lengths(self.seq_len)
+
+    def check_eval_lengths(self, seq_len: int) -> None:
+        """Every eval length, ``round(multiple x seq_len)`` tokens, is at least one token (called again
+        once seq_len is known when it is null: model.context_length)."""
+        for m in self.eval_lengths:
+            if m * seq_len >= 2 ** 63:
+                shown = count(m) if isinstance(m, int) else f"{m:.3g}"
+                raise ConfigError(f"train.eval_lengths: {shown} x seq_len {seq_len} is more tokens than torch "
+                                  f"can count (2**63)")
+            if round(m * seq_len) < 1:
+                raise ConfigError(f"train.eval_lengths: {m!r} x seq_len {seq_len} rounds to "
+                                  f"{round(m * seq_len)} tokens; each length must be at least 1 token "
+                                  f"(a multiple above {0.5 / seq_len:.3g})")
+
+
+#: train keys that change how a run is kept, never what it computes: left out of the config hash,
+#: so changing them neither reruns finished runs nor sets a run apart from the experiment's
+OPERATIONAL_TRAIN_KEYS = ("checkpoint_every", "checkpoint_keep")
+
+
+#: where each flag of ``gptlab run --launcher slurm`` lands in the experiment's ``slurm:`` section
+SLURM_FLAGS = {"partition": "--partition", "gpus_per_run": "--gpus-per-run", "time": "--time", "mem": "--mem",
+               "array_parallelism": "--array-parallelism"}
+
+
+@dataclass
+class SlurmConfig:
+    """What each run asks Slurm for (``gptlab run --launcher slurm``). It changes where a run trains,
+    never what it computes, so it is no part of any run's config hash; None leaves the choice to
+    Slurm (or, for ``time``, asks the user)."""
+
+    partition: Optional[str] = None
+    gpus_per_run: Optional[int] = None
+    time: Optional[int] = None  # minutes each run may take (the scheduler's time limit per task)
+    mem: Optional[float] = None  # GB of memory per run
+    array_parallelism: Optional[int] = None  # runs of the array Slurm starts at once
+
+    def validate(self) -> None:
+        def bad(key: str, rule: str, value: object) -> ConfigError:
+            return ConfigError(f"slurm.{key} ({SLURM_FLAGS[key]}) must be {rule}, got {value!r}")
+
+        if self.partition is not None and (not self.partition.strip() or any(c.isspace() for c in self.partition)):
+            raise bad("partition", "a partition name such as gpu", self.partition)
+        if self.gpus_per_run is not None and self.gpus_per_run < 0:
+            raise bad("gpus_per_run", "an integer >= 0", self.gpus_per_run)
+        if self.time is not None and self.time <= 0:
+            raise bad("time", "a positive number of minutes", self.time)
+        if self.mem is not None and not (math.isfinite(self.mem) and self.mem > 0):
+            raise bad("mem", "a positive number of GB", self.mem)
+        if self.array_parallelism is not None and self.array_parallelism < 1:
+            raise bad("array_parallelism", "a positive integer", self.array_parallelism)
+
+
+SECTIONS = ("model", "data", "train")  #: the sections of a run's config, in order
+
+
+def flatten_config(config: Mapping[str, Any], leaf: Callable[[Any], Any] = lambda value: value) -> dict:
+    """model/data/train as dotted keys, each value passed through ``leaf``; a component mapping
+    gives its name plus one key per option (``model.position`` = rope, ``model.position.base``)."""
+    out: dict[str, Any] = {}
+
+    def put(key: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            if "name" in value:
+                out[key] = leaf(value["name"])
+            for k, v in value.items():
+                if k != "name":
+                    put(f"{key}.{k}", v)
+        else:
+            out[key] = leaf(value)
+
+    for section in SECTIONS:
+        values = config.get(section)
+        for key, value in (values.items() if isinstance(values, Mapping) else ()):
+            put(f"{section}.{key}", value)
+    return out
+
+
+@dataclass
+class RunSpec:
+    """One training run: a variant label, a seed and its resolved, checked config."""
+
+    variant: str
+    seed: int
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    changes: dict = field(default_factory=dict)  # dotted keys this variant sets, for display
+
+    def resolved(self) -> dict:
+        return {"model": self.model.to_dict(), "data": to_plain(self.data), "train": to_plain(self.train)}
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.resolved())
+
+    @property
+    def dir_name(self) -> str:
+        return run_dir_name(self.variant, self.config_hash, self.seed)
+
+
+def config_hash(resolved: dict) -> str:
+    """The run's identity: a hash of every key that can change what it computes."""
+    train = {k: v for k, v in (resolved.get("train") or {}).items() if k not in OPERATIONAL_TRAIN_KEYS}
+    view = {**resolved, "train": train}
+    if isinstance(resolved.get("model"), dict):
+        view["model"] = hashed_model(resolved["model"])
+    blob = json.dumps(view, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]

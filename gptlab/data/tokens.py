@@ -1,0 +1,152 @@
+"""Token streams for training: a registered corpus, a registered tokenizer, a memory-mapped cache.
+
+A dataset factory returns a ``gptlab.Corpus`` and a tokenizer factory a ``gptlab.Tokenizer``
+(both in ``gptlab.data.text``). Tokens are prepared once per (corpus, tokenizer) and cached as a flat array
+that later runs memory-map; the train/val split is the tail fraction, fixed by the data config.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .. import rundir as rd
+from ..errors import ConfigError, DamagedFile
+from ..plugin.manager import PluginSystem
+from ..rundir import file_sha256, refuse_link, write_json_atomic
+from ..config.run import DataConfig
+
+
+@dataclass
+class TokenData:
+    train: np.ndarray
+    val: np.ndarray
+    tokenizer: Any
+
+
+def build_tokenizer(spec, plugins: PluginSystem, state: Optional[dict] = None) -> Any:
+    entry = plugins.registry.lookup("tokenizer", spec.name, spec.options)
+    try:
+        tok = entry.factory(**spec.options)
+    except ConfigError as exc:
+        raise ConfigError(f"data.tokenizer '{spec.name}': {exc}") from None
+    if state:
+        tok.load_state_dict(state)
+    return tok
+
+
+def prepare_tokens(data: DataConfig, plugins: PluginSystem, cache_dir: Path, write: bool = True) -> TokenData:
+    """Tokenize the corpus once and memory-map the cached token array (``write=False``: use the cache
+    if it is there, else tokenize in memory and write nothing)."""
+    entry = plugins.registry.lookup("dataset", data.dataset.name, data.dataset.options)
+    try:
+        corpus = entry.factory(**data.dataset.options)
+    except ConfigError as exc:
+        raise ConfigError(f"data.dataset '{data.dataset.name}': {exc}") from None
+    tokenizer = build_tokenizer(data.tokenizer, plugins)
+    key = hashlib.sha256(json.dumps(
+        [data.dataset.name, data.dataset.options, data.tokenizer.name, data.tokenizer.options, corpus.fingerprint],
+        sort_keys=True, default=str).encode()).hexdigest()[:16]
+    bin_path, meta_path = cache_dir / f"{key}.bin", cache_dir / f"{key}.json"
+    meta = _verified_cache(bin_path, meta_path) if meta_path.exists() or bin_path.exists() else None
+    if meta is not None:
+        tokenizer.load_state_dict(meta["tokenizer_state"])
+    else:
+        text = corpus.read()
+        if not text:
+            raise ConfigError(f"data.dataset '{data.dataset.name}' is empty; point it at a non-empty text")
+        tokenizer.fit(text)
+        ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
+        dtype = np.uint16 if tokenizer.vocab_size <= 2 ** 16 else np.uint32
+        if not write:  # a dry run checks the data without leaving a cache behind
+            n_val = int(len(ids) * data.val_fraction)
+            return TokenData(ids[: len(ids) - n_val], ids[len(ids) - n_val:], tokenizer)
+        blob = ids.astype(dtype).tobytes()
+        meta = {"dtype": np.dtype(dtype).name, "n_tokens": int(ids.size), "vocab_size": tokenizer.vocab_size,
+                "sha256": hashlib.sha256(blob).hexdigest(), "tokenizer_state": tokenizer.state_dict(),
+                "dataset": data.dataset.to_plain(), "tokenizer": data.tokenizer.to_plain()}
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = bin_path.with_name(f".{bin_path.name}.tmp{os.getpid()}")
+            refuse_link(bin_path)
+            tmp.unlink(missing_ok=True)  # a stale one, or a planted link: never written through
+            tmp.write_bytes(blob)
+            os.replace(tmp, bin_path)
+            write_json_atomic(meta_path, meta)
+        except OSError as exc:
+            raise ConfigError(f"cannot write the token cache in {cache_dir} ({exc.strerror}); make it writable "
+                              f"or choose another --results-dir") from None
+    tokens = np.memmap(bin_path, dtype=np.dtype(meta["dtype"]), mode="r")
+    n_val = int(len(tokens) * data.val_fraction)
+    return TokenData(tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:], tokenizer)
+
+
+def _verified_cache(bin_path: Path, meta_path: Path) -> Optional[dict]:
+    """The cache's metadata when the token file matches it (length and sha256); otherwise None,
+    after a warning, and the cache is rebuilt: a damaged cache would silently change the data."""
+    try:
+        meta = rd.load_json(meta_path, dict)
+        if "sha256" not in meta:
+            raise LookupError("written by an earlier gptlab, without a checksum")
+        size = bin_path.stat().st_size  # the cheap test first; the hash reads the file in blocks
+        if size and size == meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize and \
+                file_sha256(bin_path) == meta["sha256"] and isinstance(meta["tokenizer_state"], dict):
+            return meta
+        reason = "its tokens do not match its length and checksum"
+    except LookupError as exc:
+        reason = str(exc) if not isinstance(exc, KeyError) else f"no {exc} in its metadata"
+    except DamagedFile as exc:
+        reason = f"its metadata is unreadable: {exc.reason}"
+    except (OSError, ValueError, TypeError) as exc:
+        reason = f"unreadable ({type(exc).__name__})"
+    sys.stderr.write(f"gptlab: warning: token cache {bin_path} cannot be trusted ({reason}); rebuilding it\n")
+    return None
+
+
+class Batches:
+    """Random training windows from a token array, reproducible from a seed.
+
+    With ``part=(rank, world)`` every rank draws the same ``batch_size`` windows and keeps its own
+    slice of them, so the ranks together train on exactly the batch one process would.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, device: torch.device,
+                 part: tuple[int, int] = (0, 1)) -> None:
+        self.tokens, self.batch_size, self.seq_len, self.device = tokens, batch_size, seq_len, device
+        self.gen = torch.Generator().manual_seed(seed)
+        self.pin = device.type == "cuda"
+        rank, world = part
+        per_rank = batch_size // world
+        self.slice = slice(rank * per_rank, (rank + 1) * per_rank)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(len(self.tokens) - self.seq_len - 1, (self.batch_size,), generator=self.gen)
+        return windows(self.tokens, starts.tolist()[self.slice], self.seq_len, self.device, self.pin)
+
+
+def windows(tokens: np.ndarray, starts: list[int], seq_len: int, device: torch.device,
+            pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets for windows starting at ``starts``."""
+    block = np.stack([np.asarray(tokens[s: s + seq_len + 1], dtype=np.int64) for s in starts])
+    t = torch.from_numpy(block)
+    if pin:
+        t = t.pin_memory()
+    t = t.to(device, non_blocking=pin)
+    return t[:, :-1], t[:, 1:]
+
+
+def eval_starts(n_tokens: int, seq_len: int, count: int) -> list[int]:
+    """Evenly spaced, non-random window starts, so every run is scored on the same text."""
+    last = n_tokens - seq_len - 1
+    if last < 0:
+        return []
+    if count <= 1 or last == 0:
+        return [0]
+    return sorted({round(i * last / (count - 1)) for i in range(count)})

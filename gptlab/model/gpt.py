@@ -1,0 +1,270 @@
+"""The GPT skeleton: embeddings -> blocks -> final norm -> head, every choice asked of the registry.
+
+The forward pass is plain ``nn.Module`` code with no hook calls, so torch.compile, DDP and
+activation checkpointing see an ordinary model.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..plugin.components import ModelCache
+from ..config.model import ModelConfig
+from ..errors import IncompatibleComponents
+from ..plugin.hookspecs import KINDS, MODEL_KINDS
+from ..plugin.manager import PluginSystem, default_plugins
+from ..plugin.registry import Entry
+
+
+def resolve_components(cfg: ModelConfig, plugins: PluginSystem) -> dict[str, Entry]:
+    """Look up every component and check that the combination can work, before allocating anything."""
+    entries = {kind: plugins.registry.lookup(kind, getattr(cfg, kind).name, getattr(cfg, kind).options, cfg)
+               for kind in MODEL_KINDS}
+    pos, att = entries["position"], entries["attention"]
+    provides = set(KINDS["position"].attr(pos.factory, "provides"))
+    accepts = set(KINDS["attention"].attr(att.factory, "accepts"))
+    missing = sorted((provides & {"rotation", "score_bias"}) - accepts)
+    if missing:
+        raise IncompatibleComponents(
+            f"position '{pos.name}' needs an attention that applies its {' and '.join(missing)}, "
+            f"but attention '{att.name}' accepts {', '.join(sorted(accepts)) or 'neither'}; "
+            f"pick another attention or position")
+    return entries
+
+
+class GPTModel(nn.Module):
+    """A decoder-only GPT built from registered components.
+
+    ``cfg`` is a dict (e.g. ``GPT_CONFIG_124M``), an OmegaConf config or a ``ModelConfig``.
+    ``plugins`` is the plugin system to resolve names in (default: the process-wide one).
+    """
+
+    def __init__(self, cfg: Any, plugins: Optional[PluginSystem] = None) -> None:
+        super().__init__()
+        self.config = cfg = ModelConfig.from_any(cfg)
+        plugins = plugins or default_plugins()
+        entries = resolve_components(cfg, plugins)
+        self.components = {kind: getattr(cfg, kind).name for kind in MODEL_KINDS}
+
+        # the first module built of each kind (not a submodule: it already lives in a block), so the
+        # memory estimate can read the contract's attributes without knowing how a block names them
+        self.first_built: dict[str, nn.Module] = {}
+
+        def build(kind: str, *args: Any, **extra: Any) -> Any:
+            module = entries[kind].factory(cfg, *args, **extra, **getattr(cfg, kind).options)
+            self.first_built.setdefault(kind, module)
+            return module
+
+        def make_norm(dim: int) -> nn.Module:
+            return build("norm", dim)
+
+        # rows past vocab_size (vocab_multiple padding) exist only so the head's matmul is aligned
+        self.tok_emb = nn.Embedding(cfg.padded_vocab, cfg.emb_dim)
+        self.position = build("position")
+        self.embedding_norm = make_norm(cfg.emb_dim) if cfg.embedding_norm else nn.Identity()
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        placement = entries["norm_placement"]
+        self.blocks = nn.ModuleList(
+            build("norm_placement", attention=lambda: build("attention"), mlp=lambda: build("activation"),
+                  norm=make_norm)
+            for _ in range(cfg.n_layers))
+        needs_final_norm = KINDS["norm_placement"].attr(placement.factory, "final_norm")
+        self.final_norm = make_norm(cfg.emb_dim) if needs_final_norm else nn.Identity()
+        self.head = nn.Linear(cfg.emb_dim, cfg.padded_vocab, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    # -- init ------------------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2L)."""
+        resid_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                std = resid_std if getattr(module, "_gptlab_residual", False) else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # -- forward ---------------------------------------------------------------------------------
+    @property
+    def max_length(self) -> Optional[int]:
+        """Longest sequence the positional scheme can encode (None: no limit)."""
+        return getattr(self.position, "max_length", None)
+
+    def forward(self, idx: torch.Tensor, cache: Optional[ModelCache] = None,
+                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab_size). With ``cache``, ``idx`` holds only new tokens.
+
+        With ``targets`` (B, T) it returns the mean next-token cross-entropy instead, computed here so
+        that torch.compile fuses it with the head: the full logits are never copied to float32 and
+        are freed as soon as the backward pass has used them.
+        """
+        B, T = idx.shape
+        offset = cache.offset if cache is not None else 0
+        limit = self.max_length
+        if limit is not None and offset + T > limit:
+            raise ValueError(f"sequence of {offset + T} tokens is longer than position '{self.components['position']}' "
+                             f"supports ({limit}); crop the input or use a scheme without a length limit")
+        x = self.position.embed(self.tok_emb(idx), offset)
+        x = self.drop_emb(self.embedding_norm(x))
+        ctx = self.position.context(offset, T, idx.device, x.dtype)
+        use_ckpt = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.blocks):
+            if use_ckpt and cache is None:
+                x = checkpoint(block, x, ctx, None, use_reentrant=False)
+            else:
+                x = block(x, ctx, cache.layers[i] if cache is not None else None)
+        logits = self.head(self.final_norm(x))
+        V = self.config.vocab_size
+        if targets is None:
+            return logits if logits.shape[-1] == V else logits[..., :V]
+        if logits.shape[-1] != V:  # padded rows get no probability mass
+            logits = logits.masked_fill(self.padding_rows(logits.shape[-1], logits.device), float("-inf"))
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def padding_rows(self, rows: int, device: torch.device) -> torch.Tensor:
+        """Boolean (rows,): True for the head rows past vocab_size."""
+        return torch.arange(rows, device=device) >= self.config.vocab_size
+
+    # -- generation ------------------------------------------------------------------------------
+    def new_cache(self, max_len: Optional[int] = None) -> ModelCache:
+        return ModelCache(self.config.n_layers, max_len or self.config.context_length)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, use_cache: bool = True,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T). Temperature 0 is greedy.
+
+        A scheme with a length limit sees only the last ``context_length`` tokens; schemes without
+        one see the whole sequence. The KV cache is used while the sequence fits in it.
+        """
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        was_training = self.training
+        self.eval()
+        limit = self.max_length
+        total = idx.shape[1] + max_new_tokens
+        cache = None
+        if use_cache and (limit is None or total <= limit):
+            cache = self.new_cache(total)
+        pending = idx  # tokens not yet seen by the cache
+        try:
+            for _ in range(max_new_tokens):
+                if cache is not None:
+                    logits = self(pending, cache=cache)[:, -1, :]
+                else:
+                    window = idx if limit is None else idx[:, -min(limit, self.config.context_length):]
+                    logits = self(window)[:, -1, :]
+                nxt = sample_next(logits, temperature, top_k, top_p, generator)
+                idx = torch.cat([idx, nxt], dim=1)
+                pending = nxt
+        finally:
+            self.train(was_training)
+        return idx
+
+    # -- accounting ------------------------------------------------------------------------------
+    def num_parameters(self, exclude_position: bool = False) -> int:
+        """Unique parameters (a tied head counts once); optionally without the position table."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_position:
+            n -= sum(p.numel() for p in self.position.parameters())
+        return n
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
+        """Training FLOPs per token, 6N + 12*L*H*Q*T (PaLM appendix B)."""
+        T = seq_len or self.config.context_length
+        c = self.config
+        return 6 * self.num_parameters(exclude_position=True) + 12 * c.n_layers * c.n_heads * c.head_size * T
+
+    def memory_estimate(self, batch_size: int, seq_len: Optional[int] = None, **kwargs: Any) -> dict:
+        """Bytes for weights, gradients, AdamW state and activations; see ``gptlab.model.memory``."""
+        from .memory import estimate_memory
+
+        return estimate_memory(self, batch_size, seq_len or self.config.context_length, **kwargs)
+
+    @classmethod
+    def from_hf_gpt2(cls, path: str | Path, plugins: Optional[PluginSystem] = None) -> "GPTModel":
+        """Load a Hugging Face GPT-2 checkpoint directory (config.json + model.safetensors)."""
+        from ..hf.checkpoint import load_hf
+
+        return load_hf(cls, path, plugins, expect="gpt2")
+
+    @classmethod
+    def from_hf(cls, path: str | Path, plugins: Optional[PluginSystem] = None) -> "GPTModel":
+        """Load a Hugging Face checkpoint directory of any family an importer plugin is registered for
+        (by config.json's ``model_type``; ``gptlab components importer`` lists them)."""
+        from ..hf.checkpoint import load_hf
+
+        return load_hf(cls, path, plugins)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, plugins: Optional[PluginSystem] = None) -> "GPTModel":
+        """The trained model of a run directory (config.yaml + the model.safetensors that
+        ``train.checkpoint: true`` writes), on the CPU, in eval mode."""
+        from safetensors.torch import load_model
+
+        from ..errors import ConfigError
+        from ..rundir import CONFIG, MODEL, damage, is_run_dir, read_config
+
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir() or not is_run_dir(run_dir):
+            raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass results/<experiment>/<run>")
+        ckpt = run_dir / MODEL
+        if not ckpt.is_file():
+            raise ConfigError(f"{run_dir} has no checkpoint (model.safetensors); set train.checkpoint=true and rerun, "
+                              f"e.g. gptlab run EXPERIMENT.yaml train.checkpoint=true")
+        problem = damage(run_dir)
+        if problem:
+            raise ConfigError(f"{run_dir}: cannot read it ({problem}); the run folder is damaged")
+        try:
+            cfg = ModelConfig.from_any(read_config(run_dir).get("model") or {})
+        except ConfigError as exc:
+            raise ConfigError(f"{run_dir / CONFIG}: {exc}") from None
+        model = cls(cfg, plugins=plugins)
+        try:
+            load_model(model, str(ckpt), device="cpu")
+        except Exception as exc:  # wrong shapes or a damaged file: say which, without a traceback
+            raise ConfigError(f"{ckpt}: cannot load into the model of config.yaml "
+                              f"({' '.join(str(exc).split())[:300]})") from None
+        return model.eval()
+
+    def save_hf(self, path: str | Path, plugins: Optional[PluginSystem] = None) -> str:
+        """Write this model as a Hugging Face checkpoint directory of the family its components map
+        to (``transformers.AutoModelForCausalLM.from_pretrained(path)`` loads it); returns the
+        model_type. A model no importer's ``to_hf`` accepts is refused naming the component."""
+        from ..hf.checkpoint import export_hf
+
+        return export_hf(self, path, plugins)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Pick the next token from (B, V) logits: greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        k = min(int(top_k), logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)

@@ -1,0 +1,129 @@
+"""Reusable building blocks for component plugins: multi-head attention with a pluggable score
+step, and the feed-forward networks. They name no variant; plugins pick the math."""
+from __future__ import annotations
+
+from typing import Annotated, Callable, Optional
+
+import torch
+from torch import nn
+
+from .components import KVCache, PositionalContext, mark_residual, merge_heads, split_heads
+from ..errors import ConfigError
+from .hookspecs import Range
+
+#: the type and bounds of a width or head-count option (checked by the registry)
+Positive = Annotated[Optional[int], Range(ge=1)]
+
+
+class CausalSelfAttention(nn.Module):
+    """Q/K/V projection, rotation, KV cache and grouped-query heads; subclasses implement ``attend``.
+
+    ``n_kv_heads`` < ``n_heads`` gives grouped-query attention (1 = multi-query).
+
+    ``accepts`` declares what this class applies: the base applies the position's rotation in
+    ``forward``; a subclass whose ``attend`` adds ``ctx.score_bias`` declares it too
+    (``accepts = frozenset({"rotation", "score_bias"})``), so one that ignores the bias is refused
+    with ALiBi when the model is built instead of silently dropping it.
+    """
+
+    accepts = frozenset({"rotation"})
+
+    def __init__(self, cfg, n_kv_heads: Positive = None) -> None:
+        super().__init__()
+        self.check(cfg, n_kv_heads)
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.head_size
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.qkv = nn.Linear(cfg.emb_dim, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)  # rows: [q; k; v]
+        self.out_proj = mark_residual(nn.Linear(q_dim, cfg.emb_dim, bias=cfg.uses_bias("attn_out")))
+        self.dropout = cfg.drop_rate
+
+    @classmethod
+    def check(cls, cfg, n_kv_heads: Optional[int] = None) -> None:
+        if n_kv_heads is not None:
+            if isinstance(n_kv_heads, bool) or not isinstance(n_kv_heads, int) or n_kv_heads <= 0:
+                raise ConfigError(f"attention option n_kv_heads must be a positive integer, got {n_kv_heads!r}")
+            if cfg.n_heads % n_kv_heads:
+                raise ConfigError(f"attention option n_kv_heads={n_kv_heads} must divide n_heads={cfg.n_heads}")
+
+    def forward(self, x: torch.Tensor, ctx: PositionalContext, cache: Optional[KVCache] = None) -> torch.Tensor:
+        q, k, v = self.qkv(x).split(
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+        q, k, v = split_heads(q, self.n_heads), split_heads(k, self.n_kv_heads), split_heads(v, self.n_kv_heads)
+        if ctx.rotate is not None:
+            q, k = ctx.rotate(q, k)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        y = self.attend(q, k, v, ctx)
+        return self.out_proj(merge_heads(y))
+
+    def expand_kv(self, t: torch.Tensor) -> torch.Tensor:
+        """Repeat each key/value head for its group of query heads."""
+        if self.n_kv_heads == self.n_heads:
+            return t
+        B, H, T, D = t.shape
+        rep = self.n_heads // H
+        return t[:, :, None].expand(B, H, rep, T, D).reshape(B, H * rep, T, D)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: PositionalContext) -> torch.Tensor:
+        """(B, H, Tq, D) queries, (B, Hkv, Tk, D) keys/values -> (B, H, Tq, D)."""
+        raise NotImplementedError
+
+    def kernel_path(self, ctx: PositionalContext) -> str:
+        """A short description of which kernel runs for this context (for benchmarks and logs)."""
+        return "explicit"
+
+
+def _activation_factory(cls, act: Callable[[torch.Tensor], torch.Tensor], doc: str) -> Callable[..., nn.Module]:
+    """A factory to register as an activation: ``cls(cfg, act, hidden_dim)``, shown with ``doc``."""
+    def factory(cfg, hidden_dim: Positive = None) -> nn.Module:
+        return cls(cfg, act, hidden_dim)
+
+    factory.__doc__ = doc
+    return factory
+
+
+class MLP(nn.Module):
+    """Linear -> activation -> linear, hidden width ``ff_dim`` (default 4 x emb_dim).
+
+    ``MLP.factory(F.relu, "doc")`` is a ready activation factory, option ``hidden_dim``.
+    """
+
+    gated = False
+    factory = classmethod(_activation_factory)
+
+    def __init__(self, cfg, act: Callable[[torch.Tensor], torch.Tensor], hidden_dim: Optional[int] = None) -> None:
+        super().__init__()
+        self.hidden_dim = hidden_dim or cfg.ff_dim or 4 * cfg.emb_dim
+        self.fc = nn.Linear(cfg.emb_dim, self.hidden_dim, bias=cfg.uses_bias("mlp"))
+        self.proj = mark_residual(nn.Linear(self.hidden_dim, cfg.emb_dim, bias=cfg.uses_bias("mlp")))
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.act(self.fc(x)))
+
+
+class GatedMLP(nn.Module):
+    """act(x W_gate) * (x W_up), then W_down. Default hidden width is 2/3 of 4 x emb_dim, which
+    keeps the weight count of the ungated 4x MLP (3*d*h = 8*d*d); ``ff_dim`` sets it explicitly.
+    ``GatedMLP.factory(F.silu, "doc")`` is a ready activation factory."""
+
+    gated = True
+    factory = classmethod(_activation_factory)
+
+    def __init__(self, cfg, act: Callable[[torch.Tensor], torch.Tensor], hidden_dim: Optional[int] = None) -> None:
+        super().__init__()
+        self.hidden_dim = hidden_dim or cfg.ff_dim or gated_hidden_dim(cfg.emb_dim)
+        self.fc = nn.Linear(cfg.emb_dim, 2 * self.hidden_dim, bias=cfg.uses_bias("mlp"))  # rows: [gate; up]
+        self.proj = mark_residual(nn.Linear(self.hidden_dim, cfg.emb_dim, bias=cfg.uses_bias("mlp")))
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc(x).chunk(2, dim=-1)
+        return self.proj(self.act(gate) * up)
+
+
+def gated_hidden_dim(emb_dim: int) -> int:
+    """Parameter-matched width of a gated MLP: round(2/3 * 4 * emb_dim)."""
+    return int(round(8 * emb_dim / 3))

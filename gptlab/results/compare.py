@@ -1,0 +1,391 @@
+"""Aggregate runs into one row per group: the DataFrame every ``gptlab compare`` format comes from.
+
+Statistics. A group's metric is the mean ± sample std over its *completed* runs; diverged, failed,
+interrupted and running runs are counted in their own columns and never enter a mean (a NaN loss
+or a half-trained model is not a sample of the same thing). The difference to the baseline gets a
+95% Welch interval (``stats.welch_ci``) and ``significant`` when it excludes zero. Fewer than
+``SMALL_N`` seeds per arm is flagged by the printed table: with 2 seeds each, "both beat both"
+happens by chance 1 time in 6.
+
+Only config keys that differ between runs become columns. Nothing here prints: the CLI
+(``gptlab.cli.table``) formats this DataFrame for people, and csv/json are the DataFrame itself,
+so every number a table shows can be read back with pandas.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ConfigError, did_you_mean
+from .frame import META, load_results, read_metrics
+from ..config.run import SECTIONS
+from ..rundir import COMPLETED, METRIC_ALIASES, STATUSES, SUMMARY_METRICS, length_multiple, read_experiment
+from .stats import welch_ci
+from .termplot import sparkline
+
+__all__ = ["ALIASES", "EXPORTS", "MEANS", "SMALL_N", "Group", "cell", "cell_text", "compare_results", "compare_table",
+           "experiment_blocks", "export", "group_runs", "mean_curve", "metric_values", "resolve_by", "welch_ci"]
+
+ALIASES = METRIC_ALIASES
+LOGGED_AS = {"final_val_loss": "val_loss", "final_train_loss": "train_loss"}  # names in metrics.jsonl
+MEANS = ("best_val_loss", "best_val_step", "final_train_loss", "tokens_per_s", "mfu", "parameters",
+         "peak_memory", "memory_estimate", "wall_time_s")
+SMALL_N = 3  # fewer completed seeds than this and a difference is an anecdote
+EXPORTS = ("csv", "json")  # formats that are the DataFrame itself
+
+
+@dataclass
+class Group:
+    """Runs that form one table row: ``label`` is what the table shows; --baseline matches the
+    label, or ``name`` (the variant, or the --by values) when only one row has it."""
+
+    label: str
+    keys: dict
+    index: list = field(default_factory=list)
+    name: Optional[str] = None
+
+
+MAX_SPLIT = 6  # more config keys than this splitting a --by group: the table would be unreadable
+
+
+# -- grouping and metric lookup ----------------------------------------------------------------
+def config_columns(df: pd.DataFrame) -> list[str]:
+    return [c for c in df.columns if c.split(".")[0] in SECTIONS and "." in c]
+
+
+def resolve_by(df: pd.DataFrame, by: Any) -> list[str]:
+    """Column names for --by; a unique suffix such as ``position`` means ``model.position``."""
+    if by is None or by == "" or by == []:
+        return []
+    keys = [k.strip() for k in (by.split(",") if isinstance(by, str) else by) if str(k).strip()]
+    if keys == ["variant"]:
+        return []
+    candidates = config_columns(df) + ["experiment", "variant"]
+    out = []
+    for key in keys:
+        matches = [key] if key in df.columns else [c for c in config_columns(df) if c.endswith("." + key)]
+        if len(matches) != 1:
+            hint = did_you_mean(key, candidates)
+            raise ConfigError(f"--by: unknown config key '{key}'{hint}; group by dotted keys such as "
+                              f"model.position or model.norm_placement" if not matches else
+                              f"--by: '{key}' is ambiguous ({', '.join(matches)}); use the full key")
+        out.append(matches[0])
+    return out
+
+
+def group_runs(df: pd.DataFrame, by_keys: list[str]) -> list[Group]:
+    """Groups in order of first appearance (load_results orders runs as the experiment declares them).
+
+    Only seeds are ever pooled. The default group is one variant at one config hash, so runs of an
+    edited YAML or a CLI override never get averaged with the others (the label then carries the
+    hash), and variants of merged experiments stay apart (the label carries the experiment). With
+    ``by_keys``, every other key whose value differs inside a --by group (the experiment included)
+    becomes a group key too, so those runs are separate rows that show what sets them apart.
+    """
+    groups: dict[tuple, Group] = {}
+    if by_keys:
+        keys = by_keys + split_keys(df, by_keys)
+        # a list, not Series.map: pandas would turn cell()'s None back into NaN, and NaN != NaN as a key
+        for pos, key in enumerate(zip(*([cell(v) for v in df[k]] for k in keys))):
+            label = ",".join(cell_text(v) for v in key)
+            name = ",".join(cell_text(v) for v in key[:len(by_keys)])
+            groups.setdefault(key, Group(label, dict(zip(keys, key)), name=name)).index.append(pos)
+        return list(groups.values())
+    merged = df["experiment"].nunique(dropna=False) > 1
+    hashes = df.groupby(["experiment", "variant"], dropna=False)["config_hash"].nunique(dropna=False)
+    for pos, (exp, variant, chash) in enumerate(zip(df["experiment"], df["variant"], df["config_hash"])):
+        name = str(variant)
+        if hashes.get((exp, variant), 1) > 1:
+            name += f"#{str(chash)[:6]}"
+        label = f"{exp}/{name}" if merged else name
+        keys = {"experiment": exp, "variant": name} if merged else {"variant": name}
+        groups.setdefault((exp, variant, chash), Group(label, keys, name=str(variant))).index.append(pos)
+    return list(groups.values())
+
+
+def split_keys(df: pd.DataFrame, by_keys: list[str]) -> list[str]:
+    """Keys besides ``by_keys`` whose value differs among runs that share the --by values."""
+    text = {c: df[c].map(cell_text) for c in ["experiment", *config_columns(df)] if c not in by_keys}
+    by = df[by_keys].map(cell_text).apply(tuple, axis=1) if len(df) else pd.Series(dtype=object)
+    out = [c for c, col in text.items() if col.groupby(by).nunique().max() > 1]
+    if len(out) > MAX_SPLIT:
+        raise ConfigError(f"--by {','.join(by_keys)} would pool runs whose config differs in {len(out)} other keys "
+                          f"({', '.join(out)}); compare fewer experiments at once or add the keys that matter to --by")
+    return out
+
+
+def metric_values(df: pd.DataFrame, metric: str, at_step: Optional[int] = None) -> tuple[pd.Series, str]:
+    """Per-run values of ``metric`` and the label to show for it.
+
+    Summary values come first (aliases: val_loss -> final_val_loss, train_loss -> final_train_loss);
+    load_results already filled in the last logged value of plugin metrics. With ``at_step`` the
+    value logged at that step in metrics.jsonl is used instead.
+    """
+    name = str(metric)
+    col = ALIASES.get(name, name)
+    if at_step is None:
+        known = _metric_columns(df)
+        if col in df.columns and (name in ALIASES or col in MEANS or col in SUMMARY_METRICS):
+            return pd.to_numeric(df[col], errors="coerce").astype(float), name  # text where a number belongs: n/a
+        if col not in df.columns and (name in ALIASES or col in MEANS):
+            # a standard metric no run reached (every run failed early): all n/a, not an error
+            return pd.Series(math.nan, index=df.index, dtype=float), name
+        if col not in known:
+            raise ConfigError(f"unknown metric '{name}'{did_you_mean(name, list(ALIASES) + known)}; "
+                              f"metrics: {', '.join(list(ALIASES) + known)}")
+        return pd.to_numeric(df[col], errors="coerce").astype(float), name
+    key = LOGGED_AS.get(col, col)
+    values, logged, steps = [], set(), set()
+    for run_dir in df["run_dir"]:
+        m = read_metrics(run_dir)
+        logged |= set(m.columns) - {"step"}
+        if key in m.columns and "step" in m.columns:
+            have = m[m[key].notna()]
+            steps |= {int(s) for s in have["step"]}
+            hit = have.loc[have["step"] == at_step, key]
+            values.append(float(hit.iloc[-1]) if len(hit) else math.nan)
+        else:
+            values.append(math.nan)
+    if key not in logged:
+        raise ConfigError(f"--at-step: no run logged '{key}' in metrics.jsonl{did_you_mean(key, logged)}; "
+                          f"logged: {', '.join(sorted(logged)) or 'nothing'}")
+    if all(math.isnan(v) for v in values):
+        shown = ", ".join(map(str, sorted(steps)[:20]))
+        raise ConfigError(f"--at-step {at_step}: no run logged {key} at that step; logged steps: {shown}")
+    return pd.Series(values, index=df.index, dtype=float), f"{name}@step{at_step}"
+
+
+def _metric_columns(df: pd.DataFrame) -> list[str]:
+    skip = set(META) | set(config_columns(df))
+    return [c for c in df.columns if c not in skip and not c.startswith(("notes.", "versions."))
+            and (pd.api.types.is_numeric_dtype(df[c]) or pd.to_numeric(df[c], errors="coerce").notna().any()
+                 or df[c].isna().all())]
+
+
+def mean_curve(run_dirs: Iterable[str], key: str) -> pd.Series:
+    """The mean over runs of ``key`` at each logged step (runs missing a step are left out there)."""
+    frames = []
+    for run_dir in run_dirs:
+        m = read_metrics(run_dir)
+        if key in m.columns and "step" in m.columns:
+            frames.append(m[["step", key]].apply(pd.to_numeric, errors="coerce").dropna())
+    if not frames:
+        return pd.Series(dtype=float)
+    return pd.concat(frames).groupby("step")[key].mean()
+
+
+# -- the table ---------------------------------------------------------------------------------
+def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = None, metric: str = "val_loss",
+                  at_step: Optional[int] = None, sort: Optional[str] = None) -> pd.DataFrame:
+    """One row per group (default: per variant, seeds aggregated), the source of every format.
+
+    Columns, in this order: the group keys; config keys that differ between runs (when constant
+    within each group); n (values in the mean) and n_total; ``<metric>_mean`` and ``_std``; delta
+    to the baseline with ``delta_ci_low/high`` (95% Welch) and ``significant``; ``baseline``;
+    best_val_loss and best_val_step (median); final_train_loss; tokens_per_s, mfu, parameters,
+    peak_memory and wall_time_s means; ``val_loss@Nx`` means; ``n_<status>`` counts; ``notes`` (why an
+    extrapolation is missing); ``curve`` (sparkline of the mean val loss, or train loss when val
+    was evaluated fewer than 3 times); ``defined`` (the experiment's file defines this config as
+    it stands now) and ``overrides`` (the command-line overrides its runs were made with).
+    ``table.attrs`` records the choices for the renderers.
+    Default baseline: the experiment's ``compare.baseline``, else the first group.
+    """
+    if df is None or len(df) == 0:
+        raise ConfigError("no runs to compare")
+    df = df.reset_index(drop=True)
+    by_keys = resolve_by(df, by)
+    values, label = metric_values(df, metric or "val_loss", at_step)
+    groups = group_runs(df, by_keys)
+    base = _pick_baseline(df, groups, baseline)
+    done = df["status"].eq(COMPLETED).to_numpy()
+    diff_cols = _differing(df, groups, by_keys)
+    extrap = sorted((c for c in df.columns if length_multiple(c) is not None), key=length_multiple)
+    numeric = {c: pd.to_numeric(df[c], errors="coerce") if c in df.columns else pd.Series(math.nan, df.index)
+               for c in MEANS + tuple(extrap)}
+
+    def sample(g: Group) -> np.ndarray:
+        v = values.iloc[[i for i in g.index if done[i]]].to_numpy(dtype=float)
+        return v[np.isfinite(v)]
+
+    base_vals = sample(groups[base])
+    curves = {k: [mean_curve(df.loc[[i for i in g.index if done[i]], "run_dir"], k) for g in groups]
+              for k in ("val_loss", "train_loss")}
+    curve_key = "val_loss" if all(len(c) >= 3 for c in curves["val_loss"]) else "train_loss"
+    rows = []
+    for gi, g in enumerate(groups):
+        ok = [i for i in g.index if done[i]]
+        vals = sample(g)
+        row = dict(g.keys)
+        for col in diff_cols:
+            row[col] = cell(df.at[g.index[0], col])
+        row.update({"n": len(vals), "n_total": len(g.index),
+                    f"{label}_mean": vals.mean() if len(vals) else math.nan,
+                    f"{label}_std": vals.std(ddof=1) if len(vals) > 1 else math.nan})
+        delta, lo, hi = welch_ci(vals, base_vals) if gi != base else (math.nan,) * 3
+        row.update({"delta": delta, "delta_ci_low": lo, "delta_ci_high": hi,
+                    "significant": bool(lo > 0 or hi < 0), "baseline": gi == base})
+        for col in MEANS + tuple(extrap):
+            v = numeric[col].iloc[ok].dropna()
+            row[col] = (v.median() if col == "best_val_step" else v.mean()) if len(v) else math.nan
+        statuses = df["status"].iloc[g.index].value_counts()
+        row.update({f"n_{s}": int(statuses.get(s, 0)) for s in STATUSES})
+        row["notes"] = "; ".join(f"{c}: {r}" for c in extrap if math.isnan(row[c])
+                                 for r in [_reason(df, g.index, c)] if r)
+        row["curve"] = sparkline(curves[curve_key][gi].to_numpy())
+        first = g.index[0]  # one config per group, so these hold for every run of it
+        row["defined"] = bool(df.at[first, "defined"]) if "defined" in df.columns else True
+        row["overrides"] = cell_text(df.at[first, "overrides"]) if "overrides" in df.columns else ""
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if sort:
+        col, descending = _resolve_sort(table, sort, label)
+        table = table.sort_values(col, ascending=not descending, na_position="last", kind="stable")
+        table = table.reset_index(drop=True)
+    table.attrs.update(metric=label, baseline=groups[base].label, group_cols=list(groups[0].keys),
+                       config_cols=diff_cols, extrap_cols=extrap, curve=curve_key)
+    return table
+
+
+def _pick_baseline(df: pd.DataFrame, groups: list[Group], baseline: Optional[str]) -> int:
+    defined = [bool(df["defined"].iloc[g.index].all()) if "defined" in df.columns else True for g in groups]
+
+    def find(name: str) -> Optional[int]:
+        exact = [i for i, g in enumerate(groups) if name in (g.label, g.label.split("/")[-1])]
+        if exact:
+            return exact[0]
+        named = [i for i, g in enumerate(groups) if g.name == name]
+        current = [i for i in named if defined[i]]
+        if len(named) > 1 and len(current) == 1:  # the file's own config wins over smoke runs and old versions
+            return current[0]
+        if len(named) > 1:
+            raise ConfigError(f"baseline '{name}' is ambiguous: rows {', '.join(groups[i].label for i in named)} "
+                              f"share it (their configs differ); pass one of those labels")
+        return named[0] if named else None
+
+    if baseline is not None:
+        found = find(str(baseline))
+        if found is None:
+            labels = [g.label for g in groups]
+            raise ConfigError(f"unknown baseline '{baseline}'{did_you_mean(str(baseline), labels)}; "
+                              f"rows: {', '.join(labels)}")
+        return found
+    for block in experiment_blocks(df):
+        if block.get("baseline") is not None:
+            try:
+                found = find(str(block["baseline"]))
+            except ConfigError:
+                found = None
+            if found is not None:
+                return found
+    return next((i for i, d in enumerate(defined) if d), 0)
+
+
+def experiment_blocks(df: pd.DataFrame) -> list[dict]:
+    """The ``compare`` block of each experiment the runs came from, in order of appearance."""
+    dirs = dict.fromkeys(str(Path(d).parent) for d in df["run_dir"])
+    return [read_experiment(Path(d)).get("compare") or {} for d in dirs]
+
+
+def _differing(df: pd.DataFrame, groups: list[Group], by_keys: list[str]) -> list[str]:
+    """Config keys whose value differs between runs but is constant inside every group."""
+    out = []
+    for col in config_columns(df):
+        if col in by_keys:
+            continue
+        text = df[col].map(cell_text)
+        if text.nunique() > 1 and all(text.iloc[g.index].nunique() == 1 for g in groups):
+            out.append(col)
+    return out
+
+
+def _reason(df: pd.DataFrame, index: list, col: str) -> str:
+    notes = f"notes.{col}"
+    if notes not in df.columns:
+        return ""
+    found = df[notes].iloc[index].dropna()
+    return str(found.iloc[0]) if len(found) else ""
+
+
+def _resolve_sort(table: pd.DataFrame, sort: str, label: str) -> tuple[str, bool]:
+    name = str(sort).strip()
+    descending = name.startswith("-")
+    name = name.lstrip("-")
+    for cand in (name, f"{name}_mean", ALIASES.get(name, ""), f"{label}_mean" if name in (label, "metric") else ""):
+        if cand in table.columns:
+            return cand, descending
+    raise ConfigError(f"--sort: unknown column '{name}'{did_you_mean(name, table.columns)}; "
+                      f"columns: {', '.join(table.columns)} (prefix - for descending)")
+
+
+def cell(v: Any) -> Any:
+    """A DataFrame cell with NaN as None, so a missing config value groups and compares like null."""
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def cell_text(v: Any) -> str:
+    """A cell as a label: ``-`` for a missing value."""
+    v = cell(v)
+    return "-" if v is None else str(v)
+
+
+# -- loading and export ------------------------------------------------------------------------
+def compare_results(*paths: Any, results_dir: Any = "results", by: Any = None, baseline: Optional[str] = None,
+                    metric: Optional[str] = None, at_step: Optional[int] = None, sort: Optional[str] = None,
+                    merge: bool = False, all_runs: bool = False,
+                    defined_by: Optional[Callable[[Path], Optional[set]]] = None) -> list[pd.DataFrame]:
+    """The comparison tables of the runs under ``paths``: one per experiment, or one for all with ``merge``.
+
+    Each experiment is measured against its own baseline. By default only the runs each
+    experiment's file defines as it stands now are shown (``all_runs``: every run, with the
+    overrides it was made with); a run directory named in ``paths`` is always shown. by, metric,
+    sort and baseline fall back to the experiment's ``compare`` block; ``defined_by`` as in
+    load_results. ``table.attrs`` also holds
+    ``experiment`` (its name, or None for a merged table) and ``hidden`` (runs left out).
+    """
+    df = load_results(*paths, results_dir=results_dir, **({"defined_by": defined_by} if defined_by else {}))
+    parts = [df] if merge else [part for _, part in df.groupby(df["run_dir"].map(lambda d: str(Path(d).parent)),
+                                                               sort=False)]
+    tables = []
+    for part in parts:
+        hidden = part[~part["defined"].astype(bool)] if not all_runs else part.iloc[:0]
+        shown = part.drop(hidden.index).reset_index(drop=True)
+        name = None if merge else str(part["experiment"].iloc[0])
+        if shown.empty:
+            table = pd.DataFrame()
+            table.attrs.update(experiment=name, hidden=len(hidden), metric=None)
+            tables.append(table)
+            continue
+        blocks = experiment_blocks(shown)
+
+        def default(key: str) -> Any:
+            return next((b[key] for b in blocks if b.get(key) is not None), None)
+
+        table = compare_table(shown, by=by if by is not None else default("by"), baseline=baseline,
+                              metric=metric or default("metric") or "val_loss", at_step=at_step,
+                              sort=sort or default("sort"))
+        table.attrs.update(experiment=name, hidden=len(hidden))
+        tables.append(table)
+    return tables
+
+
+def export(table: Any, fmt: str) -> str:
+    """A table (or several per-experiment tables, stacked with an ``experiment`` column first) as csv
+    or json text that pandas reads back to the same numbers (json keeps 15 digits)."""
+    if isinstance(table, list) and len(table) == 1:
+        table = table[0]
+    if isinstance(table, list):
+        frames = [t if "experiment" in t.columns else t.assign(experiment=t.attrs.get("experiment"))
+                  for t in table if len(t)]
+        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        if "experiment" in table.columns:
+            table = table[["experiment", *[c for c in table.columns if c != "experiment"]]]
+    if fmt == "csv":
+        return table.to_csv(index=False)
+    if fmt == "json":
+        return table.to_json(orient="records", double_precision=15) + "\n"
+    raise ConfigError(f"unknown export format '{fmt}'{did_you_mean(fmt, EXPORTS)}; formats: {', '.join(EXPORTS)}")

@@ -1,0 +1,182 @@
+"""Loss curves as data, and as a matplotlib figure for ``gptlab show --png``.
+
+The terminal plot and the image are drawn from the same panels (``run_panels``,
+``experiment_panels``), so the two can never show different curves. matplotlib is an optional
+extra: it is imported only when a figure is built, and never through pyplot, so no global
+backend or window state is touched (Agg renders straight to bytes).
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ..errors import ConfigError
+from ..rundir import COMPLETED, INTERRUPTED, RUNNING, refuse_link
+
+# (label, xs, ys) and (title, [series]): what one plot holds
+Series = tuple[str, list, list]
+Panel = tuple[str, list[Series]]
+
+EXTRA = 'pip install -e ".[report]"'
+# matplotlib's tab10 (also plotly's D3 colourway): fixed here so the image and the HTML page agree
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf")
+_STYLES = ("-", "--", ":", "-.")  # after ten series the colours repeat; the line style tells them apart
+_MARKERS_UP_TO = 40  # points per series; beyond this markers only blur the line
+
+
+# -- the curves --------------------------------------------------------------------------------
+def run_panels(run_dir: Path) -> list[Panel]:
+    """One panel: the run's train and val loss at every logged step."""
+    from .frame import read_metrics
+
+    metrics = read_metrics(run_dir)
+    return [("loss curves", [(name, *_xy(metrics, key)) for name, key in (("train", "train_loss"),
+                                                                           ("val", "val_loss"))])]
+
+
+def experiment_panels(df: Any) -> list[Panel]:
+    """Val and train loss, one mean curve per variant over its completed seeds (running or
+    interrupted seeds when none completed), labelled with how many runs it averages."""
+    from .compare import group_runs, mean_curve
+
+    groups = group_runs(df, [])
+    panels = []
+    for key, title in (("val_loss", "validation loss, mean of seeds"), ("train_loss", "training loss, mean of seeds")):
+        series = []
+        for g in groups:
+            done = [i for i in g.index if df["status"].iloc[i] == COMPLETED]
+            idx = done or [i for i in g.index if df["status"].iloc[i] in (RUNNING, INTERRUPTED)]
+            curve = mean_curve(df["run_dir"].iloc[idx], key)
+            series.append((f"{g.label} (n={len(idx)})", list(curve.index), list(curve.to_numpy())))
+        panels.append((title, series))
+    return panels
+
+
+def run_by_run_panels(df: Any) -> tuple[list[Panel], dict]:
+    """Val and train loss with one line per run (``variant/sSEED``), for the image, and each
+    label's variant, which sets its colour (seeds of one variant differ by line style)."""
+    from .compare import group_runs
+    from .frame import read_metrics
+
+    series: dict[str, list] = {"val_loss": [], "train_loss": []}
+    variant_of = {}
+    for g in group_runs(df, []):
+        for i in g.index:
+            label = f"{g.label}/s{df['seed'].iloc[i]}"
+            variant_of[label] = g.label
+            metrics = read_metrics(Path(df["run_dir"].iloc[i]))
+            for key in series:
+                series[key].append((label, *_xy(metrics, key)))
+    return [("validation loss", series["val_loss"]), ("training loss", series["train_loss"])], variant_of
+
+
+def _xy(metrics: Any, key: str) -> tuple[list, list]:
+    if key not in metrics.columns or "step" not in metrics.columns:
+        return [], []
+    rows = metrics[["step", key]].dropna()
+    return list(rows["step"]), list(rows[key])
+
+
+# -- the image ---------------------------------------------------------------------------------
+def require(module: str, what: str) -> Any:
+    """Import an optional extra, or stop with one line that says how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"{what} needs {module.split('.')[0]}, an optional extra: {EXTRA}") from None
+
+
+def figure(title: str, panels: Sequence[Panel], x_label: str = "step", y_label: str = "loss",
+           colour_of: Optional[dict] = None) -> Any:
+    """A matplotlib Figure with one axes per panel, side by side; a label keeps its colour in
+    every panel. ``colour_of`` maps labels to groups that share a colour (a variant's seeds),
+    told apart by line style. Names are drawn literally (no mathtext, and a leading '_' still
+    gets a legend entry)."""
+    matplotlib = require("matplotlib", "--png")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels = list(dict.fromkeys(label for _, series in panels for label, *_ in series))
+    colour_of = colour_of or {label: label for label in labels}
+    groups = list(dict.fromkeys(colour_of[label] for label in labels))
+    members: dict = {}
+    style = {}
+    for label in labels:
+        group = colour_of[label]
+        i, k = groups.index(group), len(members.setdefault(group, []))
+        members[group].append(label)
+        # past ten groups the colours repeat and the style moves on; inside a group each member its own style
+        style[label] = (PALETTE[i % len(PALETTE)], _STYLES[(i // len(PALETTE) + k) % len(_STYLES)])
+    with matplotlib.rc_context({"text.parse_math": False}):
+        fig = Figure(figsize=(6.4 * max(1, len(panels)), 4.8), layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, max(1, len(panels)), squeeze=False)[0]
+        for ax, (panel_title, series) in zip(axes, panels):
+            ax.set_title(panel_title)
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(y_label)
+            ax.grid(True, alpha=0.3)
+            lines = []
+            for label, xs, ys in series:
+                if not len(xs):
+                    continue
+                color, dash = style[label]
+                (line,) = ax.plot(list(xs), list(ys), color=color, linestyle=dash, linewidth=2, label=label,
+                                  marker="o" if len(xs) <= _MARKERS_UP_TO else None, markersize=4)
+                lines.append(line)
+            if lines:
+                ax.legend(lines, [line.get_label() for line in lines])
+            else:
+                ax.text(0.5, 0.5, "(nothing logged yet)", transform=ax.transAxes, ha="center", va="center",
+                        color="gray")
+        fig.suptitle(title)
+    return fig
+
+
+def save_png(fig: Any, path: Path) -> None:
+    """Render ``fig`` to PNG bytes, then replace ``path`` in one step."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    write_bytes_atomic(Path(path), buf.getvalue())
+
+
+def check_target(path: Path) -> Path:
+    """Refuse an output path that cannot work before any work is done (a folder, a missing
+    folder, a planted link)."""
+    path = Path(path)
+    refuse_link(path)
+    if path.is_dir():
+        raise ConfigError(f"cannot write {path}: it is a directory; pass a file name")
+    if not path.parent.is_dir():
+        raise ConfigError(f"cannot write {path}: the folder {path.parent} does not exist")
+    return path
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Like rundir.write_text_atomic, for bytes, and a path the user chose: a failure is one line
+    naming the file, and no temporary file is left behind."""
+    path = check_target(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    created = False
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()  # a stale one, or a planted link: the link goes, not its target
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        created = True
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        if created:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None

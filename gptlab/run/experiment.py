@@ -1,0 +1,387 @@
+"""Experiment files: load a YAML, check every key, expand variants x grid x seeds into runs.
+
+A run's identity is the hash of its fully resolved config (model, data, train) plus its seed,
+so renaming a variant or reordering the YAML never reruns anything, and any change does.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..config.model import ModelConfig, parse_section, to_plain
+from ..errors import ConfigError, did_you_mean
+from ..hf.checkpoint import hf_model_config
+from ..config.presets import apply_preset
+from ..config.run import SECTIONS, DataConfig, RunSpec, SlurmConfig, TrainConfig, config_hash
+from .tracking import parse_track
+
+TOP_KEYS = ("name", "description", "plugins", "model", "data", "train", "variants", "grid", "seeds", "compare",
+            "slurm", "track")
+COMPARE_KEYS = ("baseline", "metric", "by", "sort")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+#: the most runs one experiment may expand to (variants x grid points x seeds), counted before any is
+#: made: each costs milliseconds to resolve and check, so 100,000 already take minutes to plan
+MAX_RUNS = 100_000
+
+
+@dataclass
+class Experiment:
+    name: str
+    description: str
+    path: Optional[Path]
+    plugins: list
+    runs: list
+    base: dict  # resolved base config as the file defines it (no variant, no command-line override)
+    compare: dict
+    variants: list  # variant labels in declaration order
+    overrides: list = field(default_factory=list)  # key=value given on the command line
+    #: config hash -> variant label of every run the file defines (no command-line override of
+    #: model/data/train): what ``gptlab compare`` shows by default
+    defined: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)  # settings that are legal but probably a mistake
+    #: what each run asks Slurm for (``--launcher slurm``); the command line's flags override it
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    #: tracking sinks every run reports to (``track:``, plus ``--track``); operational, so outside
+    #: every config hash, like train.checkpoint_every
+    track: list = field(default_factory=list)
+
+
+def current_definition(exp_dir: Path) -> Optional[set]:
+    """Config hashes of the runs an experiment's file defines now; None when that cannot be known.
+
+    The file named in experiment.json is read again (it may have been edited since the runs); when
+    it is gone or no longer valid, the definition recorded at the last ``gptlab run`` is used.
+    Results written before either existed give None: every run counts.
+    """
+    from ..errors import GptlabError
+    from ..results.frame import recorded_definition
+    from ..rundir import load_yaml as load_bounded_yaml, read_experiment
+
+    meta = read_experiment(exp_dir)
+    source = meta.get("source")
+    if isinstance(source, str) and Path(source).is_file():
+        try:
+            load_bounded_yaml(Path(source), aliases=True)  # bounded, no alias bomb, before the loader sees it
+            exp = load_experiment(Path(source))
+        except (GptlabError, OSError):
+            exp = None
+        if exp is not None and exp.name == meta.get("name"):
+            return set(exp.defined)
+    return recorded_definition(exp_dir)
+
+
+def load_yaml(path: Path) -> DictConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"experiment file {path} does not exist; check the path (shipped ones are in experiments/)")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; pass an experiment .yaml file")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as exc:
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"{path}: not valid YAML: {detail}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: an experiment must be a mapping with name, model, data, train, variants, seeds")
+    return cfg
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value, e.g. train.steps=100")
+    # YAML flow mappings need "key: value"; accept the compact {name:rope,base:500} a shell user types
+    overrides = [_space_flow_keys(item) for item in overrides]
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except Exception as exc:  # OmegaConf's own errors and YAML parse errors of a value
+        detail = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"bad override ({detail}); write key=value, and quote mappings: "
+                          f"'model.position={{name: rope, base: 500}}'") from None
+
+
+def _space_flow_keys(item: str) -> str:
+    key, _, value = item.partition("=")
+    if value.lstrip().startswith("{"):
+        value = re.sub(r"(?<=[{,\s])([A-Za-z_][\w.-]*):(?!\s)", r"\1: ", value)
+    return f"{key}={value}"
+
+
+def _merge(where: str, *cfgs: Any) -> DictConfig:
+    """OmegaConf.merge, with a clash (a list where the file has a mapping, say) as a user error."""
+    try:
+        return OmegaConf.merge(*cfgs)
+    except (OmegaConfBaseException, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: an override does not fit the experiment ({' '.join(str(exc).split())[:200]}); "
+                          f"override a value with a value of the same kind, e.g. seeds=[0,1]") from None
+
+
+def _plain(cfg: Any, where: str) -> Any:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{where}: {' '.join(str(exc).split())}") from None
+
+
+def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfig | None = None,
+                    plugins: Any = None) -> Experiment:
+    """Read and check an experiment, returning every run it asks for.
+
+    ``plugins`` is where ``model: {from_hf: DIR}`` finds the importer of the checkpoint's
+    ``model_type``: the plugin system the experiment will run with, or a function that builds it
+    from the experiment's ``plugins:`` list (called at most once, and only for a ``from_hf``, so
+    an experiment without one builds no plugin system here). None: the process-wide default system
+    when the experiment lists no ``plugins:``, else one of the default folders plus those (relative
+    to the YAML), as ``gptlab run`` builds without ``--plugins-dir``.
+    """
+    where = str(path) if path is not None else "experiment"
+    if cfg is None:
+        cfg = load_yaml(path)
+    source_cfg = cfg
+    for key in cfg.keys():
+        if key not in TOP_KEYS:
+            raise ConfigError(f"{where}: unknown section '{key}'{did_you_mean(key, TOP_KEYS)}; "
+                              f"sections: {', '.join(TOP_KEYS)}")
+    ov = parse_overrides(list(overrides))
+    for key in ov.keys():
+        if key not in TOP_KEYS or key in ("variants", "grid"):
+            allowed = [k for k in TOP_KEYS if k not in ("variants", "grid")]
+            raise ConfigError(f"override '{key}': unknown section{did_you_mean(key, allowed)}; "
+                              f"override one of {', '.join(allowed)} (e.g. train.steps=100)")
+    section_ov = {k: ov[k] for k in SECTIONS if k in ov}
+    for k in SECTIONS:
+        if k in ov:
+            del ov[k]
+    cfg = _merge(where, cfg, ov)
+    try:
+        name = cfg.get("name")
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{where}: {' '.join(str(exc).split())}") from None
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(f"{where}: 'name' must be a folder-safe string (letters, digits, _ . -), got {name!r}")
+    description = cfg.get("description") or ""
+    plugin_specs = _plain(cfg.get("plugins"), where) or []
+    if not isinstance(plugin_specs, list) or not all(isinstance(p, str) for p in plugin_specs):
+        raise ConfigError(f"{where}: 'plugins' must be a list of module names or .py paths")
+    importers = _LazyPlugins(plugins, plugin_specs, path)
+    seeds = _plain(cfg.get("seeds", [0]), where)
+    if not isinstance(seeds, list) or not seeds or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 63 for s in seeds):
+        raise ConfigError(f"{where}: 'seeds' must be a non-empty list of integers from 0 to 2**63-1, "
+                          f"e.g. [0, 1, 2], got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}: 'seeds' lists a seed twice: {seeds}")
+    compare = _plain(cfg.get("compare"), where) or {}
+    if not isinstance(compare, dict):
+        raise ConfigError(f"{where}: 'compare' must be a mapping with {', '.join(COMPARE_KEYS)}")
+    for key in compare:
+        if key not in COMPARE_KEYS:
+            raise ConfigError(f"{where}: unknown compare key '{key}'{did_you_mean(key, COMPARE_KEYS)}")
+    try:
+        slurm = parse_section(SlurmConfig, _plain(cfg.get("slurm"), where), "slurm")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    track = parse_track(_plain(cfg.get("track"), where), where)
+
+    base = OmegaConf.create({k: cfg.get(k) or {} for k in SECTIONS})
+    variants = cfg.get("variants")
+    if variants is None:
+        variants = OmegaConf.create({})
+    elif not isinstance(variants, DictConfig) or not len(variants):
+        raise ConfigError(f"{where}: 'variants' must map variant names to partial configs, e.g. "
+                          f"{{pre_ln: {{model: {{norm_placement: pre}}}}}}; leave it out for a single run of the base")
+    variant_items = [(str(k), v) for k, v in variants.items()] or [("base", OmegaConf.create({}))]
+    grid_keys, grid_values = _grid_axes(cfg.get("grid"), where)
+    _check_run_count(len(variant_items), [len(v) for v in grid_values], len(seeds), where)
+    grid_points = [dict(zip(grid_keys, values)) for values in itertools.product(*grid_values)]
+
+    runs, labels, seen = [], [], {}
+    for vname, vcfg in variant_items:
+        _check_variant_name(vname, where)
+        if vcfg is None:
+            vcfg = OmegaConf.create({})
+        if not isinstance(vcfg, DictConfig):
+            raise ConfigError(f"{where}: variant '{vname}' must be a mapping like {{model: {{norm_placement: post}}}}")
+        for key in vcfg.keys():
+            if key not in SECTIONS:
+                raise ConfigError(f"{where}: variant '{vname}': unknown section '{key}'"
+                                  f"{did_you_mean(key, SECTIONS)}; a variant sets model, data or train keys")
+        for point in grid_points:
+            suffix = ",".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in point.items())
+            label = (f"{vname},{suffix}" if variants else suffix) if point else vname
+            merged = _merge(f"{where}: variant '{vname}'", base, vcfg, _point_cfg(point), section_ov)
+            ctx = f"{where}: variant '{label}'" if (variants or point) else where
+            model, data, train = _resolve(merged, ctx, importers)
+            changes = _changes(vcfg, point)
+            h = config_hash({"model": model.to_dict(), "data": to_plain(data), "train": to_plain(train)})
+            if h in seen:
+                raise ConfigError(f"{where}: variants '{seen[h]}' and '{label}' resolve to the same config; "
+                                  f"remove one or make them differ")
+            seen[h] = label
+            labels.append(label)
+            runs.extend(RunSpec(label, s, model, data, train, changes) for s in seeds)
+    _check_compare(compare, runs, where)
+    warnings = [f"{where}: variant '{spec.variant}': train.warmup_steps ({spec.train.warmup_steps}) is not shorter than "
+                f"train.steps ({spec.train.steps}): the learning rate never leaves the warmup"
+                for spec in runs[::len(seeds)] if spec.train.warmup_steps >= spec.train.steps > 0]
+    base_model, base_data, base_train = _resolve(_merge(where, base, section_ov), where, importers)
+    base_resolved = {"model": base_model.to_dict(), "data": to_plain(base_data), "train": to_plain(base_train)}
+    defined = {config_hash(spec.resolved()): spec.variant for spec in runs}
+    if section_ov:  # what the file alone defines: runs made with overrides are set apart from those
+        try:
+            plain = load_experiment(path, [o for o in overrides if _section(o) not in SECTIONS], source_cfg,
+                                    plugins=lambda specs: importers())  # the same plugins: list, the same system
+            defined, base_resolved = plain.defined, plain.base
+        except ConfigError:  # the file is only valid with the overrides: no run is as the file defines it
+            defined = {}
+    return Experiment(name, str(description), Path(path) if path else None, plugin_specs, runs, base_resolved,
+                      compare, labels, list(overrides), defined, warnings, slurm, track)
+
+
+def _check_compare(compare: dict, runs: list, where: str) -> None:
+    """The compare block names a metric, --by keys and a baseline the runs will have, so a typo
+    stops the command now rather than after all the training."""
+    from ..results.frame import table_config
+    from ..rundir import METRIC_ALIASES, SUMMARY_METRICS, length_key
+
+    metric = compare.get("metric")
+    if metric is not None:
+        known = [*METRIC_ALIASES, *SUMMARY_METRICS,
+                 *dict.fromkeys(length_key(m) for spec in runs for m in spec.train.eval_lengths)]
+        if metric not in known:
+            raise ConfigError(f"{where}: compare.metric '{metric}' is not a metric of these runs"
+                              f"{did_you_mean(str(metric), known)}; metrics: {', '.join(known)}")
+    flat = [table_config(spec.resolved()) for spec in runs]
+    by = compare.get("by")
+    keys = [k.strip() for k in (by.split(",") if isinstance(by, str) else by or []) if str(k).strip()]
+    if keys == ["variant"]:
+        keys = []
+    for i, key in enumerate(keys):
+        matches = [key] if key in flat[0] else [c for c in flat[0] if c.endswith("." + key)]
+        if len(matches) != 1:
+            raise ConfigError(f"{where}: compare.by '{key}' is not a config key{did_you_mean(key, flat[0])}; "
+                              f"use dotted keys such as model.position" if not matches else
+                              f"{where}: compare.by '{key}' is ambiguous ({', '.join(matches)}); use the full key")
+        keys[i] = matches[0]
+    baseline = compare.get("baseline")
+    if baseline is not None:
+        rows = list(dict.fromkeys(",".join("-" if f.get(k) is None else str(f.get(k)) for k in keys) for f in flat)
+                    if keys else dict.fromkeys(spec.variant for spec in runs))
+        if str(baseline) not in rows:
+            raise ConfigError(f"{where}: compare.baseline '{baseline}' is not a row of the table"
+                              f"{did_you_mean(str(baseline), rows)}; rows: {', '.join(rows)}")
+
+
+def _check_variant_name(name: str, where: str) -> None:
+    """A variant name becomes a folder name, a table label and a --baseline value: refuse the
+    names that could not be all three (hidden folders, paths, control characters)."""
+    bad = (not name.strip() or name.startswith((".", "-")) or "/" in name or "\\" in name or len(name) > 80
+           or any(ord(c) < 32 or ord(c) == 127 for c in name))
+    if bad:
+        raise ConfigError(f"{where}: variant name {name!r} cannot be used: use up to 80 characters, no '/' or "
+                          f"control characters, not starting with '.' or '-'")
+
+
+def _section(override: str) -> str:
+    return override.split("=", 1)[0].strip().split(".", 1)[0]
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, dict):
+        return str(v.get("name", v))
+    return str(v)
+
+
+def _check_run_count(n_variants: int, grid_sizes: list[int], n_seeds: int, where: str) -> None:
+    """Refuse an experiment of more than MAX_RUNS runs, counted as a product before any is made."""
+    points = math.prod(grid_sizes)
+    runs = n_variants * points * n_seeds
+    if runs > MAX_RUNS:
+        grid = f" x {points:,} grid points ({' x '.join(map(str, grid_sizes))})" if grid_sizes else ""
+        raise ConfigError(f"{where}: the experiment expands to {runs:,} runs ({n_variants:,} variant(s){grid} x "
+                          f"{n_seeds:,} seed(s)), more than the {MAX_RUNS:,} gptlab plans at once; "
+                          f"shrink the grid or split the experiment")
+
+
+def _grid_axes(grid: Any, where: str) -> tuple[list, list]:
+    """The grid's dotted keys and, per key, its list of values (their product is the grid)."""
+    if grid is None:
+        return [], []
+    if not isinstance(grid, DictConfig):
+        raise ConfigError(f"{where}: 'grid' must map dotted keys to lists, e.g. {{model.activation: [gelu, swiglu]}}")
+    grid = _plain(grid, where)
+    keys = list(grid)
+    for key in keys:
+        if key.split(".")[0] not in SECTIONS or "." not in key:
+            raise ConfigError(f"{where}: grid key '{key}' must be a dotted config key such as model.activation")
+        if not isinstance(grid[key], list) or not grid[key]:
+            raise ConfigError(f"{where}: grid key '{key}' needs a non-empty list of values")
+    return keys, [grid[k] for k in keys]
+
+
+def _point_cfg(point: dict) -> DictConfig:
+    out = OmegaConf.create({})
+    for key, value in point.items():
+        OmegaConf.update(out, key, value, force_add=True)
+    return out
+
+
+class _LazyPlugins:
+    """The plugin system of an experiment's ``from_hf`` importers, made on first use (see load_experiment)."""
+
+    def __init__(self, given: Any, specs: list, path: Path | None) -> None:
+        self.given, self.specs, self.path = given, list(specs), path
+        self.system: Any = None
+
+    def __call__(self) -> Any:
+        if self.system is None:
+            from ..plugin.manager import build_plugin_system, default_plugins
+
+            if self.given is None and not self.specs:  # nothing of the experiment's own: the default system
+                self.system = default_plugins()
+            elif self.given is None:
+                base_dir = Path(self.path).resolve().parent if self.path is not None else None
+                self.system = build_plugin_system(extra=self.specs, base_dir=base_dir)
+            elif hasattr(self.given, "registry"):  # a plugin system
+                self.system = self.given
+            else:
+                self.system = self.given(self.specs)
+        return self.system
+
+
+def _resolve(merged: DictConfig, where: str, plugins: Any = None) -> tuple[ModelConfig, DataConfig, TrainConfig]:
+    plain = _plain(merged, where)
+    try:
+        for section in SECTIONS:
+            if plain.get(section) is not None and not isinstance(plain[section], dict):
+                raise ConfigError(f"{section}: expected a mapping of keys, got {plain[section]!r}")
+        model = ModelConfig.from_any(apply_preset(plain.get("model") or {},
+                                                  lambda source: hf_model_config(source, plugins())))
+        data = parse_section(DataConfig, plain.get("data"), "data")
+        train = parse_section(TrainConfig, plain.get("train"), "train")
+        train.check_eval_lengths(train.seq_len or model.context_length)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return model, data, train
+
+
+def _changes(vcfg: DictConfig, point: dict) -> dict:
+    out = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict) and not (prefix.count(".") >= 1 and "name" in node):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = node
+
+    walk("", _plain(vcfg, "variant"))
+    out.update(point)
+    return out

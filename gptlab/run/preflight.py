@@ -1,0 +1,156 @@
+"""Everything a user can get wrong, checked before the first run trains.
+
+The real run and ``--dry-run`` call the same checks (the dry run writes nothing), so a dry run
+rejects exactly what the real run would: an unwritable results folder, unknown or incompatible
+components and bad option values (each model is built on the meta device), models too large for
+the machine (measured from the config before the meta build, and exactly after it), the data set
+and tokenizer, lengths that do not fit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..data.tokens import TokenData, prepare_tokens
+from ..config.model import size_problem
+from ..errors import ConfigError
+from .experiment import Experiment
+from ..config.run import RunSpec
+from ..hf.checkpoint import load_hf_weights
+from ..plugin.hookspecs import MODEL_KINDS
+from ..model.gpt import GPTModel, resolve_components
+from ..plugin.manager import PluginSystem
+from .tracking import check_trackers
+
+
+def check_writable(results_dir: Path) -> None:
+    """Fail early, leaving nothing behind, when the results directory could not be written.
+
+    Permission bits say little to root or on special file systems (/proc), so the nearest existing
+    folder is tried for real: a temporary folder is made in it and removed at once.
+    """
+    probe = Path(results_dir).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    reason = "is not a directory" if not probe.is_dir() else None
+    if reason is None:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".gptlab-probe-", dir=probe))
+        except OSError as exc:
+            reason = f"is not writable ({exc.strerror or type(exc).__name__})"
+    if reason:
+        raise ConfigError(f"results directory {results_dir} cannot be created: {probe} {reason}; "
+                          f"choose another with --results-dir")
+
+
+def machine_memory() -> int:
+    """The most memory one run could have here: the larger of this machine's RAM (or a smaller
+    cgroup limit: a container, a Slurm job) and the largest visible GPU's memory."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        ram = 0
+    for file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(file) as fh:
+                text = fh.read(64).strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < (ram or float("inf")):
+            ram = int(text)
+    gpu = 0
+    try:
+        if torch.cuda.is_available():
+            gpu = max(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+    except Exception:  # a broken driver: the RAM alone
+        pass
+    return max(ram, gpu) or 16 * 2 ** 30
+
+
+def check_size(spec: RunSpec, limit: int, measured: tuple[int, int] | None = None) -> None:
+    """Refuse a run whose model and batch cannot fit in ``limit`` bytes: counted from the config, or
+    with ``measured`` (parameters, buffer bytes) from the model built on the meta device."""
+    seq_len = spec.train.seq_len or spec.model.context_length
+    exact = {} if measured is None else {"parameters": measured[0], "buffer_bytes": measured[1]}
+    problem = size_problem(spec.model, limit, batch_tokens=spec.train.batch_size * seq_len, **exact)
+    if problem:
+        source = f"model.from_hf {spec.model.from_hf}: " if spec.model.from_hf else ""
+        raise ConfigError(f"{source}{problem}; shrink it, or pass --allow-large to gptlab run to try anyway")
+
+
+def data_key(spec: RunSpec) -> str:
+    """Runs with the same corpus, tokenizer and split share one prepared token array."""
+    return json.dumps([spec.data.dataset.to_plain(), spec.data.tokenizer.to_plain(), spec.data.val_fraction],
+                      sort_keys=True, default=str)
+
+
+def check_components(exp: Experiment, plugins: PluginSystem) -> None:
+    """Every component name exists and every model builds, before anything trains.
+
+    Each distinct model is built on the meta device (shapes only, no memory), so a bad option
+    value (``rope`` with ``base: abc``) is a user error now rather than a failed run later. Its size
+    is checked first from the config (a model of 10^12 parameters is never built, even on the meta
+    device) and again exactly once built, buffers included (``--allow-large`` skips both).
+    """
+    measured: dict[str, tuple[int, int]] = {}  # model -> (parameters, buffer bytes), built once
+    limit = None if getattr(exp, "allow_large", False) else machine_memory()
+    for spec in exp.runs:
+        where = f"{exp.path or 'experiment'}: variant '{spec.variant}'"
+        key = json.dumps(spec.model.to_dict(), sort_keys=True, default=str)
+        try:
+            resolve_components(spec.model, plugins)
+            if key in measured:
+                if limit is not None:  # the same model, maybe with another batch
+                    check_size(spec, limit, measured[key])
+                continue
+            if limit is not None:
+                check_size(spec, limit)  # from the config: nothing is built for a model far too large
+            with torch.device("meta"):
+                model = GPTModel(spec.model, plugins=plugins)
+            measured[key] = (model.num_parameters(), sum(b.numel() * b.element_size() for b in model.buffers()))
+            if limit is not None:
+                check_size(spec, limit, measured[key])
+            if spec.model.from_hf:  # every checkpoint tensor has a place in this variant's model
+                load_hf_weights(model, spec.model.from_hf, plugins, shapes_only=True)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        except Exception as exc:  # a factory rejected an option value
+            chosen = ", ".join(f"{k}={getattr(spec.model, k).to_plain()}" for k in MODEL_KINDS)
+            raise ConfigError(f"{where}: the model cannot be built ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:200]}); check the component options in {chosen}") from None
+
+
+def preflight(exp: Experiment, plugins: PluginSystem, cache_dir: Path, write: bool = True) -> dict[str, TokenData]:
+    """Check everything a user can get wrong before the first run starts: components, data, lengths.
+
+    ``write=False`` (a dry run) makes the same checks without creating the token cache.
+    """
+    check_trackers(exp.track, plugins)  # an unknown sink or a missing package: before any run directory exists
+    check_components(exp, plugins)
+    data_by_key: dict[str, TokenData] = {}
+    for spec in exp.runs:
+        where = f"{exp.path or 'experiment'}: variant '{spec.variant}'"
+        key = data_key(spec)
+        if key not in data_by_key:
+            try:
+                data_by_key[key] = prepare_tokens(spec.data, plugins, cache_dir, write=write)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        data = data_by_key[key]
+        seq_len = spec.train.seq_len or spec.model.context_length
+        if data.tokenizer.vocab_size > spec.model.vocab_size:
+            raise ConfigError(f"{where}: tokenizer '{spec.data.tokenizer.name}' has {data.tokenizer.vocab_size} "
+                              f"tokens but model.vocab_size is {spec.model.vocab_size}; "
+                              f"set model.vocab_size={data.tokenizer.vocab_size}")
+        if seq_len > spec.model.context_length:
+            raise ConfigError(f"{where}: train.seq_len {seq_len} exceeds model.context_length "
+                              f"{spec.model.context_length}; lower train.seq_len or raise the context")
+        for split, tokens in (("training", data.train), ("validation", data.val)):
+            if len(tokens) < seq_len + 2:
+                raise ConfigError(f"{where}: the {split} split has {len(tokens)} tokens, too few for windows of "
+                                  f"{seq_len}; lower model.context_length / train.seq_len or use a bigger corpus")
+    return data_by_key
