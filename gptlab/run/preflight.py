@@ -3,11 +3,13 @@
 The real run and ``--dry-run`` call the same checks (the dry run writes nothing), so a dry run
 rejects exactly what the real run would: an unwritable results folder, unknown or incompatible
 components and bad option values (each model is built on the meta device), models too large for
-the machine (measured from the config before the meta build, and exactly after it), the data set
-and tokenizer, lengths that do not fit.
+the machine (measured from the config before the meta build, and exactly after it), a forward
+and backward pass of every distinct model at a tiny batch (so a plugin that crashes in ``forward``
+or ``backward`` is named before anything trains), the data set and tokenizer, lengths that do not fit.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -116,12 +118,64 @@ def check_components(exp: Experiment, plugins: PluginSystem) -> None:
                 check_size(spec, limit, measured[key])
             if spec.model.from_hf:  # every checkpoint tensor has a place in this variant's model
                 load_hf_weights(model, spec.model.from_hf, plugins, shapes_only=True)
+            check_forward(spec, plugins)
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         except Exception as exc:  # a factory rejected an option value
             chosen = ", ".join(f"{k}={getattr(spec.model, k).to_plain()}" for k in MODEL_KINDS)
             raise ConfigError(f"{where}: the model cannot be built ({type(exc).__name__}: "
                               f"{' '.join(str(exc).split())[:200]}); check the component options in {chosen}") from None
+
+
+#: the probe's model keeps at most this many layers (a plugin's code is the same in every layer) and
+#: runs windows of at most this many tokens: a dry run of a 1.5B-parameter model stays cheap
+PROBE_LAYERS, PROBE_TOKENS = 2, 32
+
+
+class ForwardFailed(ConfigError):
+    """A model that builds but cannot take one training step (its message names the plugin)."""
+
+
+def check_forward(spec: RunSpec, plugins: PluginSystem) -> None:
+    """Run one forward and backward pass of ``spec``'s model (at most PROBE_LAYERS layers, batch 1,
+    PROBE_TOKENS tokens, on the CPU in float32, random weights) and raise ForwardFailed naming the
+    plugin whose code raised, so a broken ``forward`` stops the command instead of failing every
+    run mid-training. The random streams of the runs are left as they were."""
+    cfg = dataclasses.replace(spec.model, n_layers=min(spec.model.n_layers, PROBE_LAYERS), from_hf=None)
+    tokens = max(1, min(spec.train.seq_len or cfg.context_length, PROBE_TOKENS))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        try:
+            model = GPTModel(cfg, plugins=plugins).train()
+            window = torch.randint(0, cfg.vocab_size, (1, tokens + 1))
+            model(window[:, :-1], targets=window[:, 1:]).backward()
+        except Exception as exc:
+            culprit = _raising_plugin(exc, plugins, model_entries(cfg, plugins))
+            raise ForwardFailed(f"one training step of this model fails in {culprit} ({type(exc).__name__}: "
+                                f"{' '.join(str(exc).split())[:200]}); fix the plugin or choose another component") \
+                from None
+
+
+def model_entries(cfg, plugins: PluginSystem) -> dict:
+    try:
+        return resolve_components(cfg, plugins)
+    except Exception:
+        return {}
+
+
+def _raising_plugin(exc: BaseException, plugins: PluginSystem, entries: dict) -> str:
+    """The innermost plugin module in ``exc``'s traceback, with the components it registered for
+    this model ("plugin 'my_attention' (attention 'my_attention')"); gptlab's own code if none."""
+    modules = {getattr(p, "__name__", None): plugins.pm.get_name(p) for p in plugins.pm.get_plugins()}
+    tb, name = exc.__traceback__, None
+    while tb is not None:
+        found = modules.get(tb.tb_frame.f_globals.get("__name__"))
+        name = found or name
+        tb = tb.tb_next
+    if name is None:
+        return "gptlab's model code"
+    mine = [f"{kind} '{entry.name}'" for kind, entry in entries.items() if entry.plugin == name]
+    return f"plugin '{name}'" + (f" ({', '.join(mine)})" if mine else "")
 
 
 def preflight(exp: Experiment, plugins: PluginSystem, cache_dir: Path, write: bool = True) -> dict[str, TokenData]:
