@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from typing import Any, Iterable
 
 
 class GptlabError(Exception):
@@ -38,3 +38,23 @@ class DamagedFile(ConfigError):
 
     def __str__(self) -> str:
         return f"{self.path} {self.reason}"
+
+
+def one_line(exc: BaseException, limit: int = 200, kind: bool = False) -> str:
+    """``exc``'s message squeezed onto one line of at most ``limit`` characters (with ``kind``,
+    after its type: "RuntimeError: ..."): how an error from elsewhere is quoted in a one-line error."""
+    text = f"{type(exc).__name__}: {exc}" if kind else str(exc)
+    return " ".join(text.split())[:limit]
+
+
+def import_extra(module: str, needed_by: str, extra: str) -> Any:
+    """Import ``module``, a package an optional extra provides, or raise ConfigError saying who
+    needs it and how to install it (``pip install "gptlab[extra]"``)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(f"{needed_by} needs the {module.split('.')[0]} package, which cannot be imported "
+                          f"({one_line(exc, 120, kind=True)}); install it with pip install \"gptlab[{extra}]\" "
+                          f"(in a checkout: pip install -e \".[{extra}]\")") from None

@@ -536,19 +536,29 @@ def refuse_link(path: Path) -> None:
                           f"through links or outside --results-dir)")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` so that a kill leaves the old file or the new one, never through a link."""
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` so that a kill leaves the old file or the new one, never through a link; on
+    an error (OSError) no temporary file is left behind."""
     path = Path(path)
     refuse_link(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()  # a stale one, or a link someone planted: the link goes, not its target
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """write_bytes_atomic of ``text`` in UTF-8."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def open_no_follow(path: Path, mode: str = "a") -> Any:

@@ -26,7 +26,7 @@ from run_folders import make_experiment, make_run
 
 ODD = "odd$x$<b>&y"  # markup for matplotlib, HTML and plotly alike: must be drawn literally
 ARMS = {"pre_ln": [1.0, 1.1], "post_ln": [1.3, 1.2], ODD: [1.5]}
-EXTRA = 'pip install -e ".[report]"'
+EXTRA = 'pip install "gptlab[report]" (in a checkout: pip install -e ".[report]")'
 
 
 def curve(val: float, seed: int) -> list[dict]:
@@ -168,7 +168,9 @@ def test_show_png_errors_are_one_line(exp, tmp_path, capsys, monkeypatch):
         assert rc == 2 and len(stderr_lines(err)) == 1 and words in err, err
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the extra were not installed
     rc, _, err = run_cli(capsys, "show", exp, "--png", tmp_path / "x.png")
-    assert rc == 2 and stderr_lines(err) == [f"gptlab: error: --png needs matplotlib, an optional extra: {EXTRA}"]
+    assert rc == 2 and stderr_lines(err) == [
+        "gptlab: error: --png needs the matplotlib package, which cannot be imported (ModuleNotFoundError: import of "
+        f"matplotlib halted; None in sys.modules); install it with {EXTRA}"]
     assert not (tmp_path / "x.png").exists()
     rc, out, _ = run_cli(capsys, "show", exp)  # the terminal plot needs no extra
     assert rc == 0 and "validation loss, mean of seeds" in out
@@ -370,4 +372,6 @@ def test_report_bad_input_is_one_line(exp, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "plotly", None)
     monkeypatch.setitem(sys.modules, "plotly.offline", None)
     rc, _, err = run_cli(capsys, "report", exp, "--html", out)
-    assert rc == 2 and stderr_lines(err) == [f"gptlab: error: gptlab report needs plotly, an optional extra: {EXTRA}"]
+    assert rc == 2 and stderr_lines(err) == [
+        "gptlab: error: gptlab report needs the plotly package, which cannot be imported (ModuleNotFoundError: import "
+        f"of plotly.offline halted; None in sys.modules); install it with {EXTRA}"]

@@ -42,7 +42,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from .. import __version__
     from ..results.compare import compare_results, export
-    from ..results.plots import check_target, require
+    from ..errors import import_extra
+    from ..results.plots import check_target
     from ..results.report import Section, page, run_curves, subtitle, write_report
     from ..run.experiment import current_definition
     from ..results.frame import load_results
@@ -50,7 +51,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .table import _empty_note, display_columns, table_notes
 
     target = check_target(args.html)
-    require("plotly.offline", "gptlab report")  # before any reading: the page cannot be made without it
+    import_extra("plotly.offline", "gptlab report", "report")  # before any reading: the page cannot be made without it
     tables = compare_results(*args.paths, by=args.by, baseline=args.baseline, metric=args.metric,
                              merge=args.merge, all_runs=args.all, defined_by=current_definition)
     with contextlib.redirect_stderr(io.StringIO()):  # compare_results has already warned about damaged runs

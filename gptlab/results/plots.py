@@ -8,18 +8,17 @@ backend or window state is touched (Agg renders straight to bytes).
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..errors import ConfigError
+from ..errors import ConfigError, import_extra
+from .. import rundir as rd
 from ..rundir import COMPLETED, INTERRUPTED, RUNNING, refuse_link
 
 # (label, xs, ys) and (title, [series]): what one plot holds
 Series = tuple[str, list, list]
 Panel = tuple[str, list[Series]]
 
-EXTRA = 'pip install -e ".[report]"'
 # matplotlib's tab10 (also plotly's D3 colourway): fixed here so the image and the HTML page agree
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf")
@@ -81,23 +80,13 @@ def _xy(metrics: Any, key: str) -> tuple[list, list]:
 
 
 # -- the image ---------------------------------------------------------------------------------
-def require(module: str, what: str) -> Any:
-    """Import an optional extra, or stop with one line that says how to install it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ConfigError(f"{what} needs {module.split('.')[0]}, an optional extra: {EXTRA}") from None
-
-
 def figure(title: str, panels: Sequence[Panel], x_label: str = "step", y_label: str = "loss",
            colour_of: Optional[dict] = None) -> Any:
     """A matplotlib Figure with one axes per panel, side by side; a label keeps its colour in
     every panel. ``colour_of`` maps labels to groups that share a colour (a variant's seeds),
     told apart by line style. Names are drawn literally (no mathtext, and a leading '_' still
     gets a legend entry)."""
-    matplotlib = require("matplotlib", "--png")
+    matplotlib = import_extra("matplotlib", "--png", "report")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -142,7 +131,7 @@ def save_png(fig: Any, path: Path) -> None:
     """Render ``fig`` to PNG bytes, then replace ``path`` in one step."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    write_bytes_atomic(Path(path), buf.getvalue())
+    write_user_file(Path(path), buf.getvalue())
 
 
 def check_target(path: Path) -> Path:
@@ -157,26 +146,10 @@ def check_target(path: Path) -> Path:
     return path
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Like rundir.write_text_atomic, for bytes, and a path the user chose: a failure is one line
-    naming the file, and no temporary file is left behind."""
+def write_user_file(path: Path, data: bytes) -> None:
+    """rundir.write_bytes_atomic to a path the user chose: a failure is one line naming the file."""
     path = check_target(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    created = False
     try:
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()  # a stale one, or a planted link: the link goes, not its target
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        created = True
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        rd.write_bytes_atomic(path, data)
     except OSError as exc:
-        if created:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import quote
 
-from .plots import PALETTE, require, write_bytes_atomic
+from ..errors import import_extra
+from .plots import PALETTE, write_user_file
 from ..rundir import COMPLETED
 
 DASHES = ("solid", "dot", "dash", "longdash", "dashdot", "longdashdot")  # one per seed of a variant
@@ -123,7 +124,7 @@ def plot_spec(runs: list[dict]) -> dict:
 # -- the page ----------------------------------------------------------------------------------
 def page(sections: list[Section], heading: str, byline: str = "") -> str:
     """The whole HTML document, plotly.js included."""
-    plotly_js = require("plotly.offline", "gptlab report").get_plotlyjs()
+    plotly_js = import_extra("plotly.offline", "gptlab report", "report").get_plotlyjs()
     plotly_js = plotly_js.replace("</script", "<\\/script")  # one in its strings (none today) would end the tag
     body = "\n".join(_section(s, i) for i, s in enumerate(sections))
     return (f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
@@ -140,7 +141,7 @@ def subtitle(paths: list, version: str, when: Optional[str] = None) -> str:
 
 def write_report(path: Path, text: str) -> None:
     """Replace ``path`` with the page in one step (UTF-8 whatever the locale)."""
-    write_bytes_atomic(Path(path), text.encode("utf-8"))
+    write_user_file(Path(path), text.encode("utf-8"))
 
 
 def _section(s: Section, i: int) -> str:

@@ -10,7 +10,6 @@ Nothing here imports torch or any tracking package.
 """
 from __future__ import annotations
 
-import importlib
 import math
 import queue
 import re
@@ -18,7 +17,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional
 
-from ..errors import ConfigError, did_you_mean
+from ..errors import ConfigError, did_you_mean, import_extra
 
 TRACKER = "tracker"  # the registered kind
 
@@ -59,12 +58,7 @@ def check_trackers(names: Iterable[str], plugins: Any, where: str = "track") -> 
 
 def require(module: str, extra: str, tracker: str) -> Any:
     """Import ``module`` for ``tracker``, or say which optional extra installs it (a tracker factory's body)."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise ConfigError(f"tracker '{tracker}' needs the {module.split('.')[0]} package, which cannot be imported "
-                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); install it with "
-                          f"pip install \"gptlab[{extra}]\" (in a checkout: pip install -e \".[{extra}]\")") from None
+    return import_extra(module, f"tracker '{tracker}'", extra)
 
 
 def trackers_of(plugins: Any) -> dict[str, list[str]]:
