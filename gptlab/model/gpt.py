@@ -215,7 +215,7 @@ class GPTModel(nn.Module):
         ``train.checkpoint: true`` writes), on the CPU, in eval mode."""
         from safetensors.torch import load_model
 
-        from ..errors import ConfigError
+        from ..errors import ConfigError, one_line
         from ..rundir import CONFIG, MODEL, damage, is_run_dir, read_config
 
         run_dir = Path(run_dir)
@@ -236,8 +236,7 @@ class GPTModel(nn.Module):
         try:
             load_model(model, str(ckpt), device="cpu")
         except Exception as exc:  # wrong shapes or a damaged file: say which, without a traceback
-            raise ConfigError(f"{ckpt}: cannot load into the model of config.yaml "
-                              f"({' '.join(str(exc).split())[:300]})") from None
+            raise ConfigError(f"{ckpt}: cannot load into the model of config.yaml ({one_line(exc, 300)})") from None
         return model.eval()
 
     def save_hf(self, path: str | Path, plugins: Optional[PluginSystem] = None) -> str:

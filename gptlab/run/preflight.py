@@ -19,7 +19,7 @@ import torch
 
 from ..data.tokens import TokenData, prepare_tokens
 from ..config.model import size_problem
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
 from .experiment import Experiment
 from ..config.run import RunSpec
 from ..hf.checkpoint import load_hf_weights
@@ -123,8 +123,8 @@ def check_components(exp: Experiment, plugins: PluginSystem) -> None:
             raise ConfigError(f"{where}: {exc}") from None
         except Exception as exc:  # a factory rejected an option value
             chosen = ", ".join(f"{k}={getattr(spec.model, k).to_plain()}" for k in MODEL_KINDS)
-            raise ConfigError(f"{where}: the model cannot be built ({type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:200]}); check the component options in {chosen}") from None
+            raise ConfigError(f"{where}: the model cannot be built ({type(exc).__name__}: {one_line(exc)}); "
+                              f"check the component options in {chosen}") from None
 
 
 #: the probe's model keeps at most this many layers (a plugin's code is the same in every layer) and
@@ -151,9 +151,8 @@ def check_forward(spec: RunSpec, plugins: PluginSystem) -> None:
             model(window[:, :-1], targets=window[:, 1:]).backward()
         except Exception as exc:
             culprit = _raising_plugin(exc, plugins, model_entries(cfg, plugins))
-            raise ForwardFailed(f"one training step of this model fails in {culprit} ({type(exc).__name__}: "
-                                f"{' '.join(str(exc).split())[:200]}); fix the plugin or choose another component") \
-                from None
+            raise ForwardFailed(f"one training step of this model fails in {culprit} ({one_line(exc, kind=True)}); "
+                                f"fix the plugin or choose another component") from None
 
 
 def model_entries(cfg, plugins: PluginSystem) -> dict:

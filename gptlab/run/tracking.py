@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Mapping, Optional
 
-from ..errors import ConfigError, did_you_mean, import_extra
+from ..errors import ConfigError, did_you_mean, import_extra, one_line
 
 TRACKER = "tracker"  # the registered kind
 
@@ -52,8 +52,7 @@ def check_trackers(names: Iterable[str], plugins: Any, where: str = "track") -> 
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         except Exception as exc:  # a sink's own check that broke: still a one-line answer at start
-            raise ConfigError(f"{where}: tracker '{name}' cannot start ({type(exc).__name__}: "
-                              f"{' '.join(str(exc).split())[:200]})") from None
+            raise ConfigError(f"{where}: tracker '{name}' cannot start ({one_line(exc, kind=True)})") from None
 
 
 def require(module: str, extra: str, tracker: str) -> Any:
@@ -117,7 +116,7 @@ class RunHooks:
 
     def _failed(self, name: str, hook: str, kwargs: dict, exc: BaseException) -> None:
         at = f" at step {kwargs['step']}" if "step" in kwargs else ""
-        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        detail = one_line(exc, 300, kind=True)
         self.errors[name] = f"{hook}{at}: {detail}"
         label = self.labels.get(name, f"plugin '{name}'")
         self.warn(f"{label} failed in {hook}{at} ({detail}); it is switched off for the rest of this run")
