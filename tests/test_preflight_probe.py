@@ -117,7 +117,7 @@ def test_the_probe_builds_at_most_two_layers_and_leaves_the_random_streams_alone
     torch.manual_seed(123)
     state = torch.get_rng_state()
     preflight.check_forward(_spec(), builtin_system)
-    assert built == [(preflight.PROBE_LAYERS, 64)]
+    assert built == [(preflight.PROBE_LAYERS, 64)] * 2  # its size counted on the meta device, then run
     assert torch.equal(torch.get_rng_state(), state)
 
 
@@ -140,3 +140,16 @@ def test_the_error_names_the_plugin_not_gptlab_when_the_crash_is_deep_in_torch(t
     system = build_plugin_system(plugin_dirs=[], extra=[str(path)])
     with pytest.raises(preflight.ForwardFailed, match=r"in plugin 'deep_bug' \(attention 'deep_bug'\)"):
         preflight.check_forward(_spec(attention="deep_bug"), system)
+
+
+def test_a_probe_model_beyond_probe_bytes_is_not_run(tmp_path, monkeypatch):
+    """A deliberate giant (--allow-large) is not allocated for the probe: above PROBE_BYTES the
+    check returns without running the model, so even a broken plugin passes it."""
+    path = tmp_path / "giant_bug.py"
+    path.write_text(textwrap.dedent(SHAPE_BUG).replace("shape_bug", "giant_bug"))
+    system = build_plugin_system(plugin_dirs=[], extra=[str(path)])
+    spec = _spec(attention="giant_bug")
+    with pytest.raises(preflight.ForwardFailed):
+        preflight.check_forward(spec, system)
+    monkeypatch.setattr(preflight, "PROBE_BYTES", 8 * 1000)  # below this tiny model's 2-layer weights
+    assert preflight.check_forward(spec, system) is None

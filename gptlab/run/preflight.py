@@ -128,8 +128,10 @@ def check_components(exp: Experiment, plugins: PluginSystem) -> None:
 
 
 #: the probe's model keeps at most this many layers (a plugin's code is the same in every layer) and
-#: runs windows of at most this many tokens: a dry run of a 1.5B-parameter model stays cheap
-PROBE_LAYERS, PROBE_TOKENS = 2, 32
+#: runs windows of at most this many tokens: a dry run of a 1.5B-parameter model stays cheap; a
+#: probe model whose weights and gradients would take more than PROBE_BYTES (a deliberate giant
+#: under --allow-large) is not probed
+PROBE_LAYERS, PROBE_TOKENS, PROBE_BYTES = 2, 32, 4 << 30
 
 
 class ForwardFailed(ConfigError):
@@ -138,11 +140,14 @@ class ForwardFailed(ConfigError):
 
 def check_forward(spec: RunSpec, plugins: PluginSystem) -> None:
     """Run one forward and backward pass of ``spec``'s model (at most PROBE_LAYERS layers, batch 1,
-    PROBE_TOKENS tokens, on the CPU in float32, random weights) and raise ForwardFailed naming the
-    plugin whose code raised, so a broken ``forward`` stops the command instead of failing every
-    run mid-training. The random streams of the runs are left as they were."""
+    PROBE_TOKENS tokens, on the CPU in float32, random weights; none above PROBE_BYTES) and raise
+    ForwardFailed naming the plugin whose code raised, so a broken ``forward`` stops the command
+    instead of failing every run mid-training. The random streams of the runs are left as they were."""
     cfg = dataclasses.replace(spec.model, n_layers=min(spec.model.n_layers, PROBE_LAYERS), from_hf=None)
     tokens = max(1, min(spec.train.seq_len or cfg.context_length, PROBE_TOKENS))
+    with torch.device("meta"):
+        if GPTModel(cfg, plugins=plugins).num_parameters() * 8 > PROBE_BYTES:  # float32 weights + gradients
+            return
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         try:
@@ -150,12 +155,12 @@ def check_forward(spec: RunSpec, plugins: PluginSystem) -> None:
             window = torch.randint(0, cfg.vocab_size, (1, tokens + 1))
             model(window[:, :-1], targets=window[:, 1:]).backward()
         except Exception as exc:
-            culprit = _raising_plugin(exc, plugins, model_entries(cfg, plugins))
+            culprit = _raising_plugin(exc, plugins, _entries(cfg, plugins))
             raise ForwardFailed(f"one training step of this model fails in {culprit} ({one_line(exc, kind=True)}); "
                                 f"fix the plugin or choose another component") from None
 
 
-def model_entries(cfg, plugins: PluginSystem) -> dict:
+def _entries(cfg, plugins: PluginSystem) -> dict:
     try:
         return resolve_components(cfg, plugins)
     except Exception:
