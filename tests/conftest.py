@@ -121,3 +121,37 @@ def tree_hash(root: Path) -> str:
                         digest.update(block)
             digest.update(b"\0")
     return digest.hexdigest()
+
+
+# -- the fast lane ----------------------------------------------------------------------------------
+#: the tests `pytest -m "not slow"` leaves out: subprocess runs that take several seconds each
+#: (torchrun groups, killed and resumed runs, worker pools, the tutorial as a user types it). Each
+#: module they exercise keeps quicker tests in the fast lane; the full suite (.ci/run) runs them all.
+SLOW = {
+    "test_distributed.py": None,  # every test starts a 2-process torchrun
+    "test_resume.py": None,  # every test kills or interrupts a real `gptlab run` subprocess
+    "test_parallel.py": {"test_two_at_once_equals_one_by_one_and_logs_plain_lines", "test_a_locked_run_is_left_to_its_owner",
+                         "test_ctrl_c_stops_every_run_resumably"},
+    "test_launch.py": {"test_a_task_signalled_before_its_time_limit_is_requeued_and_resumes_bit_for_bit"},
+    "test_tutorial.py": {"test_the_tutorial_commands_run_as_written"},
+    "test_gpu_check.py": {"test_cpu_run_exits_zero"},
+    "test_tracking.py": {"test_sinks_work_in_jobs_workers"},
+    "test_runner.py": {"test_ctrl_c_marks_the_run_interrupted_and_a_rerun_resumes"},
+    "test_gpu_path.py": {"test_mfu_is_per_device_under_a_two_process_torchrun"},
+    "test_packaging.py": {"test_wheel_carries_builtin_plugins_and_they_load"},
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the SLOW tests; a name listed there that no longer exists is an error, so the list
+    cannot silently shrink when a test is renamed."""
+    modules = {}
+    for item in items:
+        file, name = Path(str(item.fspath)).name, item.originalname
+        modules[file] = item.module
+        if file in SLOW and (SLOW[file] is None or name in SLOW[file]):
+            item.add_marker(pytest.mark.slow)
+    missing = [f"{file}::{name}" for file, module in modules.items() for name in (SLOW.get(file) or ())
+               if not hasattr(module, name)]
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py SLOW names tests that do not exist: {', '.join(missing)}")
