@@ -36,6 +36,18 @@ def tutorial_plugin() -> tuple[str, str]:
     return block[2], block[1]
 
 
+def tutorial_experiment() -> tuple[str, str]:
+    """(file name, YAML) of the tutorial's experiment."""
+    block = re.search(r"```yaml\n(# (\S+\.yaml)\n.*?)```", tutorial_section(), re.S)
+    return block[2], block[1]
+
+
+def tutorial_table() -> list[str]:
+    """The table rows the README shows after the run (header, rule, one line per variant)."""
+    block = re.search(r"```\n(variant .*?)```", tutorial_section(), re.S)[1]
+    return block.splitlines()
+
+
 def tutorial_commands() -> list[list[str]]:
     block = re.search(r"```bash\n(.*?)```", tutorial_section(), re.S)[1]
     return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
@@ -65,6 +77,8 @@ def checkout(tmp_path_factory) -> Path:
     root = copy_checkout(tmp_path_factory.mktemp("tutorial") / "gptlab")
     rel, source = tutorial_plugin()
     (root / rel).write_text(source)
+    name, experiment = tutorial_experiment()
+    (root / name).write_text(experiment)
     return root
 
 
@@ -84,16 +98,27 @@ def test_the_tutorial_commands_run_as_written(checkout):
     assert [c[:2] for c in commands] == [["gptlab", "components"], ["gptlab", "run"]]
     listing = gptlab(commands[0], checkout)
     assert listing.returncode == 0 and "my_attention" in listing.stdout
-    run = gptlab(commands[1], checkout)
+    run = subprocess.run([sys.executable, "-m", "gptlab", *commands[1][1:]], cwd=checkout, timeout=600, text=True,
+                         capture_output=True, env={**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": "1",
+                                                   "COLUMNS": "100"})
     assert run.returncode == 0, run.stderr[-2000:]
-    runs = sorted((checkout / "results" / "tutorial" / "preln_vs_postln").glob("*__s0"))
-    assert len(runs) == 3  # pre_ln, post_ln, post_ln_warmup
+    runs = sorted((checkout / "results" / "my_attention").glob("*__s*"))
+    assert sorted(r.name.split("__")[0] for r in runs) == ["default", "default", "tempered", "tempered"]
     for run_dir in runs:
         summary = json.loads((run_dir / "summary.json").read_text())
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
-        assert summary["status"] == "completed" and summary["step"] == 50
-        assert config["model"]["attention"] == "my_attention"
+        assert summary["status"] == "completed" and summary["step"] == 150
+        tempered = run_dir.name.startswith("tempered")
+        assert config["model"]["attention"] == ("my_attention" if tempered else "sdpa")
         assert summary["plugins"]["my_attention"].startswith("plugins-dir sha256:")
+    # the table the README shows is the one printed right after the runs: the same header and rows,
+    # the same losses (one thread per run, as there); only the wall times may differ
+    printed = run.stdout.splitlines()
+    shown = tutorial_table()
+    assert printed[:2] == shown[:2]
+    for row in shown[2:]:
+        (mine,) = [line for line in printed if line.split()[:1] == row.split()[:1]]
+        assert mine.rsplit(None, 1)[0] == row.rsplit(None, 1)[0]
 
 
 def test_the_python_snippet_builds_the_model(checkout):
