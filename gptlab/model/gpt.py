@@ -38,6 +38,29 @@ def resolve_components(cfg: ModelConfig, plugins: PluginSystem) -> dict[str, Ent
     return entries
 
 
+class _ReusingCrossEntropy(torch.autograd.Function):
+    """F.cross_entropy (mean, no ignore index) of float32 logits that nothing else keeps for its
+    backward (the head's output), computed in their own buffer: the log-softmax overwrites the
+    logits and the backward writes the gradient over the log-softmax, with ATen's own kernels, so
+    the loss and gradients are F.cross_entropy's bit for bit while two logits-sized buffers
+    (forward output, gradient) are never allocated: on CPU the head's cross-entropy is memory-bound."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.ops.aten._log_softmax.out(logits, -1, False, out=logits)
+        ctx.save_for_backward(log_probs, targets)
+        return F.nll_loss(log_probs, targets)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        log_probs, targets = ctx.saved_tensors
+        grad_log_probs = torch.zeros_like(log_probs)  # what nll_loss's backward gives: -grad / N at each target
+        grad_log_probs[torch.arange(len(targets), device=targets.device), targets] = -grad / len(targets)
+        out = torch.ops.aten._log_softmax_backward_data.out(grad_log_probs, log_probs, -1, log_probs.dtype,
+                                                            out=log_probs)
+        return out, None
+
+
 class GPTModel(nn.Module):
     """A decoder-only GPT built from registered components.
 
@@ -129,7 +152,10 @@ class GPTModel(nn.Module):
             return logits if logits.shape[-1] == V else logits[..., :V]
         if logits.shape[-1] != V:  # padded rows get no probability mass
             logits = logits.masked_fill(self.padding_rows(logits.shape[-1], logits.device), float("-inf"))
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+        flat, flat_targets = logits.view(-1, logits.shape[-1]), targets.reshape(-1)
+        if flat.dtype == torch.float32 and flat.requires_grad and not torch.compiler.is_compiling():
+            return _ReusingCrossEntropy.apply(flat, flat_targets)  # these logits are ours alone: reuse them
+        return F.cross_entropy(flat, flat_targets)
 
     def padding_rows(self, rows: int, device: torch.device) -> torch.Tensor:
         """Boolean (rows,): True for the head rows past vocab_size."""
