@@ -45,7 +45,6 @@ def bench_attention(*, attention: Optional[Sequence[str]] = None, position: Opti
     """
     from ..config.model import ModelConfig
     from ..train.devices import resolve_device
-    from ..model.gpt import resolve_components
     from ..plugin.manager import build_plugin_system
 
     plugins_dir = list(plugins_dir)
@@ -62,30 +61,12 @@ def bench_attention(*, attention: Optional[Sequence[str]] = None, position: Opti
         C = heads * head_dim
         ctx_factory = autocast(dev, dtype)
 
-        built = {}
-        for name in names:  # resolve every pair before allocating anything, so a bad name fails at once
-            cfg = ModelConfig.from_any({"vocab_size": 1, "context_length": max(seq_lens), "emb_dim": C,
-                                        "n_heads": heads, "n_layers": 1, "drop_rate": 0.0, "attention": name,
-                                        "position": position})
-            built[name] = (cfg, resolve_components(cfg, plugins))
-
+        # resolve every pair before allocating anything, so a bad name fails at once
+        built = {name: _resolve_pair(name, position, max(seq_lens), heads, C, plugins) for name in names}
         settings = {"attention": names, "position": position, "seq_lens": seq_lens, "batch": batch,
                     "heads": heads, "head_dim": head_dim, "emb_dim": C, "kernels": kernels,
                     "repeats": repeats, "warmup": warmup, "causal": True, "pass": "forward+backward"}
-        rows: list[dict] = []
-        for T in seq_lens:
-            for name in names:
-                cfg, entries = built[name]
-                torch.manual_seed(0)
-                attn = entries["attention"].factory(cfg, **cfg.attention.options).to(dev).train()
-                pos = entries["position"].factory(cfg, **cfg.position.options).to(dev)
-                pctx = pos.context(0, T, dev, torch.float32)
-                x = torch.randn(batch, T, C, device=dev, requires_grad=True)
-                base = {"attention": name, "seq_len": T, "batch": batch, "heads": heads, "head_dim": head_dim}
-                rows.extend(_time_kernels(base, attn, pctx, x, kernels, ctx_factory, dev, repeats, warmup))
-                del attn, pos, pctx, x
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
+        rows = _time_rows(built, settings, ctx_factory, dev)
         add_ratios(rows, names[0])
         env = environment(dev, dtype)
     command = ["gptlab", "bench", "attention", "--attention", ",".join(names), "--position", position,
@@ -95,6 +76,39 @@ def bench_attention(*, attention: Optional[Sequence[str]] = None, position: Opti
     return {"benchmark": "attention", "env": env, "settings": settings,
             "command": rerun_command(command, threads, plugins_dir), "argv": quoted(sys.argv),
             "baseline": names[0], "rows": rows, "failed": any(r["status"] == "failed" for r in rows)}
+
+
+def _resolve_pair(name: str, position: str, context_length: int, heads: int, emb_dim: int, plugins) -> tuple:
+    """A one-layer ModelConfig for attention ``name`` with ``position``, and its resolved components."""
+    from ..config.model import ModelConfig
+    from ..model.gpt import resolve_components
+
+    cfg = ModelConfig.from_any({"vocab_size": 1, "context_length": context_length, "emb_dim": emb_dim,
+                                "n_heads": heads, "n_layers": 1, "drop_rate": 0.0, "attention": name,
+                                "position": position})
+    return cfg, resolve_components(cfg, plugins)
+
+
+def _time_rows(built: dict, settings: dict, ctx_factory, dev: torch.device) -> list[dict]:
+    """Rows for every (seq_len, implementation, kernel) in ``settings``. Each module is built from
+    seed 0, so every implementation starts from the same random state, and freed before the next."""
+    batch, C, rows = settings["batch"], settings["emb_dim"], []
+    for T in settings["seq_lens"]:
+        for name in settings["attention"]:
+            cfg, entries = built[name]
+            torch.manual_seed(0)
+            attn = entries["attention"].factory(cfg, **cfg.attention.options).to(dev).train()
+            pos = entries["position"].factory(cfg, **cfg.position.options).to(dev)
+            pctx = pos.context(0, T, dev, torch.float32)
+            x = torch.randn(batch, T, C, device=dev, requires_grad=True)
+            base = {"attention": name, "seq_len": T, "batch": batch, "heads": settings["heads"],
+                    "head_dim": settings["head_dim"]}
+            rows.extend(_time_kernels(base, attn, pctx, x, settings["kernels"], ctx_factory, dev,
+                                      settings["repeats"], settings["warmup"]))
+            del attn, pos, pctx, x
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
 
 
 def _kernels_for(kernels: Optional[Sequence[str]], device: torch.device) -> list[str]:
@@ -148,9 +162,12 @@ def _time_kernels(base: dict, attn, pctx, x, kernels: list[str], ctx_factory, de
         with ctx_factory():
             return attn(x, pctx)
 
-    def fwd_bwd():
+    def clear_grads():
         attn.zero_grad(set_to_none=True)
         x.grad = None
+
+    def fwd_bwd():
+        clear_grads()
         y = forward()
         g = grad_out.get("g")
         if g is None or g.dtype != y.dtype:
@@ -167,41 +184,46 @@ def _time_kernels(base: dict, attn, pctx, x, kernels: list[str], ctx_factory, de
             continue  # forcing an SDPA kernel means nothing to an attention that calls none
         row = dict(base, kernel=kernel, kernel_used=None, status="ok", error=None, fwd_bwd_ms=None, times_ms=None,
                    peak_mem_bytes=None)
-        stage = "run"
-        try:
-            with forced_kernel(kernel):
-                stage = "probe"
-                with warnings.catch_warnings(record=True) as caught:  # torch's reasons a kernel cannot run
-                    warnings.simplefilter("always")
-                    row["kernel_used"] = default_kernel if kernel == "default" else sdpa_kernel_used(forward)
-                stage = "run"
-                for _ in range(warmup):
-                    fwd_bwd()
-                times = time_calls(fwd_bwd, repeats, device)
-                attn.zero_grad(set_to_none=True)
-                x.grad = None
-                with peak_memory(device) as mem:
-                    fwd_bwd()
-        except Exception as exc:  # noqa: BLE001 - one row fails, the table goes on
-            row["error"] = short_error(exc, 400)
-            if stage == "probe" and caught:
-                row["error"] += " | " + " | ".join(" ".join(str(w.message).split())[:200] for w in caught)
-            if is_oom(exc):
-                row["status"] = "out of memory"
-            elif kernel != "default" and (stage == "probe" or isinstance(exc, RuntimeError)):
-                row["status"] = "unsupported"
-            else:
-                row["status"] = "failed"
-            out.append(row)
-            attn.zero_grad(set_to_none=True)
-            x.grad = None
-            continue
-        row["times_ms"] = milliseconds(times)
-        row["fwd_bwd_ms"] = median(times) * 1e3
-        if mem["peak"] is not None:
-            row["peak_mem_bytes"] = mem["peak"] - mem["base"]
-        out.append(row)
+        out.append(_time_kernel(row, default_kernel, forward, fwd_bwd, clear_grads, device, repeats, warmup))
     return out
+
+
+def _time_kernel(row: dict, default_kernel: Optional[str], forward: Callable, fwd_bwd: Callable,
+                 clear_grads: Callable[[], None], device: torch.device, repeats: int, warmup: int) -> dict:
+    """Fill in ``row`` for its kernel: the kernel that really ran, times and peak memory, or why it
+    could not run (out of memory; unsupported when a forced kernel refuses; else failed)."""
+    kernel = row["kernel"]
+    stage = "run"
+    try:
+        with forced_kernel(kernel):
+            stage = "probe"
+            with warnings.catch_warnings(record=True) as caught:  # torch's reasons a kernel cannot run
+                warnings.simplefilter("always")
+                row["kernel_used"] = default_kernel if kernel == "default" else sdpa_kernel_used(forward)
+            stage = "run"
+            for _ in range(warmup):
+                fwd_bwd()
+            times = time_calls(fwd_bwd, repeats, device)
+            clear_grads()
+            with peak_memory(device) as mem:
+                fwd_bwd()
+    except Exception as exc:  # noqa: BLE001 - one row fails, the table goes on
+        row["error"] = short_error(exc, 400)
+        if stage == "probe" and caught:
+            row["error"] += " | " + " | ".join(" ".join(str(w.message).split())[:200] for w in caught)
+        if is_oom(exc):
+            row["status"] = "out of memory"
+        elif kernel != "default" and (stage == "probe" or isinstance(exc, RuntimeError)):
+            row["status"] = "unsupported"
+        else:
+            row["status"] = "failed"
+        clear_grads()
+        return row
+    row["times_ms"] = milliseconds(times)
+    row["fwd_bwd_ms"] = median(times) * 1e3
+    if mem["peak"] is not None:
+        row["peak_mem_bytes"] = mem["peak"] - mem["base"]
+    return row
 
 
 @contextmanager

@@ -107,7 +107,6 @@ def bench_model(config: str, overrides: Iterable[str] = (), *, batch: int = 8, s
     runs out of memory is a row with that status, not an exception.
     """
     from ..train.devices import peak_flops, resolve_device
-    from ..model.gpt import GPTModel
     from ..plugin.manager import build_plugin_system
 
     overrides, plugins_dir = list(overrides), list(plugins_dir)
@@ -117,11 +116,7 @@ def bench_model(config: str, overrides: Iterable[str] = (), *, batch: int = 8, s
         dev = resolve_device(device)
         dtype = resolve_dtype(dtype, dev)
         seq_len = seq_len or cfg.context_length
-        torch.manual_seed(seed)
-        model = GPTModel(cfg, plugins=plugins)
-        if model.max_length is not None and seq_len > model.max_length:
-            raise ConfigError(f"--seq-len {seq_len} is longer than position '{model.components['position']}' "
-                              f"supports ({model.max_length}); lower it or raise context_length")
+        model = _build_model(cfg, plugins, seq_len, seed)
         gen_tokens = _gen_tokens(gen_tokens, prompt_len, model)
         model.to(dev)
         flops = model.flops_per_token(seq_len)
@@ -155,6 +150,19 @@ def bench_model(config: str, overrides: Iterable[str] = (), *, batch: int = 8, s
             "command": rerun_command(command, threads, plugins_dir), "argv": quoted(sys.argv),
             "train": train_rows, "generate": gen_rows,
             "failed": any(r["status"].startswith(("failed", "out of memory")) for r in train_rows + gen_rows)}
+
+
+def _build_model(cfg, plugins, seq_len: int, seed: int):
+    """The model, initialised from ``seed``; a ``seq_len`` past what its position encoding can
+    encode is refused here, before anything is timed."""
+    from ..model.gpt import GPTModel
+
+    torch.manual_seed(seed)
+    model = GPTModel(cfg, plugins=plugins)
+    if model.max_length is not None and seq_len > model.max_length:
+        raise ConfigError(f"--seq-len {seq_len} is longer than position '{model.components['position']}' "
+                          f"supports ({model.max_length}); lower it or raise context_length")
+    return model
 
 
 def _gen_tokens(gen_tokens: Optional[int], prompt_len: int, model) -> int:

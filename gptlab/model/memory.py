@@ -34,13 +34,38 @@ def estimate_memory(model: Any, batch_size: int, seq_len: int, dtype: str = "flo
     cfg = model.config
     if gradient_checkpointing is None:
         gradient_checkpointing = cfg.gradient_checkpointing
-    attention, mlp = model.first_built.get("attention"), model.first_built.get("activation")
+    attention = model.first_built.get("attention")
     if flash is None:
-        provides = KINDS["position"].attr(type(model.position), "provides")
-        kernel_path = KINDS["attention"].attr(attention, "kernel_path")
-        fused = kernel_path is not None and kernel_path(PositionalContext(0, 1)) != "explicit"
-        flash = "score_bias" not in provides and fused
+        flash = _fused_attention(model, attention)
     n_params = model.num_parameters()
+    activations = _activation_bytes(model, attention, batch_size, seq_len, act_bytes, flash,
+                                    gradient_checkpointing, compiled)
+    weights = n_params * 4
+    out = {
+        "parameters": n_params,
+        "weights": weights,
+        "gradients": weights,
+        "optimizer": 2 * weights,  # AdamW: exp_avg and exp_avg_sq
+        "activations": int(activations),
+    }
+    out["total"] = out["weights"] + out["gradients"] + out["optimizer"] + out["activations"]
+    return out
+
+
+def _fused_attention(model: Any, attention: Any) -> bool:
+    """Whether attention runs a fused kernel (sdpa, no score bias), which never stores the
+    (heads x T x T) attention matrices."""
+    provides = KINDS["position"].attr(type(model.position), "provides")
+    kernel_path = KINDS["attention"].attr(attention, "kernel_path")
+    fused = kernel_path is not None and kernel_path(PositionalContext(0, 1)) != "explicit"
+    return "score_bias" not in provides and fused
+
+
+def _activation_bytes(model: Any, attention: Any, batch_size: int, seq_len: int, act_bytes: int, flash: bool,
+                      gradient_checkpointing: bool, compiled: bool) -> int | float:
+    """Bytes autograd keeps for the backward pass of one batch (the Korthikanti et al. accounting)."""
+    cfg = model.config
+    mlp = model.first_built.get("activation")
     b, s, h, a, L, V = batch_size, seq_len, cfg.emb_dim, cfg.n_heads, cfg.n_layers, cfg.padded_vocab
     ff = KINDS["activation"].attr(mlp, "hidden_dim") or 4 * h
     gated = bool(KINDS["activation"].attr(mlp, "gated"))
@@ -63,16 +88,5 @@ def estimate_memory(model: Any, batch_size: int, seq_len: int, dtype: str = "flo
     logit_bytes = 2 * act_bytes if compiled else act_bytes + 8
     outside = tokens * h * act_bytes * 2 + tokens * V * logit_bytes
     if gradient_checkpointing:
-        activations = L * tokens * h * act_bytes + per_layer + outside
-    else:
-        activations = L * per_layer + outside
-    weights = n_params * 4
-    out = {
-        "parameters": n_params,
-        "weights": weights,
-        "gradients": weights,
-        "optimizer": 2 * weights,  # AdamW: exp_avg and exp_avg_sq
-        "activations": int(activations),
-    }
-    out["total"] = out["weights"] + out["gradients"] + out["optimizer"] + out["activations"]
-    return out
+        return L * tokens * h * act_bytes + per_layer + outside
+    return L * per_layer + outside

@@ -207,35 +207,16 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
     extrap = sorted((c for c in df.columns if length_multiple(c) is not None), key=length_multiple)
     numeric = {c: pd.to_numeric(df[c], errors="coerce") if c in df.columns else pd.Series(math.nan, df.index)
                for c in MEANS + tuple(extrap)}
-
-    def sample(g: Group) -> np.ndarray:
-        v = values.iloc[[i for i in g.index if done[i]]].to_numpy(dtype=float)
-        return v[np.isfinite(v)]
-
-    base_vals = sample(groups[base])
+    samples = [_completed_sample(values, g.index, done) for g in groups]
     curves = {k: [mean_curve(df.loc[[i for i in g.index if done[i]], "run_dir"], k) for g in groups]
               for k in ("val_loss", "train_loss")}
     curve_key = "val_loss" if all(len(c) >= 3 for c in curves["val_loss"]) else "train_loss"
     rows = []
     for gi, g in enumerate(groups):
-        ok = [i for i in g.index if done[i]]
-        vals = sample(g)
         row = dict(g.keys)
-        for col in diff_cols:
-            row[col] = cell(df.at[g.index[0], col])
-        row.update({"n": len(vals), "n_total": len(g.index),
-                    f"{label}_mean": vals.mean() if len(vals) else math.nan,
-                    f"{label}_std": vals.std(ddof=1) if len(vals) > 1 else math.nan})
-        delta, lo, hi = welch_ci(vals, base_vals) if gi != base else (math.nan,) * 3
-        row.update({"delta": delta, "delta_ci_low": lo, "delta_ci_high": hi,
-                    "significant": bool(lo > 0 or hi < 0), "baseline": gi == base})
-        for col in MEANS + tuple(extrap):
-            v = numeric[col].iloc[ok].dropna()
-            row[col] = (v.median() if col == "best_val_step" else v.mean()) if len(v) else math.nan
-        statuses = df["status"].iloc[g.index].value_counts()
-        row.update({f"n_{s}": int(statuses.get(s, 0)) for s in STATUSES})
-        row["notes"] = "; ".join(f"{c}: {r}" for c in extrap if math.isnan(row[c])
-                                 for r in [_reason(df, g.index, c)] if r)
+        row.update({col: cell(df.at[g.index[0], col]) for col in diff_cols})
+        row.update(_metric_cells(label, samples[gi], samples[base], gi == base, len(g.index)))
+        row.update(_run_cells(df, g.index, [i for i in g.index if done[i]], numeric, extrap))
         row["curve"] = sparkline(curves[curve_key][gi].to_numpy())
         first = g.index[0]  # one config per group, so these hold for every run of it
         row["defined"] = bool(df.at[first, "defined"]) if "defined" in df.columns else True
@@ -249,6 +230,36 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
     table.attrs.update(metric=label, baseline=groups[base].label, group_cols=list(groups[0].keys),
                        config_cols=diff_cols, extrap_cols=extrap, curve=curve_key)
     return table
+
+
+def _completed_sample(values: pd.Series, index: list, done: np.ndarray) -> np.ndarray:
+    """The group's finite metric values from completed runs: the only ones a mean may pool."""
+    v = values.iloc[[i for i in index if done[i]]].to_numpy(dtype=float)
+    return v[np.isfinite(v)]
+
+
+def _metric_cells(label: str, vals: np.ndarray, base_vals: np.ndarray, is_base: bool, n_total: int) -> dict:
+    """The metric's mean ± std and its difference to the baseline, with the 95% Welch interval."""
+    delta, lo, hi = welch_ci(vals, base_vals) if not is_base else (math.nan,) * 3
+    return {"n": len(vals), "n_total": n_total,
+            f"{label}_mean": vals.mean() if len(vals) else math.nan,
+            f"{label}_std": vals.std(ddof=1) if len(vals) > 1 else math.nan,
+            "delta": delta, "delta_ci_low": lo, "delta_ci_high": hi,
+            "significant": bool(lo > 0 or hi < 0), "baseline": is_base}
+
+
+def _run_cells(df: pd.DataFrame, index: list, ok: list, numeric: dict, extrap: list) -> dict:
+    """Summary means over the completed runs ``ok`` (best_val_step: median), status counts, and
+    why an extrapolation is missing."""
+    cells: dict[str, Any] = {}
+    for col in MEANS + tuple(extrap):
+        v = numeric[col].iloc[ok].dropna()
+        cells[col] = (v.median() if col == "best_val_step" else v.mean()) if len(v) else math.nan
+    statuses = df["status"].iloc[index].value_counts()
+    cells.update({f"n_{s}": int(statuses.get(s, 0)) for s in STATUSES})
+    cells["notes"] = "; ".join(f"{c}: {r}" for c in extrap if math.isnan(cells[c])
+                               for r in [_reason(df, index, c)] if r)
+    return cells
 
 
 def _pick_baseline(df: pd.DataFrame, groups: list[Group], baseline: Optional[str]) -> int:

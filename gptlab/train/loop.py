@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -16,7 +16,7 @@ import torch
 
 from ..data.tokens import Batches, TokenData, eval_starts, windows
 from .devices import peak_flops, synchronize
-from ..config.run import RunSpec
+from ..config.run import RunSpec, TrainConfig
 from ..model.gpt import GPTModel
 from .distributed import Group, any_rank, mean
 from .resume import Resumable, restore, save
@@ -124,6 +124,32 @@ def evaluate(model: GPTModel, tokens, seq_len: int, batches: int, batch_size: in
     return float(total) / count  # one host read for the whole evaluation
 
 
+@dataclass
+class _Run:
+    """What train_run's phases share: built (or restored) once by _setup, advanced by the step loop."""
+
+    train: TrainConfig
+    seq_len: int
+    model: GPTModel
+    device: torch.device
+    group: Group
+    optimizer: torch.optim.Optimizer
+    ctx: Callable
+    batches: Batches
+    params: list
+    step_model: torch.nn.Module
+    no_sync: Callable[[], Any]
+    compile_note: Optional[str]
+    generators: dict
+    loss_sum: torch.Tensor  # train losses since the last log step, summed on the device
+    tokens_per_step: int
+    state: TrainState = field(default_factory=TrainState)
+    loss_count: int = 0
+    first: int = 1  # the first step this process takes (past the resumed state's step)
+    interval_start: float = 0.0  # perf_counter at the start of the timed interval
+    interval_tokens: int = 0  # tokens trained in the timed interval
+
+
 def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.device,
               on_log: Callable[[dict], None], on_eval: Callable[[dict], None],
               progress: Callable[[TrainState, dict], None] = lambda s, m: None, *,
@@ -142,6 +168,15 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
     reports (the others' callbacks are no-ops and their summary is empty), and every rank sees the
     same stop at the same step: stops are agreed at log steps, so no other step waits on the host.
     """
+    run = _setup(spec, data, model, device, group)
+    if resume_from is not None:
+        _resume(run, resume_from, warn)
+    _train_steps(run, data, on_log, on_eval, progress, state_dir, state_info, should_stop)
+    return _summary(run, data) if group.main else {}
+
+
+def _setup(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.device, group: Group) -> _Run:
+    """Everything a run trains with, built before a resume restores into it (optimizer, random streams)."""
     t = spec.train
     seq_len = t.seq_len or spec.model.context_length
     model.to(device).train()
@@ -151,100 +186,130 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
     params = list(model.parameters())
     step_model, compile_note, no_sync = model, None, nullcontext
     if group.active:
-        from torch.nn.parallel import DistributedDataParallel
-
-        import inspect
-
-        # buffers are deterministic (position tables, masks): nothing to broadcast before each step
-        # (newer torch names the switch forward_sync_buffers and deprecates broadcast_buffers)
-        known = inspect.signature(DistributedDataParallel.__init__).parameters
-        quiet = {"forward_sync_buffers": False} if "forward_sync_buffers" in known else {"broadcast_buffers": False}
-        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                             **quiet)
+        step_model = _ddp_wrap(model, device)
         no_sync = step_model.no_sync
     if t.compile:
         step_model, compile_note = compile_or_fallback(step_model, (t.batch_size // group.world, seq_len), device, ctx)
-    state = TrainState()
-    tokens_per_step = t.batch_size * t.grad_accum * seq_len
-    loss_sum = torch.zeros((), device=device)
-    loss_count = 0
-    generators = rng_generators(batches, device)
-    first = 1
-    if resume_from is not None:
-        saved_on = resume_from.info.get("device_type", "cpu" if "rng.cuda" not in resume_from.tensors else "cuda")
-        if saved_on != device.type:
-            warn(f"{resume_from.path}: saved on {saved_on}, resumed on {device.type}: the run continues, but not "
-                 f"bit for bit as it would have on {saved_on} (other kernels and random streams)")
-        restore(resume_from, model, optimizer, generators)
-        loop = resume_from.info["loop"]
-        state = TrainState(**{**loop["state"], "best_val": _inf(loop["state"]["best_val"])})
-        loss_sum.fill_(loop["loss_sum"])
-        loss_count = loop["loss_count"]
-        first = resume_from.step + 1
+    return _Run(train=t, seq_len=seq_len, model=model, device=device, group=group, optimizer=optimizer, ctx=ctx,
+                batches=batches, params=params, step_model=step_model, no_sync=no_sync, compile_note=compile_note,
+                generators=rng_generators(batches, device), loss_sum=torch.zeros((), device=device),
+                tokens_per_step=t.batch_size * t.grad_accum * seq_len)
 
-    def save_state(step: int) -> None:
-        loop = {"state": {**asdict(state), "best_val": _finite(state.best_val)},
-                "loss_sum": loss_sum.item(), "loss_count": loss_count}
-        save(state_dir, step, model, optimizer, generators, {"loop": loop, "device_type": device.type, **state_info()},
-             t.checkpoint_keep)
 
+def _ddp_wrap(model: GPTModel, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel without per-step buffer broadcasts, on any torch version."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    import inspect
+
+    # buffers are deterministic (position tables, masks): nothing to broadcast before each step
+    # (newer torch names the switch forward_sync_buffers and deprecates broadcast_buffers)
+    known = inspect.signature(DistributedDataParallel.__init__).parameters
+    quiet = {"forward_sync_buffers": False} if "forward_sync_buffers" in known else {"broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **quiet)
+
+
+def _resume(run: _Run, resume_from: Resumable, warn: Callable[[str], None]) -> None:
+    """Continue from a saved state: weights, optimizer, random streams and the loop's counters."""
+    device = run.device
+    saved_on = resume_from.info.get("device_type", "cpu" if "rng.cuda" not in resume_from.tensors else "cuda")
+    if saved_on != device.type:
+        warn(f"{resume_from.path}: saved on {saved_on}, resumed on {device.type}: the run continues, but not "
+             f"bit for bit as it would have on {saved_on} (other kernels and random streams)")
+    restore(resume_from, run.model, run.optimizer, run.generators)
+    loop = resume_from.info["loop"]
+    run.state = TrainState(**{**loop["state"], "best_val": _inf(loop["state"]["best_val"])})
+    run.loss_sum.fill_(loop["loss_sum"])
+    run.loss_count = loop["loss_count"]
+    run.first = resume_from.step + 1
+
+
+def _save_state(run: _Run, state_dir: Path, step: int, state_info: Callable[[], dict]) -> None:
+    """The loop's counters go in as plain numbers (an infinite best_val as null), so _resume reads them back."""
+    state = run.state
+    loop = {"state": {**asdict(state), "best_val": _finite(state.best_val)},
+            "loss_sum": run.loss_sum.item(), "loss_count": run.loss_count}
+    save(state_dir, step, run.model, run.optimizer, run.generators,
+         {"loop": loop, "device_type": run.device.type, **state_info()}, run.train.checkpoint_keep)
+
+
+def _train_steps(run: _Run, data: TokenData, on_log: Callable[[dict], None], on_eval: Callable[[dict], None],
+                 progress: Callable[[TrainState, dict], None], state_dir: Optional[Path],
+                 state_info: Callable[[], dict], should_stop: Callable[[], bool]) -> None:
+    """Steps ``run.first`` to the last; the device is read back only at log steps."""
+    t, device = run.train, run.device
     synchronize(device)
-    interval_start = time.perf_counter()
-    interval_tokens = 0
-    for step in range(first, t.steps + 1):
+    run.interval_start, run.interval_tokens = time.perf_counter(), 0
+    for step in range(run.first, t.steps + 1):
         lr = lr_at(step, t)
-        for param_group in optimizer.param_groups:
+        for param_group in run.optimizer.param_groups:
             param_group["lr"] = lr
         # Xiong et al. (2020): at init, post-LN gradients grow toward the output, pre-LN's are flat
-        inspect = (lambda: setattr(state, "init_grad_norms", block_grad_norms(model))) if step == 1 else None
-        loss_sum += train_step(step_model, optimizer, batches.next, t.grad_accum, ctx, t.grad_clip, params, inspect,
-                               no_sync=no_sync)
-        loss_count += 1
-        state.step, state.tokens = step, state.tokens + tokens_per_step
-        interval_tokens += tokens_per_step
-        if step == first:  # the first step pays for warm-up (allocator, compile): keep it out of tokens/s
+        inspect = (lambda: setattr(run.state, "init_grad_norms", block_grad_norms(run.model))) if step == 1 else None
+        run.loss_sum += train_step(run.step_model, run.optimizer, run.batches.next, t.grad_accum, run.ctx,
+                                   t.grad_clip, run.params, inspect, no_sync=run.no_sync)
+        run.loss_count += 1
+        run.state.step, run.state.tokens = step, run.state.tokens + run.tokens_per_step
+        run.interval_tokens += run.tokens_per_step
+        if step == run.first:  # the first step pays for warm-up (allocator, compile): keep it out of tokens/s
             synchronize(device)
-            interval_start, interval_tokens = time.perf_counter(), 0
+            run.interval_start, run.interval_tokens = time.perf_counter(), 0
         log_step = not (step % t.log_every and step % t.eval_every and step != t.steps)
         if log_step:
-            train_loss = mean(loss_sum / max(1, loss_count), group).item()  # the only host sync in the loop
-            elapsed = time.perf_counter() - interval_start
-            if interval_tokens:
-                state.train_time += elapsed
-                state.timed_tokens += interval_tokens
-            loss_sum.zero_()
-            loss_count = 0
-            if not math.isfinite(train_loss):
-                raise Diverged(step, train_loss)
-            state.last_train = train_loss
-            row = {"step": step, "tokens": state.tokens, "train_loss": train_loss, "lr": lr,
-                   "tokens_per_s": interval_tokens / elapsed if interval_tokens and elapsed > 0 else None}
-            if (step % t.eval_every == 0 or step == t.steps) and group.main:
-                val = evaluate(model, data.val, seq_len, t.eval_batches, t.batch_size, device, ctx)
-                row["val_loss"] = val
-                state.last_val = val
-                if val is not None and val < state.best_val:
-                    state.best_val, state.best_val_step = val, step
-                on_eval({"step": step, "val_loss": val})
-            on_log(row)
-            progress(state, row)
-            synchronize(device)
-            interval_start, interval_tokens = time.perf_counter(), 0
-        if step < t.steps and (state_dir is not None or group.active):
-            # one decision for every rank, agreed where the loop already reads the device (log steps)
-            stop = any_rank(should_stop(), group, device) if (log_step or not group.active) else False
-            if state_dir is not None and (stop or (t.checkpoint_every and step % t.checkpoint_every == 0)):
-                synchronize(device)  # the steps queued so far are training time, not checkpoint time
-                saving = time.perf_counter()
-                save_state(step)
-                spent = time.perf_counter() - saving
-                state.checkpoint_time += spent
-                interval_start += spent
-            if stop:
-                raise KeyboardInterrupt
+            _log_step(run, step, lr, data, on_log, on_eval, progress)
+        if step < t.steps and (state_dir is not None or run.group.active):
+            _checkpoint_or_stop(run, step, log_step, state_dir, state_info, should_stop)
 
-    if not group.main:
-        return {}
+
+def _log_step(run: _Run, step: int, lr: float, data: TokenData, on_log: Callable[[dict], None],
+              on_eval: Callable[[dict], None], progress: Callable[[TrainState, dict], None]) -> None:
+    """Read the mean train loss back, evaluate when due, report the row; raises Diverged."""
+    t, state = run.train, run.state
+    train_loss = mean(run.loss_sum / max(1, run.loss_count), run.group).item()  # the only host sync in the loop
+    elapsed = time.perf_counter() - run.interval_start
+    if run.interval_tokens:
+        state.train_time += elapsed
+        state.timed_tokens += run.interval_tokens
+    run.loss_sum.zero_()
+    run.loss_count = 0
+    if not math.isfinite(train_loss):
+        raise Diverged(step, train_loss)
+    state.last_train = train_loss
+    row = {"step": step, "tokens": state.tokens, "train_loss": train_loss, "lr": lr,
+           "tokens_per_s": run.interval_tokens / elapsed if run.interval_tokens and elapsed > 0 else None}
+    if (step % t.eval_every == 0 or step == t.steps) and run.group.main:
+        val = evaluate(run.model, data.val, run.seq_len, t.eval_batches, t.batch_size, run.device, run.ctx)
+        row["val_loss"] = val
+        state.last_val = val
+        if val is not None and val < state.best_val:
+            state.best_val, state.best_val_step = val, step
+        on_eval({"step": step, "val_loss": val})
+    on_log(row)
+    progress(state, row)
+    synchronize(run.device)
+    run.interval_start, run.interval_tokens = time.perf_counter(), 0
+
+
+def _checkpoint_or_stop(run: _Run, step: int, log_step: bool, state_dir: Optional[Path],
+                        state_info: Callable[[], dict], should_stop: Callable[[], bool]) -> None:
+    """Save a resumable state when due or stopping (time kept apart from training); raises KeyboardInterrupt."""
+    t, group = run.train, run.group
+    # one decision for every rank, agreed where the loop already reads the device (log steps)
+    stop = any_rank(should_stop(), group, run.device) if (log_step or not group.active) else False
+    if state_dir is not None and (stop or (t.checkpoint_every and step % t.checkpoint_every == 0)):
+        synchronize(run.device)  # the steps queued so far are training time, not checkpoint time
+        saving = time.perf_counter()
+        _save_state(run, state_dir, step, state_info)
+        spent = time.perf_counter() - saving
+        run.state.checkpoint_time += spent
+        run.interval_start += spent
+    if stop:
+        raise KeyboardInterrupt
+
+
+def _summary(run: _Run, data: TokenData) -> dict:
+    """The run's summary metrics (rank 0 only): losses, throughput, MFU per device, length extrapolation."""
+    state, model, device, group = run.state, run.model, run.device, run.group
     summary = {
         "final_train_loss": state.last_train,
         "final_val_loss": state.last_val,
@@ -256,16 +321,16 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
         "checkpoint_time_s": state.checkpoint_time,
         "init_grad_norms": state.init_grad_norms,
     }
-    if compile_note:
-        summary["compile"] = compile_note
-    flops = model.flops_per_token(seq_len)
+    if run.compile_note:
+        summary["compile"] = run.compile_note
+    flops = model.flops_per_token(run.seq_len)
     peak = peak_flops(device)
     summary["flops_per_token"] = flops
     # tokens/s counts the whole job; MFU is one device's share against one device's peak
     per_device = summary["tokens_per_s"] / group.world if summary["tokens_per_s"] else None
     summary["tokens_per_s_per_device"] = per_device
     summary["mfu"] = (per_device * flops / peak) if peak and per_device else None
-    summary.update(length_extrapolation(model, data, t, seq_len, device, ctx))
+    summary.update(length_extrapolation(model, data, run.train, run.seq_len, device, run.ctx))
     return summary
 
 
