@@ -20,12 +20,19 @@ _LAZY = {
     "PRESETS": "config.presets",
     "PluginSystem": "plugin.manager", "build_plugin_system": "plugin.manager", "default_plugins": "plugin.manager",
     "GPTModel": "model.gpt",
-    # what plugins subclass or return
+    # the plugin contract (gptlab.plugin.contract documents each kind): what plugins subclass, return,
+    # receive and call
     "CausalSelfAttention": "plugin.layers", "MLP": "plugin.layers", "GatedMLP": "plugin.layers",
     "PositionScheme": "plugin.components", "PositionalContext": "plugin.components", "KVCache": "plugin.components",
     "mark_residual": "plugin.components",
-    "Corpus": "data.text", "Tokenizer": "data.text",
-    "HFImport": "hf.checkpoint",
+    "Norm": "plugin.contract", "Block": "plugin.contract", "FeedForward": "plugin.contract",
+    "Tracker": "plugin.contract", "Corpus": "plugin.contract", "Tokenizer": "plugin.contract",
+    "HFImport": "plugin.contract", "per_head_rows": "plugin.contract", "fused_rows": "plugin.contract",
+    "HFConfig": "hf.helpers", "HFExport": "hf.helpers", "component": "hf.helpers", "rope_to_hf": "hf.helpers",
+    "MAX_WIDTH": "hf.helpers",
+    "require": "run.tracking", "row_metrics": "run.tracking", "final_metrics": "run.tracking",
+    "grad_norms": "run.tracking", "flat_config": "run.tracking", "number": "run.tracking",
+    "metric_key": "run.tracking", "Background": "run.tracking",
     "load_results": "results.frame",
 }
 

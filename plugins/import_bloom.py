@@ -5,9 +5,7 @@ pre-norm blocks with tanh-approximated GELU, every bias, a tied head. Like GPT-N
 query_key_value matrix interleaves q, k and v per head.
 """
 import gptlab
-from gptlab import HFImport
-from gptlab.hf.checkpoint import per_head_rows
-from gptlab.hf.helpers import Export, HFConfig
+from gptlab import HFConfig, HFExport, HFImport, per_head_rows
 
 # transformers' BloomConfig defaults for the keys that shape the model
 DEFAULTS = {"vocab_size": 250880, "hidden_size": 64, "n_layer": 2, "n_head": 8, "layer_norm_epsilon": 1e-5,
@@ -50,7 +48,7 @@ def bloom(hf_config, source):
 
 def to_hf(cfg):
     """The BLOOM config.json for a gptlab model with alibi, an embedding norm, pre-LN and gelu_tanh."""
-    check = Export(cfg, "BLOOM")
+    check = HFExport(cfg, "BLOOM")
     check.attention(grouped=False)
     check.one_of("position", ("alibi",))
     check.one_of("norm_placement", ("pre",))

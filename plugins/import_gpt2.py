@@ -8,9 +8,9 @@ ignored. Reading the files and accounting for every tensor is ``gptlab.hf.checkp
 from typing import Any
 
 import gptlab
-from gptlab import ConfigError, HFImport
+from gptlab import MAX_WIDTH, ConfigError, HFExport, HFImport, component
 from gptlab.config.model import MAX_LAYERS
-from gptlab.hf.helpers import MAX_WIDTH, Export, component, finite, shown, shown_json
+from gptlab.hf.helpers import finite, shown, shown_json
 
 # Values transformers' GPT2Config assumes for keys a config.json leaves out; using the same ones
 # means a sparse config.json gives the model transformers itself would build from it.
@@ -120,7 +120,7 @@ def to_hf(cfg):
     """The GPT-2 config.json for a gptlab model, or ConfigError naming what GPT-2 cannot hold.
 
     GPT-2 has every bias; a gptlab model without some is written with those biases zero."""
-    check = Export(cfg, "GPT-2")
+    check = HFExport(cfg, "GPT-2")
     check.attention(grouped=False)
     check.one_of("position", ("learned",))
     check.one_of("norm_placement", ("pre",))

@@ -7,9 +7,7 @@ per head ([q, k, v] for head 0, then head 1, ...); gptlab's ``attn.qkv`` holds a
 all keys, then all values, so the rows are reordered on the way in and out.
 """
 import gptlab
-from gptlab import HFImport
-from gptlab.hf.checkpoint import per_head_rows
-from gptlab.hf.helpers import Export, HFConfig, rope_to_hf
+from gptlab import HFConfig, HFExport, HFImport, per_head_rows, rope_to_hf
 
 # HF hidden_act -> gptlab activation of the plain MLP, and one HF name back for each
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
@@ -64,7 +62,7 @@ def gpt_neox(hf_config, source):
 def to_hf(cfg):
     """The GPT-NeoX config.json for a gptlab model with rope, layernorm and a parallel (norm per
     branch) or pre-norm block; absent MLP and norm biases are written as zeros."""
-    check = Export(cfg, "GPT-NeoX")
+    check = HFExport(cfg, "GPT-NeoX")
     check.attention(grouped=False)
     _, rope = check.one_of("position", ("rope",), ("base", "fraction", "scaling", "factor", "low_freq_factor",
                                                    "high_freq_factor", "original_context_length"))

@@ -7,9 +7,7 @@ tensor fills a block of rows. Mistral is Llama plus a sliding attention window, 
 reproduces only when the window covers the whole context.
 """
 import gptlab
-from gptlab import HFImport
-from gptlab.hf.checkpoint import fused_rows
-from gptlab.hf.helpers import MAX_WIDTH, Export, HFConfig, rope_to_hf
+from gptlab import MAX_WIDTH, HFConfig, HFExport, HFImport, fused_rows, rope_to_hf
 
 # transformers' LlamaConfig defaults for the keys that shape the model
 DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
@@ -72,7 +70,7 @@ def mistral(hf_config, source):
 
 def to_hf(cfg):
     """The Llama config.json for a gptlab model with rope, rmsnorm, pre-norm and swiglu."""
-    check = Export(cfg, "Llama")
+    check = HFExport(cfg, "Llama")
     kv = check.attention(grouped=True)
     _, rope = check.one_of("position", ("rope",), ("base", "scaling", "factor", "low_freq_factor", "high_freq_factor",
                                                    "original_context_length"))

@@ -4,8 +4,7 @@ Post-LN blocks (norm after each residual add, no final norm), learned positions,
 stored (in, out), every bias, a tied head.
 """
 import gptlab
-from gptlab import HFImport
-from gptlab.hf.helpers import Export, HFConfig
+from gptlab import HFConfig, HFExport, HFImport
 
 # transformers' OpenAIGPTConfig defaults, for keys a config.json leaves out
 DEFAULTS = {"vocab_size": 40478, "n_positions": 512, "n_embd": 768, "n_layer": 12, "n_head": 12, "afn": "gelu",
@@ -41,7 +40,7 @@ def openai_gpt(hf_config, source):
 
 def to_hf(cfg):
     """The OpenAI GPT config.json for a post-LN, learned-position gptlab model (absent biases written as zeros)."""
-    check = Export(cfg, "OpenAI GPT")
+    check = HFExport(cfg, "OpenAI GPT")
     check.attention(grouped=False)
     check.one_of("position", ("learned",))
     check.one_of("norm_placement", ("post",))

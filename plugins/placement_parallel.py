@@ -13,6 +13,9 @@ class ParallelBlock(nn.Module):
     """Parallel block: x + attn(norm(x)) + mlp(norm(x)); shared_norm false: one norm per branch."""
 
     final_norm = True
+    #: role -> attribute, what importers map tensors onto (gptlab.plugin.contract); the instance's
+    #: names norm1 (attention's) and norm2 (the MLP's) instead of norm when shared_norm is false
+    param_names = {"attn": "attn", "mlp": "mlp", "norm": "norm"}
 
     def __init__(self, cfg, attention, mlp, norm, shared_norm: bool = True):
         super().__init__()
@@ -20,6 +23,7 @@ class ParallelBlock(nn.Module):
             self.norm = norm(cfg.emb_dim)
         else:
             self.norm1, self.norm2 = norm(cfg.emb_dim), norm(cfg.emb_dim)
+            self.param_names = {"attn": "attn", "mlp": "mlp", "norm1": "norm1", "norm2": "norm2"}
         self.shared_norm = shared_norm
         self.attn, self.mlp = attention(), mlp()
         self.drop = nn.Dropout(cfg.drop_rate)

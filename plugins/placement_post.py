@@ -12,6 +12,8 @@ class PostNormBlock(nn.Module):
     """Post-LN: norm(x + f(x)); known to need learning-rate warmup at depth (Xiong et al. 2020)."""
 
     final_norm = False
+    #: role -> attribute, what importers map tensors onto (gptlab.plugin.contract)
+    param_names = {"attn": "attn", "mlp": "mlp", "norm1": "norm1", "norm2": "norm2"}
 
     def __init__(self, cfg, attention, mlp, norm):
         super().__init__()

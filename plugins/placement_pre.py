@@ -12,6 +12,8 @@ class PreNormBlock(nn.Module):
     """Pre-LN: x + f(norm(x)) for attention then MLP; needs a final norm before the head."""
 
     final_norm = True
+    #: role -> attribute, what importers map tensors onto (gptlab.plugin.contract)
+    param_names = {"attn": "attn", "mlp": "mlp", "norm1": "norm1", "norm2": "norm2"}
 
     def __init__(self, cfg, attention, mlp, norm):
         super().__init__()

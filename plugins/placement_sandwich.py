@@ -12,6 +12,9 @@ class SandwichNormBlock(nn.Module):
     """Sandwich-LN: x + norm(f(norm(x))); bounds what each sublayer adds to the residual stream."""
 
     final_norm = True
+    #: role -> attribute, what importers map tensors onto (gptlab.plugin.contract)
+    param_names = {"attn": "attn", "mlp": "mlp", "norm1_in": "norm1_in", "norm1_out": "norm1_out",
+                   "norm2_in": "norm2_in", "norm2_out": "norm2_out"}
 
     def __init__(self, cfg, attention, mlp, norm):
         super().__init__()

@@ -10,6 +10,7 @@ class LearnedPositions(PositionScheme):
     """Learned absolute position embeddings; cannot go past context_length."""
 
     provides = frozenset({"embedding"})
+    param_names = {"emb": "emb"}  # the (context_length, emb_dim) table importers fill
 
     def __init__(self, cfg):
         super().__init__()

@@ -24,7 +24,7 @@ import time
 
 import gptlab
 from gptlab import rundir
-from gptlab.run.tracking import Background, final_metrics, flat_config, grad_norms, require, row_metrics
+from gptlab import Background, final_metrics, flat_config, grad_norms, require, row_metrics
 
 NAME = "mlflow"
 _runs = {}  # run dir -> (writer thread, state filled by the thread: client, run_id)

@@ -10,7 +10,7 @@ step only queues a few scalars.
 """
 import gptlab
 from gptlab import rundir
-from gptlab.run.tracking import final_metrics, flat_config, grad_norms, require, row_metrics
+from gptlab import final_metrics, flat_config, grad_norms, require, row_metrics
 
 NAME = "tensorboard"
 FOLDER = "tensorboard"

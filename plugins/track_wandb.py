@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 import gptlab
 from gptlab import rundir
-from gptlab.run.tracking import Background, final_metrics, grad_norms, number, require, row_metrics
+from gptlab import Background, final_metrics, grad_norms, number, require, row_metrics
 
 NAME = "wandb"
 _runs = {}  # run dir -> (writer thread, state filled by the thread: the wandb Run)

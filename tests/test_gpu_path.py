@@ -532,7 +532,7 @@ def test_checkpoint_time_is_measured_apart_from_training_time(tmp_path, monkeypa
     monkeypatch.setattr(gtrain, "save", slow_save)
     (result,) = make_runner(tmp_path).run()
     assert saved == [2, 4, 6, 8]  # every checkpoint_every steps, none after the last step
-    summary = json.loads((Path(result["_dir"]) / "summary.json").read_text())
+    summary = json.loads((result.run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
     slept = SLEEP * len(saved)
     assert summary["checkpoint_time_s"] >= slept
@@ -593,9 +593,9 @@ def test_a_state_saved_on_cuda_resumes_on_cpu_with_a_warning(tmp_path, device_ty
     assert latest(state.parent.parent).step == 4  # the edited state verifies: it will be used
     warnings: list[str] = []
     (result,) = make_runner(root, warn=warnings.append).run()
-    assert result["_action"] == "resume", result
-    assert result["status"] == "completed" and result["resumed_from"] == [4], result
-    rows = [json.loads(line) for line in (Path(result["_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert result.action == "resume", result
+    assert result.status == "completed" and result.summary["resumed_from"] == [4], result
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4, 6, 8, 10]
     (message,) = [w for w in warnings if "saved on" in w]
     assert "cuda" in message and "cpu" in message and "bit for bit" in message, message

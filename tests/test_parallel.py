@@ -178,10 +178,11 @@ def test_terminal_progress_has_an_experiment_line_and_etas(tmp_path):
 
     from gptlab.cli.progress import make_reporter
     from gptlab.run.experiment import load_experiment
+    from gptlab.run.runner import PlannedRun
 
     path = lab(tmp_path / "lab") / "exp.yaml"
     exp = load_experiment(path)
-    plan = [(spec, None, "run") for spec in exp.runs]
+    plan = [PlannedRun(i, spec, "run", tmp_path / spec.dir_name) for i, spec in enumerate(exp.runs)]
     screen = io.StringIO()
     console = Console(file=screen, force_terminal=True, width=160, color_system=None)
     reporter = make_reporter(exp, plan, quiet=False, console=console)

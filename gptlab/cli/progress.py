@@ -32,7 +32,7 @@ class Reporter:
 
     def __init__(self, exp: Any, plan: list) -> None:
         self.exp = exp
-        todo = [spec for spec, _, action in plan if action != "skip"]
+        todo = [planned.spec for planned in plan if planned.action != "skip"]  # the runner's PlannedRuns
         self.n_runs, self.kept = len(plan), len(plan) - len(todo)
         self.total_steps = sum(spec.train.steps for spec in todo)
         self.steps: dict[str, int] = {}  # run -> steps done (as of its last log step)

@@ -5,12 +5,12 @@ import argparse
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 from ..errors import ConfigError, GptlabError
 from ..fmt import num, yaml_value
-from ..config.run import SLURM_FLAGS
-from ..run.tracking import parse_track
+from ..config.run import SLURM_FLAGS, SlurmConfig
+from ..rundir import FAILED, INTERRUPTED
 from .progress import make_reporter
 
 LAUNCHERS = ("inprocess", "local", "slurm")
@@ -83,93 +83,105 @@ def _console(stderr: bool = False):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from rich.markup import escape
-
-    from ..train.devices import cpu_threads, resolve_device, resolve_jobs
-    from ..run.experiment import load_experiment
-    from ..plugin.manager import build_plugin_system
+    from ..run.experiment import reading_once
     from ..run.runner import ExperimentRunner
-    from ..run.workers import run_parallel
 
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be a positive integer, got {args.threads}")
     _check_launcher_flags(args)
-    built: list = []
-
-    def plugin_system(extra: list):
-        """The one plugin system of this command (--plugins-dir and the experiment's plugins: list),
-        built when the loader first needs an importer (model: {from_hf: DIR}) or after it."""
-        if not built:
-            built.append(build_plugin_system(plugin_dirs=args.plugins_dir, extra=extra,
-                                             base_dir=args.experiment.resolve().parent))
-        return built[0]
-
-    exp = load_experiment(args.experiment, args.overrides, plugins=plugin_system)
-    exp.track = list(dict.fromkeys([*exp.track, *parse_track(args.track, "--track")]))  # the command line adds
-    exp.allow_large = args.allow_large
-    plugins = plugin_system(exp.plugins)
-    if args.launcher != "inprocess":
-        return _launch(args, exp, plugins)
-    device = resolve_device(args.device)
-    jobs = resolve_jobs(args.jobs or "1", device)
-    threads = cpu_threads(args.threads, jobs) if device.type == "cpu" else None
     stop = _GracefulStop()
-    runner = ExperimentRunner(exp, plugins, args.results_dir, device, force=args.force, restart=args.restart,
-                              should_stop=lambda: stop.requested, warn=lambda m: sys.stderr.write(f"warning: {m}\n"))
     out, err = _console(), _console(stderr=True)
-    for warning in exp.warnings:
-        err.print(f"[yellow]warning: {escape(warning)}[/]")
-    runner.prepare(write=not args.dry_run)  # a dry run makes every check the real run makes
-    if args.dry_run:
-        return _dry_run(runner, out, args.overrides)
-    plan = runner.plan()
-    kept = sum(action == "skip" for _, _, action in plan)
-    resumed = sum(action == "resume" for _, _, action in plan)
-    if not args.quiet:
-        err.print(f"[bold]{escape(exp.name)}[/]: {len(exp.runs)} runs on {device}"
-                  + (f", {threads} CPU thread(s) per run" if threads else "") + (f", {jobs} at once" if jobs > 1 else "")
-                  + f"  ->  {escape(str(runner.exp_dir))}"
-                  + (f"  ({kept} finished runs kept)" if kept else "")
-                  + (f"  ({resumed} resumed from their last state)" if resumed else "")
-                  + (f"  tracking: {escape(', '.join(exp.track))}" if exp.track else ""))
-    import torch
-
-    before = torch.get_num_threads()
-    if threads and jobs == 1:
-        torch.set_num_threads(threads)
-    reporter = make_reporter(exp, plan, args.quiet, err)
-    try:
-        with stop, reporter:
-            results = runner.run(on_progress=reporter.progress, on_finish=reporter.finish, jobs=jobs,
-                                 threads=threads, signals=lambda: stop.count, parallel=run_parallel)
-    finally:
-        torch.set_num_threads(before)  # a caller of main() in-process keeps its own setting
-    return _finish(results, exp, out, err)
+    with reading_once():  # the experiment file is read once for the whole command, its final table included
+        runner = ExperimentRunner.open(
+            args.experiment, args.overrides, results_dir=args.results_dir, plugin_dirs=args.plugins_dir,
+            track=args.track, allow_large=args.allow_large, force=args.force, restart=args.restart,
+            device="cpu" if args.launcher == "slurm" else args.device,  # a Slurm task resolves it on its node
+            should_stop=lambda: stop.requested, warn=lambda m: sys.stderr.write(f"warning: {m}\n"))
+        executor = _executor(args, runner)  # its flags are checked before anything is written
+        for warning in runner.exp.warnings:
+            err.print(f"[yellow]warning: {_escape(warning)}[/]")
+        plan = runner.prepare(write=not args.dry_run)  # a dry run makes every check the real run makes
+        if args.dry_run:
+            return _dry_run(runner, plan, out, args.overrides)
+        if args.launcher != "inprocess":
+            return _launch(args, runner, plan, executor, out, err)
+        return _train_here(args, runner, plan, executor, stop, out, err)
 
 
-def _finish(results: list[dict], exp, out, err) -> int:
-    """The end of every gptlab run: the table, what was left to others or failed, the exit status."""
+def _escape(text: str) -> str:
     from rich.markup import escape
 
-    shown = [r for r in results if Path(r["_dir"]).is_dir()]  # a task may have died before making its run's
+    return escape(text)
+
+
+class _Here(NamedTuple):
+    """--launcher inprocess: how many runs train at once (--jobs) and the CPU threads of each."""
+
+    jobs: int
+    threads: Optional[int]
+
+
+def _executor(args: argparse.Namespace, runner) -> "_Here | SlurmConfig":
+    """What trains the plan, as the flags say: this process (--jobs, --threads), or a launcher's
+    tasks (the experiment's slurm: section with the flags over it)."""
+    if args.launcher != "inprocess":
+        from ..run import launch
+
+        if args.launcher == "slurm":
+            launch.check_device_name(args.device)
+        return launch.slurm_settings(runner.exp.slurm, {key: getattr(args, key) for key in SLURM_FLAGS}, args.launcher)
+    from ..train.devices import cpu_threads, resolve_jobs
+
+    jobs = resolve_jobs(args.jobs or "1", runner.device)
+    return _Here(jobs, cpu_threads(args.threads, jobs) if runner.device.type == "cpu" else None)
+
+
+def _counts(plan: list) -> tuple[int, int]:
+    """(finished runs kept, runs resumed) of a plan."""
+    return sum(p.action == "skip" for p in plan), sum(p.action == "resume" for p in plan)
+
+
+def _train_here(args: argparse.Namespace, runner, plan: list, here: _Here, stop: "_GracefulStop", out, err) -> int:
+    """--launcher inprocess: train the pending runs here, --jobs of them at once in worker processes."""
+    from ..run.workers import run_parallel
+
+    exp, (jobs, threads) = runner.exp, here
+    kept, resumed = _counts(plan)
+    if not args.quiet:
+        err.print(f"[bold]{_escape(exp.name)}[/]: {len(exp.runs)} runs on {runner.device}"
+                  + (f", {threads} CPU thread(s) per run" if threads else "") + (f", {jobs} at once" if jobs > 1 else "")
+                  + f"  ->  {_escape(str(runner.exp_dir))}"
+                  + (f"  ({kept} finished runs kept)" if kept else "")
+                  + (f"  ({resumed} resumed from their last state)" if resumed else "")
+                  + (f"  tracking: {_escape(', '.join(exp.track))}" if exp.track else ""))
+    reporter = make_reporter(exp, plan, args.quiet, err)
+    with stop, reporter:
+        outcomes = runner.run(on_progress=reporter.progress, on_finish=reporter.finish, jobs=jobs, threads=threads,
+                              signals=lambda: stop.count, parallel=run_parallel)
+    return _finish(outcomes, exp, out, err)
+
+
+def _finish(outcomes: list, exp, out, err) -> int:
+    """The end of every gptlab run: the table, what was left to others or failed, the exit status."""
+    shown = [o for o in outcomes if o.exists]  # a task may have died before making its run's directory
     if shown:
         _print_compare(shown, exp, out, err)
     else:
-        _print_run_table(results, out)
-    busy = [r for r in results if r.get("_action") == "busy"]
+        _print_run_table(outcomes, out)
+    busy = [o for o in outcomes if o.action == "busy"]
     if busy:
         err.print(f"[yellow]{len(busy)} run(s) were being trained by another gptlab process and were left to it[/]")
-    stopped = [r for r in results if r.get("status") == "interrupted"]
+    stopped = [o for o in outcomes if o.status == INTERRUPTED]
     if stopped:  # only a launcher's tasks get here: in-process, an interrupt ends the command first
         err.print(f"[yellow]{len(stopped)} run(s) were stopped before they finished[/]; rerun the same command to "
-                  f"resume them: " + ", ".join(Path(r["_dir"]).name for r in stopped))
-    failed = [r for r in results if r.get("status") == "failed"]
-    traced = [Path(r["_dir"]).name for r in failed if (Path(r["_dir"]) / "error.txt").is_file()]
+                  f"resume them: " + ", ".join(o.run_dir.name for o in stopped))
+    failed = [o for o in outcomes if o.status == FAILED]
+    traced = [o.run_dir.name for o in failed if o.traceback]
     if failed:
         err.print(f"[red]{len(failed)} run(s) failed[/]" + (f"; see error.txt in: {', '.join(traced)}" if traced else ""))
-    for r in failed:
-        if r.get("_action") == "died":  # a launcher's task that ended without a word: its log says why
-            err.print(f"  {escape(str(r.get('error', '')))}")
+    for o in failed:
+        if o.action == "died":  # a launcher's task that ended without a word: its log says why
+            err.print(f"  {_escape(str(o.summary.get('error', '')))}")
     return 1 if failed or stopped else 0
 
 
@@ -190,54 +202,30 @@ def _check_launcher_flags(args: argparse.Namespace) -> None:
         require(args.launcher)
 
 
-def _launch(args: argparse.Namespace, exp, plugins) -> int:
-    """--launcher slurm|local: check and plan here, then train each pending run as a task of one
-    job array and wait for them (or not: --no-wait)."""
-    import torch
-    from rich.markup import escape
-
+def _launch(args: argparse.Namespace, runner, plan: list, cfg: SlurmConfig, out, err) -> int:
+    """--launcher slurm|local: train each pending run as a task of one job array and wait for them
+    (or not: --no-wait)."""
     from ..run import launch
-    from ..train.devices import cpu_threads, resolve_device
-    from ..run.runner import ExperimentRunner
 
-    if args.launcher == "slurm":  # each task resolves --device on its node; the parent only plans and checks
-        launch.check_device_name(args.device)
-        device = torch.device("cpu")
-    else:
-        device = resolve_device(args.device)
-    cfg = launch.slurm_settings(exp.slurm, {key: getattr(args, key) for key in SLURM_FLAGS}, args.launcher)
-    runner = ExperimentRunner(exp, plugins, args.results_dir, device, force=args.force, restart=args.restart,
-                              warn=lambda m: sys.stderr.write(f"warning: {m}\n"))
-    out, err = _console(), _console(stderr=True)
-    for warning in exp.warnings:
-        err.print(f"[yellow]warning: {escape(warning)}[/]")
-    runner.prepare(write=not args.dry_run)
-    if args.dry_run:
-        return _dry_run(runner, out, args.overrides)
-    plan = runner.plan()
-    todo = sum(action != "skip" for _, _, action in plan)
-    if args.launcher == "slurm":
-        threads = args.threads  # None: each task uses the cores Slurm gives it
-    else:  # the local executor starts every task at once: they share this machine's cores
-        threads = cpu_threads(args.threads, max(1, todo)) if device.type == "cpu" else None
-    parameters = launch.executor_parameters(cfg, args.launcher, exp.name, threads, device.type)
+    exp = runner.exp
+    todo = sum(p.action != "skip" for p in plan)
+    threads = launch.task_threads(args.launcher, args.threads, todo, runner.device.type)
+    parameters = launch.executor_parameters(cfg, args.launcher, exp.name, threads, runner.device.type)
     sub = launch.submit(runner, plan, args.launcher, parameters, args.device, threads)
-    time_limit = args.launcher == "slurm" or cfg.time is not None
-    kept = len(plan) - todo
-    resumed = sum(action == "resume" for _, _, action in plan)
+    kept, resumed = _counts(plan)
     where = ("a Slurm job array" if args.launcher == "slurm" else "submitit's local executor")
     if sub.tasks and (args.no_wait or not args.quiet):
-        asked = _resources(parameters, threads, time_limit)
+        asked = _resources(parameters, threads, args.launcher == "slurm" or cfg.time is not None)
         (out if args.no_wait else err).print(
-            f"[bold]{escape(exp.name)}[/]: {todo} of {len(plan)} runs submitted to {where} "
-            f"(job {escape(sub.array_id)}; {escape(asked)})  ->  {escape(str(runner.exp_dir))}"
+            f"[bold]{_escape(exp.name)}[/]: {todo} of {len(plan)} runs submitted to {where} "
+            f"(job {_escape(sub.array_id)}; {_escape(asked)})  ->  {_escape(str(runner.exp_dir))}"
             + (f"  ({kept} finished runs kept)" if kept else "")
             + (f"  ({resumed} resume from their last state)" if resumed else ""))
     elif not args.quiet:
-        err.print(f"[bold]{escape(exp.name)}[/]: nothing to train ({kept} finished runs kept)")
+        err.print(f"[bold]{_escape(exp.name)}[/]: nothing to train ({kept} finished runs kept)")
     if args.no_wait:
         if sub.tasks:
-            out.print(f"follow them with: gptlab status {escape(str(runner.exp_dir))}")
+            out.print(f"follow them with: gptlab status {_escape(str(runner.exp_dir))}")
         return 0
     reporter = make_reporter(exp, plan, args.quiet, err)
     try:
@@ -245,18 +233,10 @@ def _launch(args: argparse.Namespace, exp, plugins) -> int:
             done = launch.wait(sub, reporter.progress, reporter.finish)
     except KeyboardInterrupt:
         follow = f"gptlab status {runner.exp_dir}"
-        err.print(escape(f"gptlab: stopped waiting; submitted runs are not cancelled ({follow} shows them"
-                         + (f", scancel {sub.array_id} cancels them)" if args.launcher == "slurm" else ")")))
+        err.print(_escape(f"gptlab: stopped waiting; submitted runs are not cancelled ({follow} shows them"
+                          + (f", scancel {sub.array_id} cancels them)" if args.launcher == "slurm" else ")")))
         return 130
-    results = [done[i] if action != "skip" else _kept(existing) for i, (_, existing, action) in enumerate(plan)]
-    return _finish(results, exp, out, err)
-
-
-def _kept(run_dir: Path) -> dict:
-    """A finished run the plan skipped, as the runner reports it."""
-    from ..rundir import read_summary
-
-    return (read_summary(run_dir) or {}) | {"_dir": str(run_dir), "_action": "skip"}
+    return _finish(runner.outcomes(done), exp, out, err)
 
 
 def _resources(parameters: dict, threads, time_limit: bool) -> str:
@@ -304,7 +284,7 @@ class _GracefulStop:
                          "(signal again to stop at once)\n")
 
 
-def _dry_run(runner, out, overrides: list[str]) -> int:
+def _dry_run(runner, plan: list, out, overrides: list[str]) -> int:
     from rich.table import Table
     from rich.text import Text
 
@@ -314,35 +294,36 @@ def _dry_run(runner, out, overrides: list[str]) -> int:
                   caption=Text("; ".join(c for c in caption if c)) if any(caption) else None)
     for col in ("variant", "seed", "hash", "action", "differs from base"):
         table.add_column(col)
-    for spec, _, action in runner.plan():
+    for planned in plan:
+        spec = planned.spec
         diff = ", ".join(f"{k}={yaml_value(v)}" for k, v in spec.changes.items()) or "-"
-        table.add_row(*(Text(cell) for cell in (spec.variant, str(spec.seed), spec.config_hash, action, diff)))
+        table.add_row(*(Text(cell) for cell in (spec.variant, str(spec.seed), spec.config_hash, planned.action, diff)))
     out.print(table)
     return 0
 
 
-def _print_compare(results: list[dict], exp, out, err) -> None:
+def _print_compare(outcomes: list, exp, out, err) -> None:
     """End a run with the comparison table of this invocation's runs (the experiment's compare block)."""
     from .table import print_compare
 
     try:
-        print_compare([r["_dir"] for r in results], **exp.compare)
+        print_compare([str(o.run_dir) for o in outcomes], **exp.compare)
     except GptlabError as exc:  # a bad compare block must not hide finished training
         err.print(f"[yellow]comparison table skipped: {exc}[/]")
-        _print_run_table(results, out)
+        _print_run_table(outcomes, out)
 
 
-def _print_run_table(results: list[dict], out) -> None:
+def _print_run_table(outcomes: list, out) -> None:
     from rich.table import Table
 
     table = Table(title="runs")
     for col in ("variant", "seed", "status", "final val", "best val", "tok/s", "params", "wall s", ""):
         table.add_column(col, justify="right" if col not in ("variant", "status", "") else "left")
-    for r in results:
+    for o in outcomes:
         def f(key, spec="{:.4f}"):
-            v = r.get(key)
+            v = o.summary.get(key)
             return num(v if isinstance(v, (int, float)) else None, spec)
-        table.add_row(r.get("variant", "?"), str(r.get("seed")), r.get("status", "?"), f("final_val_loss"),
-                      f("best_val_loss"), f("tokens_per_s", "{:,.0f}"), f("parameters", "{:,}"),
-                      f("wall_time_s", "{:.1f}"), "(kept)" if r.get("_action") == "skip" else "")
+        table.add_row(o.summary.get("variant", o.spec.variant), str(o.summary.get("seed", o.spec.seed)),
+                      o.status or "?", f("final_val_loss"), f("best_val_loss"), f("tokens_per_s", "{:,.0f}"),
+                      f("parameters", "{:,}"), f("wall_time_s", "{:.1f}"), "(kept)" if o.action == "skip" else "")
     out.print(table)

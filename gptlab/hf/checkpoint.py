@@ -13,11 +13,11 @@ import json
 import pickle
 import stat
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import ConfigError
+from ..plugin.contract import HFImport, fused_rows, per_head_rows  # the contract's; re-exported here
 from ..plugin.hookspecs import KINDS, MODEL_KINDS
 
 CONFIG_FILE = "config.json"
@@ -27,57 +27,6 @@ PICKLE_FILE = "pytorch_model.bin"
 #: the largest config.json read (a real one is a few kB) and the largest shard index (one line a tensor)
 MAX_CONFIG_BYTES = 4 * 2 ** 20
 MAX_INDEX_BYTES = 64 * 2 ** 20
-
-
-@dataclass
-class HFImport:
-    """What an importer returns: the gptlab model config and where each checkpoint tensor goes.
-
-    ``tensors`` maps a checkpoint name (without ``prefix``) to ``(target, transpose)`` or
-    ``(target, transpose, rows)``: the tensor, transposed if asked, fills ``target``'s rows
-    ``rows`` (a list of row indices, in the tensor's order), or all of it when there are none.
-    Rows let several checkpoint tensors share one gptlab parameter (Llama's q/k/v in ``attn.qkv``)
-    and reorder an interleaved one (GPT-NeoX's per-head q/k/v). Every row of every target must be
-    filled exactly once; exporting a model runs the same map backwards.
-    """
-
-    config: dict  #: gptlab model config keys
-    tensors: dict  #: checkpoint tensor name (without ``prefix``) -> (target, transpose[, rows])
-    prefix: str = ""  #: a prefix checkpoints may put before every name (``transformer.``)
-    #: names stored without ``prefix`` even when the others carry it (an untied ``lm_head.weight``)
-    outside_prefix: tuple = ()
-    #: name endings of buffers some checkpoints carry and gptlab rebuilds itself (attention masks)
-    ignore_suffixes: tuple = ()
-    #: name of an output head that must equal the token embedding (the model's head is tied)
-    tied_head: Optional[str] = None
-    tied_to: str = "tok_emb.weight"
-    extra: dict = field(default_factory=dict)
-
-    def slots(self):
-        """(checkpoint name, target, transpose, rows or None) for every mapped tensor."""
-        for name, slot in self.tensors.items():
-            target, transpose, *rest = slot
-            yield name, target, transpose, (rest[0] if rest else None)
-
-    def stored_name(self, name: str) -> str:
-        """The name a tensor is written under in a checkpoint this importer reads."""
-        return name if name in self.outside_prefix else self.prefix + name
-
-
-def per_head_rows(n_heads: int, head_dim: int) -> list:
-    """Where each row of a q/k/v matrix interleaved per head ([head][q|k|v][dim], GPT-NeoX and
-    BLOOM) goes in gptlab's ``attn.qkv`` ([q|k|v][head][dim])."""
-    return [part * n_heads * head_dim + head * head_dim + d
-            for head in range(n_heads) for part in range(3) for d in range(head_dim)]
-
-
-def fused_rows(*sizes: int) -> list:
-    """Row ranges of tensors stacked one after another in one parameter: sizes (a, b) -> [0..a), [a..a+b)."""
-    out, start = [], 0
-    for size in sizes:
-        out.append(list(range(start, start + size)))
-        start += size
-    return out
 
 
 def load_hf(cls: type, path: str | Path, plugins: Optional[Any] = None, expect: Optional[str] = None):
@@ -299,6 +248,15 @@ def copy_hf_weights(model: Any, tensors: dict, source: Path, spec: HFImport) -> 
         done[index] = True
         with torch.no_grad():
             param[index] = value.to(param.dtype)
+    _check_complete(model, source, spec, slots, seen, head, params, filled)
+
+
+def _check_complete(model: Any, source: Path, spec: HFImport, slots: dict, seen: dict, head: Any, params: dict,
+                    filled: dict) -> None:
+    """After the copy: every slot had its tensor, a tied head equals the embedding, and every
+    parameter row was filled."""
+    import torch
+
     missing = [name for name in slots if name not in seen]
     if missing:
         shown = ", ".join(f"'{m}'" for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

@@ -2,8 +2,11 @@
 
 ``HFConfig`` reads keys with the defaults transformers itself assumes (so a sparse config.json
 means what it means to transformers) and refuses, naming the key, any value gptlab would have
-to ignore. ``Export`` is the other direction: it checks a gptlab model config against what a
-family can express and names the component it cannot. Nothing here imports torch.
+to ignore. ``HFExport`` is the other direction: it checks a gptlab model config against what a
+family can express and names the component it cannot. ``HFImport``, ``fused_rows`` and
+``per_head_rows`` are in ``gptlab.plugin.contract``; every helper an importer uses is
+``gptlab.<name>`` too (``gptlab.plugin.contract.HELPERS["importer"]`` lists them). Nothing here
+imports torch.
 """
 from __future__ import annotations
 
@@ -177,7 +180,7 @@ def rope_to_hf(options: Mapping[str, Any], family: str, partial_ok: bool = False
     return out
 
 
-class Export:
+class HFExport:
     """Checks of a gptlab model config against what one family can express (for ``to_hf``)."""
 
     def __init__(self, cfg: Mapping[str, Any], family: str):
@@ -223,3 +226,6 @@ class Export:
     def plain_head_dim(self) -> None:
         if self.cfg.get("head_dim") not in (None, self.cfg["emb_dim"] // self.cfg["n_heads"]):
             raise ConfigError(f"model.head_dim={self.cfg['head_dim']}: {self.family} heads are emb_dim / n_heads wide")
+
+
+Export = HFExport  # its name before it was exported from gptlab (a plugin may still import it)

@@ -96,6 +96,8 @@ class PositionScheme(nn.Module):
     """Base for positional schemes; the default acts through no seam at all."""
 
     provides: frozenset = frozenset()
+    #: role -> attribute of each submodule with parameters an importer may fill (none here)
+    param_names: dict = {}
     #: longest sequence the scheme can encode, or None when it has no limit
     max_length: Optional[int] = None
 

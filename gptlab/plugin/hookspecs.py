@@ -1,5 +1,6 @@
-"""The plugin contract: every hook a gptlab plugin can implement and every kind of thing it can
-register. A plugin author needs this module and the README, nothing else.
+"""The plugin contract's hooks and kinds: every hook a gptlab plugin can implement and every kind
+of thing it can register. ``gptlab.plugin.contract`` documents, kind by kind, what a factory
+returns and what a plugin receives; a plugin author needs those two modules and the README.
 
 A plugin is a module (a ``.py`` file, an installed module, or an entry point in the ``gptlab``
 group) with functions named after the hooks below, marked with ``@gptlab.hookimpl``::
@@ -18,11 +19,13 @@ steps, never inside the forward pass, so the plugin system costs nothing per tra
 They are called one plugin at a time: a plugin whose lifecycle hook raises is named in one warning
 line and in the run's summary.json (``hook_errors``), and its lifecycle hooks are switched off for
 the rest of that run; the run itself goes on. ``hook_seconds`` in summary.json says how long each
-plugin's lifecycle hooks took. Nothing here imports torch.
+plugin's lifecycle hooks took. Nothing here imports torch. What each kind's factory returns is
+documented, class by class, in ``gptlab.plugin.contract`` (``KINDS[kind].base``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -76,12 +79,17 @@ class Kind:
 
     A factory is called as ``factory(*positional, *reserved keywords, **options)``: ``positional``
     are supplied by gptlab in that order, ``reserved`` keywords too, and every other keyword
-    argument of the factory is a user option, set in the config as ``{name: ..., option: value}``
-    and checked against the factory's signature, the option's type annotation and its ``Range``
-    before anything is built. A factory may also
+    argument of the factory is a user option (``options`` false: the kind takes none), set in the
+    config as ``{name: ..., option: value}`` and checked against the factory's signature, the
+    option's type annotation and its ``Range`` before anything is built. A factory may also
     have ``check(cfg, **options)``, called before anything is allocated, that raises
     ``gptlab.ConfigError`` for a config it cannot serve. ``model_key``: the kind is chosen by a
     key of the model config of the same name.
+
+    ``base_name`` names the class or ``typing.Protocol`` that what the factory returns satisfies
+    (a tracker's factory returns nothing: its base describes the factory itself); ``base`` is that
+    object. It is defined or re-exported in ``gptlab.plugin.contract``, the one module that
+    documents every kind, and is ``gptlab.<base_name>`` too.
     """
 
     name: str
@@ -90,16 +98,34 @@ class Kind:
     returns: str = ""
     attrs: Mapping[str, Attr] = field(default_factory=dict)
     model_key: bool = False
+    base_name: str = ""
+    options: bool = True
+
+    @property
+    def base(self) -> Any:
+        """The class or Protocol ``base_name`` names, from ``gptlab.plugin.contract`` (torch-backed
+        bases import torch here, on first access, not when this module loads)."""
+        return getattr(import_module(CONTRACT), self.base_name)
 
     def attr(self, obj: Any, name: str) -> Any:
         """``obj.name``, or the contract's default when the plugin does not set it."""
         return getattr(obj, name, self.attrs[name].default)
 
 
+#: the module that documents every kind and holds (or re-exports) each kind's base
+CONTRACT = "gptlab.plugin.contract"
+
+
+def _param_names(what: str) -> Attr:
+    return Attr("module", {}, f"role -> name (dotted, relative to the {what}) of each submodule an importer may "
+                              f"map tensors onto; each holds 'weight' and, if it has one, 'bias'. A class "
+                              f"attribute; an instance may replace it when its options change the layout")
+
+
 KINDS: dict[str, Kind] = {k.name: k for k in (
-    Kind("attention", positional=("cfg",), model_key=True,
-         returns="an nn.Module: forward(x (B, T, C), ctx: PositionalContext, cache: KVCache | None) -> (B, T, C). "
-                 "Subclass gptlab.CausalSelfAttention and write only attend(q, k, v, ctx).",
+    Kind("attention", positional=("cfg",), model_key=True, base_name="CausalSelfAttention",
+         returns="a module (x (B, T, C), ctx: PositionalContext, cache: KVCache or None) -> (B, T, C); "
+                 "subclass it and write only attend(q, k, v, ctx)",
          attrs={"accepts": Attr("factory", frozenset(),
                                 "which of the position's 'rotation' and 'score_bias' it applies"),
                 "computes": Attr("factory", None,
@@ -108,33 +134,40 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
                                  "hold one as the other"),
                 "kernel_path": Attr("module", None,
                                     "kernel_path(ctx) -> str: which kernel runs; 'explicit' (the default) means "
-                                    "the (T x T) attention matrix is stored, anything else that it is not")}),
-    Kind("position", positional=("cfg",), model_key=True,
-         returns="a gptlab.PositionScheme: embed(x, offset), context(offset, q_len, device, dtype), max_length",
+                                    "the (T x T) attention matrix is stored, anything else that it is not"),
+                "param_names": _param_names("attention; the base: qkv (rows [q; k; v]), out_proj")}),
+    Kind("position", positional=("cfg",), model_key=True, base_name="PositionScheme",
+         returns="subclass it: embed(x, offset), context(offset, q_len, device, dtype), max_length",
          attrs={"provides": Attr("factory", frozenset(),
-                                 "the seams it acts through: 'embedding', 'rotation', 'score_bias'")}),
-    Kind("norm", positional=("cfg", "dim"), model_key=True, returns="an nn.Module normalising the last dimension"),
+                                 "the seams it acts through: 'embedding', 'rotation', 'score_bias'"),
+                "param_names": _param_names("position; learned: emb, the (context_length, emb_dim) table")}),
+    Kind("norm", positional=("cfg", "dim"), model_key=True, base_name="Norm",
+         returns="a module normalising the last dimension, its parameters named weight (and bias)"),
     Kind("norm_placement", positional=("cfg",), reserved=("attention", "mlp", "norm"), model_key=True,
-         returns="a block nn.Module: forward(x, ctx, cache=None) -> x; attention() and mlp() build one sublayer "
-                 "each, norm(dim) one norm; the block owns the residual wiring",
-         attrs={"final_norm": Attr("factory", True, "whether the model needs a norm before the head")}),
-    Kind("activation", positional=("cfg",), model_key=True,
-         returns="the feed-forward nn.Module x -> x (see gptlab.MLP, gptlab.GatedMLP)",
+         base_name="Block",
+         returns="a block (x, ctx, cache=None) -> x; attention() and mlp() build one sublayer each, norm(dim) "
+                 "one norm; the block owns the residual wiring",
+         attrs={"final_norm": Attr("factory", True, "whether the model needs a norm before the head"),
+                "param_names": _param_names("block; roles attn and mlp name the sublayers, the others norms")}),
+    Kind("activation", positional=("cfg",), model_key=True, base_name="FeedForward",
+         returns="the feed-forward module x -> x; gptlab.MLP.factory(act, doc) and GatedMLP.factory make one",
          attrs={"hidden_dim": Attr("module", None, "hidden width, for the memory estimate (default 4 x emb_dim)"),
-                "gated": Attr("module", False, "True when it keeps a gate and an up projection (memory estimate)")}),
-    Kind("dataset", returns="a gptlab.Corpus(fingerprint, read): fingerprint changes whenever the text would"),
-    Kind("tokenizer", returns="a gptlab.Tokenizer: vocab_size, encode, decode; fit and state for learned vocabularies"),
-    Kind("importer", positional=("hf_config", "source"),
-         returns="a gptlab.HFImport for a Hugging Face checkpoint whose config.json model_type is the name: "
-                 "the gptlab model config and the tensor name map",
+                "gated": Attr("module", False, "True when it keeps a gate and an up projection (memory estimate)"),
+                "param_names": _param_names("MLP; MLP and GatedMLP: fc (rows [gate; up] when gated), proj")}),
+    Kind("dataset", base_name="Corpus", returns="fingerprint, which changes whenever the text would, and read() -> str"),
+    Kind("tokenizer", base_name="Tokenizer",
+         returns="an instance of a subclass: vocab_size, encode, decode; fit and state for learned vocabularies"),
+    Kind("importer", positional=("hf_config", "source"), base_name="HFImport", options=False,
+         returns="the gptlab model config and the tensor name map of the Hugging Face family whose config.json "
+                 "model_type is the name (plugins/import_gpt2.py)",
          attrs={"to_hf": Attr("factory", None,
                               "to_hf(model config dict) -> the HF config.json dict of this family for a gptlab "
                               "model, or ConfigError naming the component it cannot express (export)")}),
-    Kind("tracker",
-         returns="nothing: factory() is called once before anything trains (--dry-run too), writes nothing, "
-                 "and raises gptlab.ConfigError when the sink cannot work, e.g. its package is not installed "
-                 "(name the extra to install). The registering plugin's lifecycle hooks do the tracking; they "
-                 "are called only for runs whose run.config['track'] lists one of its trackers (RunInfo.tracks)"),
+    Kind("tracker", base_name="Tracker", options=False,
+         returns="nothing: the factory is called once before anything trains (--dry-run too), writes nothing "
+                 "and raises gptlab.ConfigError when the sink cannot work (its package missing: name the extra). "
+                 "The plugin's lifecycle hooks do the tracking, for runs where RunInfo.tracks(name) "
+                 "(plugins/track_tensorboard.py)"),
 )}
 
 MODEL_KINDS = tuple(k.name for k in KINDS.values() if k.model_key)

@@ -27,6 +27,9 @@ class CausalSelfAttention(nn.Module):
     """
 
     accepts = frozenset({"rotation"})
+    #: what importers map tensors onto (role -> attribute): ``qkv`` rows [q; k; v], then ``out_proj``.
+    #: A subclass that renames either declares the new name here (``gptlab.plugin.contract``)
+    param_names = {"qkv": "qkv", "out_proj": "out_proj"}
 
     def __init__(self, cfg, n_kv_heads: Positive = None) -> None:
         super().__init__()
@@ -92,6 +95,8 @@ class MLP(nn.Module):
 
     gated = False
     factory = classmethod(_activation_factory)
+    #: what importers map tensors onto (role -> attribute): the input projection, then the output one
+    param_names = {"fc": "fc", "proj": "proj"}
 
     def __init__(self, cfg, act: Callable[[torch.Tensor], torch.Tensor], hidden_dim: Optional[int] = None) -> None:
         super().__init__()
@@ -111,6 +116,8 @@ class GatedMLP(nn.Module):
 
     gated = True
     factory = classmethod(_activation_factory)
+    #: role -> attribute, as MLP's; ``fc`` holds the gate's rows, then the up projection's
+    param_names = {"fc": "fc", "proj": "proj"}
 
     def __init__(self, cfg, act: Callable[[torch.Tensor], torch.Tensor], hidden_dim: Optional[int] = None) -> None:
         super().__init__()

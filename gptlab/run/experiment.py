@@ -5,12 +5,15 @@ so renaming a variant or reordering the YAML never reruns anything, and any chan
 """
 from __future__ import annotations
 
+import contextvars
+import copy
 import itertools
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -31,8 +34,11 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MAX_RUNS = 100_000
 
 
-@dataclass
+@dataclass(frozen=True)
 class Experiment:
+    """An experiment as ``load_experiment`` made it: fixed once loaded (the command line's
+    ``--track`` and ``--allow-large`` are given to the loader, never set afterwards)."""
+
     name: str
     description: str
     path: Optional[Path]
@@ -51,14 +57,17 @@ class Experiment:
     #: tracking sinks every run reports to (``track:``, plus ``--track``); operational, so outside
     #: every config hash, like train.checkpoint_every
     track: list = field(default_factory=list)
+    #: ``--allow-large``: train models too large for this machine (preflight's memory check is skipped)
+    allow_large: bool = False
 
 
 def current_definition(exp_dir: Path) -> Optional[set]:
     """Config hashes of the runs an experiment's file defines now; None when that cannot be known.
 
-    The file named in experiment.json is read again (it may have been edited since the runs); when
-    it is gone or no longer valid, the definition recorded at the last ``gptlab run`` is used.
-    Results written before either existed give None: every run counts.
+    The file named in experiment.json is read again (it may have been edited since the runs), unless
+    this command has read it already (see ``reading_once``); when it is gone or no longer valid, the
+    definition recorded at the last ``gptlab run`` is used. Results written before either existed
+    give None: every run counts.
     """
     from ..errors import GptlabError
     from ..results.frame import recorded_definition
@@ -68,7 +77,8 @@ def current_definition(exp_dir: Path) -> Optional[set]:
     source = meta.get("source")
     if isinstance(source, str) and Path(source).is_file():
         try:
-            load_bounded_yaml(Path(source), aliases=True)  # bounded, no alias bomb, before the loader sees it
+            if _already_read(Path(source)) is None:  # bounded, no alias bomb, before the loader sees it
+                load_bounded_yaml(Path(source), aliases=True)
             exp = load_experiment(Path(source))
         except (GptlabError, OSError):
             exp = None
@@ -77,12 +87,38 @@ def current_definition(exp_dir: Path) -> Optional[set]:
     return recorded_definition(exp_dir)
 
 
+#: the experiment files this command has parsed, by resolved path (None outside ``reading_once``)
+_READ: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("gptlab_experiment_files", default=None)
+
+
+@contextmanager
+def reading_once() -> Iterator[None]:
+    """Within this block (one command) each experiment file is read from disk at most once: a later
+    load of the same path (``current_definition`` as the final table is made) reuses that parse, so
+    the whole command sees one version of the file, however long it trains."""
+    token = _READ.set({})
+    try:
+        yield
+    finally:
+        _READ.reset(token)
+
+
+def _already_read(path: Path) -> Optional[DictConfig]:
+    """A copy of this command's parse of ``path``, or None when it has not read the file."""
+    read = _READ.get()
+    cfg = None if read is None else read.get(Path(path).resolve())
+    return None if cfg is None else copy.deepcopy(cfg)
+
+
 def load_yaml(path: Path) -> DictConfig:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"experiment file {path} does not exist; check the path (shipped ones are in experiments/)")
     if path.is_dir():
         raise ConfigError(f"{path} is a directory; pass an experiment .yaml file")
+    known = _already_read(path)
+    if known is not None:
+        return known
     try:
         cfg = OmegaConf.load(path)
     except Exception as exc:
@@ -90,6 +126,9 @@ def load_yaml(path: Path) -> DictConfig:
         raise ConfigError(f"{path}: not valid YAML: {detail}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path}: an experiment must be a mapping with name, model, data, train, variants, seeds")
+    read = _READ.get()
+    if read is not None:
+        read[path.resolve()] = copy.deepcopy(cfg)
     return cfg
 
 
@@ -131,7 +170,7 @@ def _plain(cfg: Any, where: str) -> Any:
 
 
 def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfig | None = None,
-                    plugins: Any = None) -> Experiment:
+                    plugins: Any = None, track: Any = (), allow_large: bool = False) -> Experiment:
     """Read and check an experiment, returning every run it asks for.
 
     ``plugins`` is where ``model: {from_hf: DIR}`` finds the importer of the checkpoint's
@@ -140,15 +179,44 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
     an experiment without one builds no plugin system here). None: the process-wide default system
     when the experiment lists no ``plugins:``, else one of the default folders plus those (relative
     to the YAML), as ``gptlab run`` builds without ``--plugins-dir``.
+
+    ``track`` (``--track``: names or comma-separated names) adds tracking sinks to the file's
+    ``track:`` list and ``allow_large`` (``--allow-large``) lifts the memory check: the command
+    line's settings are merged here, since an Experiment cannot change once loaded. The file is
+    read once (``cfg``, when given, is used instead); what it defines without the command line's
+    model/data/train overrides is a second pass over that same parse.
     """
     where = str(path) if path is not None else "experiment"
-    if cfg is None:
-        cfg = load_yaml(path)
-    source_cfg = cfg
+    source = load_yaml(path) if cfg is None else cfg
+    _check_sections(source, where)
+    ov, section_ov = _split_overrides(overrides)
+    cfg = _merge(where, source, ov)
+    head = _head(cfg, where)
+    importers = _LazyPlugins(plugins, head.plugins, path)
+    shape = _shape(cfg, len(head.seeds), where)
+    runs, labels = _expand(shape, head.seeds, section_ov, where, importers)
+    _check_compare(head.compare, runs, where)
+    warnings = [f"{where}: variant '{spec.variant}': train.warmup_steps ({spec.train.warmup_steps}) is not shorter than "
+                f"train.steps ({spec.train.steps}): the learning rate never leaves the warmup"
+                for spec in runs[::len(head.seeds)] if spec.train.warmup_steps >= spec.train.steps > 0]
+    base = _resolved_base(shape.base, section_ov, where, importers)
+    defined, base = _file_definition(shape, head, runs, base, bool(section_ov), where, importers)
+    return Experiment(name=head.name, description=head.description, path=Path(path) if path else None,
+                      plugins=head.plugins, runs=runs, base=base, compare=head.compare, variants=labels,
+                      overrides=list(overrides), defined=defined, warnings=warnings, slurm=head.slurm,
+                      track=list(dict.fromkeys([*head.track, *parse_track(track, "--track")])),
+                      allow_large=bool(allow_large))
+
+
+def _check_sections(cfg: DictConfig, where: str) -> None:
     for key in cfg.keys():
         if key not in TOP_KEYS:
             raise ConfigError(f"{where}: unknown section '{key}'{did_you_mean(key, TOP_KEYS)}; "
                               f"sections: {', '.join(TOP_KEYS)}")
+
+
+def _split_overrides(overrides: list[str]) -> tuple[DictConfig, dict]:
+    """The command line's key=value pairs: (top-level settings, model/data/train sections)."""
     ov = parse_overrides(list(overrides))
     for key in ov.keys():
         if key not in TOP_KEYS or key in ("variants", "grid"):
@@ -159,7 +227,22 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
     for k in SECTIONS:
         if k in ov:
             del ov[k]
-    cfg = _merge(where, cfg, ov)
+    return ov, section_ov
+
+
+class _Head(NamedTuple):
+    """An experiment's settings beside its runs."""
+
+    name: str
+    description: str
+    plugins: list
+    seeds: list
+    compare: dict
+    slurm: SlurmConfig
+    track: list
+
+
+def _head(cfg: DictConfig, where: str) -> _Head:
     try:
         name = cfg.get("name")
     except OmegaConfBaseException as exc:
@@ -170,7 +253,6 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
     plugin_specs = _plain(cfg.get("plugins"), where) or []
     if not isinstance(plugin_specs, list) or not all(isinstance(p, str) for p in plugin_specs):
         raise ConfigError(f"{where}: 'plugins' must be a list of module names or .py paths")
-    importers = _LazyPlugins(plugins, plugin_specs, path)
     seeds = _plain(cfg.get("seeds", [0]), where)
     if not isinstance(seeds, list) or not seeds or not all(
             isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 63 for s in seeds):
@@ -189,7 +271,19 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     track = parse_track(_plain(cfg.get("track"), where), where)
+    return _Head(name, str(description), plugin_specs, seeds, compare, slurm, track)
 
+
+class _Shape(NamedTuple):
+    """The base sections, the variants and the grid points, before any run is resolved."""
+
+    base: DictConfig
+    variants: list  # [(name, partial config)]; [("base", {})] when the file names none
+    named: bool  # whether the file names variants
+    points: list  # grid points, [{}] without a grid
+
+
+def _shape(cfg: DictConfig, n_seeds: int, where: str) -> _Shape:
     base = OmegaConf.create({k: cfg.get(k) or {} for k in SECTIONS})
     variants = cfg.get("variants")
     if variants is None:
@@ -197,27 +291,23 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
     elif not isinstance(variants, DictConfig) or not len(variants):
         raise ConfigError(f"{where}: 'variants' must map variant names to partial configs, e.g. "
                           f"{{pre_ln: {{model: {{norm_placement: pre}}}}}}; leave it out for a single run of the base")
-    variant_items = [(str(k), v) for k, v in variants.items()] or [("base", OmegaConf.create({}))]
+    items = [(str(k), v) for k, v in variants.items()] or [("base", OmegaConf.create({}))]
     grid_keys, grid_values = _grid_axes(cfg.get("grid"), where)
-    _check_run_count(len(variant_items), [len(v) for v in grid_values], len(seeds), where)
-    grid_points = [dict(zip(grid_keys, values)) for values in itertools.product(*grid_values)]
+    _check_run_count(len(items), [len(v) for v in grid_values], n_seeds, where)
+    points = [dict(zip(grid_keys, values)) for values in itertools.product(*grid_values)]
+    return _Shape(base, items, bool(len(variants)), points)
 
+
+def _expand(shape: _Shape, seeds: list, section_ov: dict, where: str, importers: Any) -> tuple[list, list]:
+    """(runs, variant labels): every variant at every grid point, with ``section_ov`` over each, per seed."""
     runs, labels, seen = [], [], {}
-    for vname, vcfg in variant_items:
-        _check_variant_name(vname, where)
-        if vcfg is None:
-            vcfg = OmegaConf.create({})
-        if not isinstance(vcfg, DictConfig):
-            raise ConfigError(f"{where}: variant '{vname}' must be a mapping like {{model: {{norm_placement: post}}}}")
-        for key in vcfg.keys():
-            if key not in SECTIONS:
-                raise ConfigError(f"{where}: variant '{vname}': unknown section '{key}'"
-                                  f"{did_you_mean(key, SECTIONS)}; a variant sets model, data or train keys")
-        for point in grid_points:
+    for vname, vcfg in shape.variants:
+        vcfg = _variant_cfg(vname, vcfg, where)
+        for point in shape.points:
             suffix = ",".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in point.items())
-            label = (f"{vname},{suffix}" if variants else suffix) if point else vname
-            merged = _merge(f"{where}: variant '{vname}'", base, vcfg, _point_cfg(point), section_ov)
-            ctx = f"{where}: variant '{label}'" if (variants or point) else where
+            label = (f"{vname},{suffix}" if shape.named else suffix) if point else vname
+            merged = _merge(f"{where}: variant '{vname}'", shape.base, vcfg, _point_cfg(point), section_ov)
+            ctx = f"{where}: variant '{label}'" if (shape.named or point) else where
             model, data, train = _resolve(merged, ctx, importers)
             changes = _changes(vcfg, point)
             h = config_hash({"model": model.to_dict(), "data": to_plain(data), "train": to_plain(train)})
@@ -227,22 +317,42 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
             seen[h] = label
             labels.append(label)
             runs.extend(RunSpec(label, s, model, data, train, changes) for s in seeds)
-    _check_compare(compare, runs, where)
-    warnings = [f"{where}: variant '{spec.variant}': train.warmup_steps ({spec.train.warmup_steps}) is not shorter than "
-                f"train.steps ({spec.train.steps}): the learning rate never leaves the warmup"
-                for spec in runs[::len(seeds)] if spec.train.warmup_steps >= spec.train.steps > 0]
-    base_model, base_data, base_train = _resolve(_merge(where, base, section_ov), where, importers)
-    base_resolved = {"model": base_model.to_dict(), "data": to_plain(base_data), "train": to_plain(base_train)}
-    defined = {config_hash(spec.resolved()): spec.variant for spec in runs}
-    if section_ov:  # what the file alone defines: runs made with overrides are set apart from those
-        try:
-            plain = load_experiment(path, [o for o in overrides if _section(o) not in SECTIONS], source_cfg,
-                                    plugins=lambda specs: importers())  # the same plugins: list, the same system
-            defined, base_resolved = plain.defined, plain.base
-        except ConfigError:  # the file is only valid with the overrides: no run is as the file defines it
-            defined = {}
-    return Experiment(name, str(description), Path(path) if path else None, plugin_specs, runs, base_resolved,
-                      compare, labels, list(overrides), defined, warnings, slurm, track)
+    return runs, labels
+
+
+def _variant_cfg(name: str, vcfg: Any, where: str) -> DictConfig:
+    _check_variant_name(name, where)
+    if vcfg is None:
+        vcfg = OmegaConf.create({})
+    if not isinstance(vcfg, DictConfig):
+        raise ConfigError(f"{where}: variant '{name}' must be a mapping like {{model: {{norm_placement: post}}}}")
+    for key in vcfg.keys():
+        if key not in SECTIONS:
+            raise ConfigError(f"{where}: variant '{name}': unknown section '{key}'"
+                              f"{did_you_mean(key, SECTIONS)}; a variant sets model, data or train keys")
+    return vcfg
+
+
+def _resolved_base(base: DictConfig, section_ov: dict, where: str, importers: Any) -> dict:
+    model, data, train = _resolve(_merge(where, base, section_ov), where, importers)
+    return {"model": model.to_dict(), "data": to_plain(data), "train": to_plain(train)}
+
+
+def _file_definition(shape: _Shape, head: _Head, runs: list, base: dict, overridden: bool, where: str,
+                     importers: Any) -> tuple[dict, dict]:
+    """(config hash -> variant label, resolved base) of what the file defines without the command
+    line's model/data/train overrides, so runs made with them are set apart in tables. With such
+    overrides this is a second pass over the same parse (the same plugins: list, the same system);
+    when the file is only valid with them, no run is as the file defines it."""
+    if not overridden:
+        return {config_hash(spec.resolved()): spec.variant for spec in runs}, base
+    try:
+        plain, _ = _expand(shape, head.seeds, {}, where, importers)
+        _check_compare(head.compare, plain, where)
+        return ({config_hash(spec.resolved()): spec.variant for spec in plain},
+                _resolved_base(shape.base, {}, where, importers))
+    except ConfigError:
+        return {}, base
 
 
 def _check_compare(compare: dict, runs: list, where: str) -> None:
@@ -287,10 +397,6 @@ def _check_variant_name(name: str, where: str) -> None:
     if bad:
         raise ConfigError(f"{where}: variant name {name!r} cannot be used: use up to 80 characters, no '/' or "
                           f"control characters, not starting with '.' or '-'")
-
-
-def _section(override: str) -> str:
-    return override.split("=", 1)[0].strip().split(".", 1)[0]
 
 
 def _short(v: Any) -> str:

@@ -1,7 +1,7 @@
 """Pending runs as the tasks of one job array, through submitit (``gptlab run --launcher slurm|local``).
 
-Each task trains one run exactly as a ``--jobs`` worker does (``ExperimentRunner.rebuild`` and
-``run_in_process``): the same run directory, lock, skip and resume rules, so results/ looks the
+Each task trains one run exactly as a ``--jobs`` worker does (``workers.run_job`` on a
+``workers.Job``): the same run directory, lock, skip and resume rules, so results/ looks the
 same whichever machine trained a run. ``local`` sends the same tasks through submitit's local
 executor (subprocesses on this machine), which is how this path is tested without a cluster.
 
@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator, Optional
 from .. import rundir as rd
 from ..errors import ConfigError
 from ..config.run import SlurmConfig
+from .workers import Job, Progress, run_job
 
 try:  # the optional extra; without it ``require`` stops the command before a task is made
     from submitit.helpers import Checkpointable as _Checkpointable
@@ -112,15 +113,21 @@ def _requeue_signal() -> signal.Signals:
     return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
 
 
+def task_threads(launcher: str, requested: Optional[int], tasks: int, device_type: str) -> Optional[int]:
+    """CPU threads per task: on Slurm ``--threads`` (None: the cores Slurm gives each task); the local
+    executor starts every task at once, so on CPU they share this machine's cores."""
+    if launcher == "slurm":
+        return requested
+    from ..train.devices import cpu_threads
+
+    return cpu_threads(requested, max(1, tasks)) if device_type == "cpu" else None
+
+
 class RunTask(_Checkpointable):
-    """One run as one task of the array: trains it as a ``--jobs`` worker does and, when the
-    scheduler is about to stop it, saves where it is and lets submitit requeue it.
+    """One run as one task of the array: trains it as a ``--jobs`` worker does (``run_job``) and,
+    when the scheduler is about to stop it, saves where it is and lets submitit requeue it."""
 
-    ``job`` holds what ``ExperimentRunner.rebuild`` needs (the experiment reduced to this one run,
-    the plugin system's build arguments, results dir, device, force, restart) and ``threads``.
-    """
-
-    def __init__(self, job: dict) -> None:
+    def __init__(self, job: Job) -> None:
         self.job = job
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
@@ -128,15 +135,13 @@ class RunTask(_Checkpointable):
         --force and --restart were meant for the first attempt; a second would throw that state away."""
         from submitit.helpers import DelayedSubmission
 
-        return DelayedSubmission(RunTask({**self.job, "force": False, "restart": False}))
+        return DelayedSubmission(RunTask(dataclasses.replace(self.job, force=False, restart=False)))
 
-    def __call__(self) -> dict:
-        from ..train.devices import cpu_threads
-        from .runner import ExperimentRunner, run_in_process
-
-        job = dict(self.job)
+    def __call__(self) -> Any:
+        """Train the run; returns its RunOutcome (what submitit keeps as the task's result)."""
+        job = self.job
         if os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0"):  # Slurm requeued the task by itself
-            job.update(force=False, restart=False)
+            job = dataclasses.replace(job, force=False, restart=False)
         requeue_signal = _requeue_signal()
         submitit_handler = signal.getsignal(requeue_signal)
         stops = {"any": 0, "requeue": 0, "ctrl-c": 0}
@@ -148,34 +153,20 @@ class RunTask(_Checkpointable):
             if stops["ctrl-c"] > 1:  # Ctrl-C twice: stop now (the run resumes from its last saved state)
                 raise KeyboardInterrupt
 
-        for sig in (signal.SIGINT, signal.SIGTERM, requeue_signal):
-            signal.signal(sig, on_signal)
-        args = dict(job["plugins"])
-        cwd = args.pop("cwd", None)
-        if cwd is not None:  # relative paths (results dir, plugins) mean what they meant where gptlab ran
-            os.chdir(cwd)
-        runner = ExperimentRunner.rebuild(job, args, should_stop=lambda: stops["any"] > 0,
-                                          warn=lambda m: sys.stderr.write(f"warning: {m}\n"))
-        # planned now, not at submission: a requeued task resumes, a run finished meanwhile is skipped
-        ((spec, existing, action),) = runner.plan()
-        run_dir = existing or runner.exp_dir / spec.dir_name
-        if action == "skip":
-            return {**(rd.read_summary(run_dir) or {}), "_dir": str(run_dir), "_action": "skip"}
-        threads = job["threads"] or (cpu_threads(None) if runner.device.type == "cpu" else None)
-        try:
-            summary, action = run_in_process(runner, spec, run_dir, action, threads)
-        except KeyboardInterrupt:  # stopped at a step boundary with a resumable state (or at once)
+        def requeue() -> None:
             if stops["requeue"] and callable(submitit_handler):
                 signal.signal(requeue_signal, submitit_handler)
                 submitit_handler(requeue_signal, None)  # checkpoint(), requeue and exit; raises if it will not
-            summary = rd.read_summary(run_dir) or {}
-            summary, action = {**summary, "status": rd.run_status(run_dir, summary)}, "interrupted"
-        return {**summary, "_dir": str(run_dir), "_action": action}
+
+        for sig in (signal.SIGINT, signal.SIGTERM, requeue_signal):
+            signal.signal(sig, on_signal)
+        # planned in the task, not at submission: a requeued task resumes, a run finished meanwhile is skipped
+        return run_job(job, lambda: stops["any"] > 0, on_stop=requeue)
 
 
 @dataclass
 class Submission:
-    """The tasks one ``gptlab run`` submitted: [(index in the plan, spec, run dir, submitit job)]."""
+    """The tasks one ``gptlab run`` submitted: [(the runner's PlannedRun, submitit job)]."""
 
     launcher: str
     folder: Path
@@ -184,7 +175,7 @@ class Submission:
 
     @property
     def job_ids(self) -> list[str]:
-        return [job.job_id for *_, job in self.tasks]
+        return [job.job_id for _, job in self.tasks]
 
     @property
     def array_id(self) -> str:
@@ -197,9 +188,9 @@ class Submission:
 
 def submit(runner: Any, plan: list, launcher: str, parameters: dict, device: str,
            threads: Optional[int]) -> Submission:
-    """Submit every run of ``plan`` (the runner's) that is not skipped, as one task each of one
-    job array, and record them in jobs.json. ``device`` is --device as given: each task resolves
-    it where it runs."""
+    """Submit every run of ``plan`` (the runner's PlannedRuns) that is not skipped, as one task each
+    of one job array, and record them in jobs.json. ``device`` is --device as given: each task
+    resolves it where it runs."""
     import submitit
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
@@ -207,12 +198,9 @@ def submit(runner: Any, plan: list, launcher: str, parameters: dict, device: str
     folder = runner.exp_dir / SUBMITIT
     runner.check_inside(folder)
     folder.mkdir(exist_ok=True)
-    todo = [(i, spec, existing or runner.exp_dir / spec.dir_name)
-            for i, (spec, existing, action) in enumerate(plan) if action != "skip"]
+    todo = [planned for planned in plan if planned.action != "skip"]
     if not todo:
         return Submission(launcher, folder, parameters, [])
-    base = {"plugins": runner.plugins.build_args, "results_dir": runner.results_dir, "device": device,
-            "force": runner.force, "restart": runner.restart, "threads": threads}
     executor = submitit.AutoExecutor(folder=folder, cluster=launcher)
     executor.update_parameters(**parameters)
     # the local executor's controllers must not hold our output open; submitit prints sbatch's complaint
@@ -222,14 +210,12 @@ def submit(runner: Any, plan: list, launcher: str, parameters: dict, device: str
     try:
         with quiet:
             with executor.batch():
-                jobs = [executor.submit(RunTask({**base, "exp": dataclasses.replace(runner.exp, runs=[spec])}))
-                        for _, spec, _ in todo]
+                jobs = [executor.submit(RunTask(Job.of(runner, planned, device, threads))) for planned in todo]
     except (FailedJobError, FailedSubmissionError) as exc:
         said = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise ConfigError(f"sbatch refused the job array ({said}); check --partition, --gpus-per-run, --time and "
                           f"--mem (or the experiment's slurm: section)") from None
-    sub = Submission(launcher, folder, parameters, [(i, spec, run_dir, job)
-                                                    for (i, spec, run_dir), job in zip(todo, jobs)])
+    sub = Submission(launcher, folder, parameters, list(zip(todo, jobs)))
     _record(sub)
     return sub
 
@@ -265,8 +251,9 @@ def _record(sub: Submission) -> None:
     submissions = old.get("submissions") if isinstance(old.get("submissions"), list) else []
     submissions.append({
         "launcher": sub.launcher, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "parameters": sub.parameters,
-        "runs": {run_dir.name: {"job_id": job.job_id, "variant": spec.variant, "seed": spec.seed}
-                 for _, spec, run_dir, job in sub.tasks}})
+        "runs": {planned.run_dir.name: {"job_id": job.job_id, "variant": planned.spec.variant,
+                                        "seed": planned.spec.seed}
+                 for planned, job in sub.tasks}})
     rd.write_json_atomic(path, {"submissions": submissions})
 
 
@@ -322,46 +309,48 @@ class _MetricsTail:
 
 def wait(sub: Submission, on_progress: Optional[Callable] = None,
          on_finish: Callable[[Any, dict], None] = lambda spec, summary: None,
-         poll_s: Optional[float] = None) -> dict[int, dict]:
+         poll_s: Optional[float] = None) -> dict[int, Any]:
     """Follow the submitted tasks until each has ended: ``on_progress(spec, state, row)`` for every
     new metrics row the run directories show, ``on_finish(spec, summary)`` as each task ends.
-    Returns {index in the plan: summary with _dir and _action}, like ``ExperimentRunner.run``.
-    Polls every ``poll_s`` seconds (default 1 locally, 5 on Slurm, sparing a shared file system)."""
-    from .workers import Progress
-
+    Returns {plan index: RunOutcome}, as an executor of ``ExperimentRunner`` does (its
+    ``outcomes`` adds the runs the plan kept). Polls every ``poll_s`` seconds (default 1 locally,
+    5 on Slurm, sparing a shared file system)."""
     poll_s = poll_s if poll_s is not None else 1.0 if sub.launcher == "local" else 5.0
-    pending = {index: (spec, run_dir, job, _MetricsTail(run_dir / rd.METRICS))
-               for index, spec, run_dir, job in sub.tasks}
-    results: dict[int, dict] = {}
+    pending = {planned.index: (planned, job, _MetricsTail(planned.run_dir / rd.METRICS)) for planned, job in sub.tasks}
+    results: dict[int, Any] = {}
     while pending:
-        for index, (spec, run_dir, job, tail) in list(pending.items()):
+        for index, (planned, job, tail) in list(pending.items()):
             ended = job.done()  # asked first, so the rows below include all the task wrote
             for row in tail.rows():
                 if on_progress:
-                    on_progress(spec, Progress(row["step"]), row)
+                    on_progress(planned.spec, Progress(row["step"]), row)
             if ended:
-                results[index] = _outcome(job, spec, run_dir)
-                on_finish(spec, results[index])
+                results[index] = _outcome(job, planned)
+                on_finish(planned.spec, results[index].summary)
                 del pending[index]
         if pending:
             time.sleep(poll_s)
     return results
 
 
-def _outcome(job: Any, spec: Any, run_dir: Path) -> dict:
-    """What became of an ended task: what it returned, else what its run directory says."""
+def _outcome(job: Any, planned: Any) -> Any:
+    """What became of an ended task: the RunOutcome it returned, else what its run directory says."""
+    from .runner import RunOutcome
+
     if job.paths.result_pickle.exists():
         try:
             result = job.result()
         except Exception:  # the task raised: its traceback is in submitit's log
             result = None
-        if isinstance(result, dict):
-            return {**result, "_dir": str(run_dir)}
+        if isinstance(result, RunOutcome):
+            return result
+    spec, run_dir = planned.spec, planned.run_dir
     summary = rd.read_summary(run_dir)
     status = rd.run_status(run_dir, summary) if summary else rd.FAILED
     how = "without starting the run" if summary is None else "before the run finished"
-    return {"variant": spec.variant, "seed": spec.seed, **(summary or {}), "status": status,
-            "error": f"job {job.job_id} ended {how}; see {job.paths.stderr}", "_dir": str(run_dir), "_action": "died"}
+    return RunOutcome.of(spec, run_dir, "died", {
+        "variant": spec.variant, "seed": spec.seed, **(summary or {}), "status": status,
+        "error": f"job {job.job_id} ended {how}; see {job.paths.stderr}"})
 
 
 # -- gptlab status ---------------------------------------------------------------------------------

@@ -1,0 +1,336 @@
+"""The plugin contract in one module: for every kind of component, the class or ``typing.Protocol``
+its factory's result satisfies (``KINDS[kind].base``), what a plugin of that kind receives and the
+helpers it may call (``HELPERS``), and the parameter names components declare for importers.
+
+Every public name here is also ``gptlab.<name>``; a plugin imports from ``gptlab``. The hooks and
+how each kind's factory is called are in ``gptlab.plugin.hookspecs`` (``KINDS``, re-exported here).
+
+========================  ====================  ============================================
+kind                      base                  what it is
+========================  ====================  ============================================
+attention                 CausalSelfAttention   class to subclass: write ``attend(q, k, v, ctx)``
+position                  PositionScheme        class to subclass: ``embed``, ``context``
+norm                      Norm                  protocol: a module over the last dimension
+norm_placement            Block                 protocol: ``(x, ctx, cache) -> x``, ``final_norm``
+activation                FeedForward           protocol: ``x -> x``; ``MLP``, ``GatedMLP`` build one
+dataset                   Corpus                dataclass: ``fingerprint``, ``read()``
+tokenizer                 Tokenizer             class to subclass: ``encode``, ``decode``
+importer                  HFImport              dataclass: model config + tensor name map
+tracker                   Tracker               protocol of the factory: ``() -> None``
+========================  ====================  ============================================
+
+Parameter names. An importer maps checkpoint tensors onto gptlab parameter names such as
+``blocks.3.attn.qkv.weight``. Each part of such a name is declared by the part of the model that
+owns it: the skeleton's own (``SKELETON``: ``tok_emb``, ``position``, ``embedding_norm``,
+``blocks``, ``final_norm``, ``head``), then each component's ``param_names``, a mapping role ->
+attribute name (dotted, relative to the component): a block declares the roles ``attn`` and
+``mlp`` (its sublayers) and its norms (``norm1``, ``norm2``, ...), an attention ``qkv`` and
+``out_proj``, an MLP ``fc`` and ``proj``, the learned position ``emb``. Every declared module
+holds its parameters as ``weight`` and, when it has one, ``bias`` (as torch's Linear, Embedding
+and norms do). ``declared_modules(model)`` lists them for a built model; a component that renames
+an attribute updates its ``param_names``, and ``tests/test_contract.py`` fails when a declared
+name is missing from a built model or an importer writes a name no component declares.
+
+Layering: ``gptlab.plugin`` imports only ``gptlab.errors``, ``fmt``, ``rundir`` and itself, so the
+base classes with no torch in them (``Corpus``, ``Tokenizer``, ``HFImport``) live here and
+``gptlab.data.text`` and ``gptlab.hf.checkpoint`` re-export them; helpers that live in higher
+layers (``HFConfig``, the tracking helpers) are named in ``HELPERS`` by dotted path. Nothing here
+imports torch: the torch-backed bases load on first access. ``python -m gptlab.plugin.contract``
+rewrites the README's table of kinds from ``KINDS``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol, runtime_checkable
+
+from .hookspecs import KINDS, MODEL_KINDS, Attr, Kind, Range, RunInfo, hookimpl
+
+if TYPE_CHECKING:  # annotations only: nothing here imports torch
+    import torch
+
+    from .components import KVCache, PositionalContext
+
+#: torch-backed bases and values, loaded on first access: name -> module of gptlab.plugin
+_TORCH_BACKED = {
+    "CausalSelfAttention": "layers", "MLP": "layers", "GatedMLP": "layers",
+    "PositionScheme": "components", "PositionalContext": "components", "KVCache": "components",
+    "mark_residual": "components",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _TORCH_BACKED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _TORCH_BACKED[name] == "layers":
+        from . import layers as module
+    else:
+        from . import components as module
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocols: the kinds with no base class
+# ---------------------------------------------------------------------------------------------
+@runtime_checkable
+class Norm(Protocol):
+    """What a norm factory returns: ``factory(cfg, dim, **options)`` -> a module that normalises the
+    last dimension (``dim`` wide) of its input and keeps the shape. Its parameters are named
+    ``weight`` (the gain) and ``bias`` (when it has one), as ``torch.nn.LayerNorm`` and
+    ``RMSNorm`` name them: importers write ``norm1.weight``."""
+
+    def __call__(self, x: "torch.Tensor") -> "torch.Tensor": ...
+
+
+@runtime_checkable
+class Block(Protocol):
+    """What a norm_placement factory returns: ``factory(cfg, attention=..., mlp=..., norm=..., **options)``
+    -> one transformer block. ``attention()`` and ``mlp()`` build one sublayer each and ``norm(dim)``
+    one norm; the block owns the residual wiring and the dropout.
+
+    ``final_norm`` (a class attribute, default True): whether the model needs a norm before the
+    head. ``param_names``: role -> attribute name; ``attn`` and ``mlp`` name the sublayers (their own
+    ``param_names`` continue the name), every other role a norm: ``norm1`` the attention half's,
+    ``norm2`` the MLP half's, ``norm`` one both share, ``norm1_in``/``norm1_out`` (and ``norm2_*``)
+    the norms before and after a sublayer.
+    """
+
+    def __call__(self, x: "torch.Tensor", ctx: "PositionalContext",
+                 cache: "Optional[KVCache]" = None) -> "torch.Tensor": ...
+
+
+@runtime_checkable
+class FeedForward(Protocol):
+    """What an activation factory returns: ``factory(cfg, **options)`` -> the feed-forward module
+    ``x (B, T, C) -> (B, T, C)``. ``gptlab.MLP.factory(act, doc)`` and ``GatedMLP.factory`` make
+    one from an activation function. Optional attributes: ``hidden_dim`` and ``gated`` (for the
+    memory estimate), ``param_names`` (MLP and GatedMLP: ``fc``, rows [gate; up] when gated, and
+    ``proj``)."""
+
+    def __call__(self, x: "torch.Tensor") -> "torch.Tensor": ...
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    """A tracker factory: ``factory()``, called once before anything trains (``--dry-run`` too). It
+    writes nothing, returns nothing, and raises ``gptlab.ConfigError`` when the sink cannot work
+    (its package missing: ``gptlab.require(module, extra, tracker)`` names the extra). The tracking
+    itself is the plugin's lifecycle hooks, which receive a ``gptlab.RunInfo`` and are called only
+    for runs where ``run.tracks(name)``."""
+
+    def __call__(self) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets and tokenizers (re-exported by gptlab.data.text). No torch: a tokenizer is plain Python.
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Corpus:
+    """A text source: ``fingerprint`` changes whenever the text would."""
+
+    fingerprint: str
+    read: Callable[[], str]
+
+
+class Tokenizer:
+    """Base class for tokenizers; ``fit`` and the state methods are no-ops for fixed vocabularies."""
+
+    vocab_size: int = 0
+
+    def fit(self, text: str) -> None:
+        """Build a vocabulary from the training text (only data-dependent tokenizers need it)."""
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> token ids: every tokenizer plugin writes this."""
+        raise NotImplementedError(f"tokenizer {type(self).__name__} must define encode(text)")
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids -> text: every tokenizer plugin writes this."""
+        raise NotImplementedError(f"tokenizer {type(self).__name__} must define decode(ids)")
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``fit`` learned."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Importers (re-exported by gptlab.hf.checkpoint, which reads and writes the files)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class HFImport:
+    """What an importer returns: the gptlab model config and where each checkpoint tensor goes.
+
+    ``tensors`` maps a checkpoint name (without ``prefix``) to ``(target, transpose)`` or
+    ``(target, transpose, rows)``: the tensor, transposed if asked, fills ``target``'s rows
+    ``rows`` (a list of row indices, in the tensor's order), or all of it when there are none.
+    A target is a declared parameter name (``declared_modules`` above: ``blocks.3.attn.qkv.weight``).
+    Rows let several checkpoint tensors share one gptlab parameter (Llama's q/k/v in ``attn.qkv``)
+    and reorder an interleaved one (GPT-NeoX's per-head q/k/v). Every row of every target must be
+    filled exactly once; exporting a model runs the same map backwards.
+    """
+
+    config: dict  #: gptlab model config keys
+    tensors: dict  #: checkpoint tensor name (without ``prefix``) -> (target, transpose[, rows])
+    prefix: str = ""  #: a prefix checkpoints may put before every name (``transformer.``)
+    #: names stored without ``prefix`` even when the others carry it (an untied ``lm_head.weight``)
+    outside_prefix: tuple = ()
+    #: name endings of buffers some checkpoints carry and gptlab rebuilds itself (attention masks)
+    ignore_suffixes: tuple = ()
+    #: name of an output head that must equal the token embedding (the model's head is tied)
+    tied_head: Optional[str] = None
+    tied_to: str = "tok_emb.weight"
+    extra: dict = field(default_factory=dict)
+
+    def slots(self):
+        """(checkpoint name, target, transpose, rows or None) for every mapped tensor."""
+        for name, slot in self.tensors.items():
+            target, transpose, *rest = slot
+            yield name, target, transpose, (rest[0] if rest else None)
+
+    def stored_name(self, name: str) -> str:
+        """The name a tensor is written under in a checkpoint this importer reads."""
+        return name if name in self.outside_prefix else self.prefix + name
+
+
+def per_head_rows(n_heads: int, head_dim: int) -> list:
+    """Where each row of a q/k/v matrix interleaved per head ([head][q|k|v][dim], GPT-NeoX and
+    BLOOM) goes in the attention's ``qkv`` ([q|k|v][head][dim])."""
+    return [part * n_heads * head_dim + head * head_dim + d
+            for head in range(n_heads) for part in range(3) for d in range(head_dim)]
+
+
+def fused_rows(*sizes: int) -> list:
+    """Row ranges of tensors stacked one after another in one parameter: sizes (a, b) -> [0..a), [a..a+b)."""
+    out, start = [], 0
+    for size in sizes:
+        out.append(list(range(start, start + size)))
+        start += size
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# What each kind receives or may call, beyond its base (all of it is gptlab.<name> too)
+# ---------------------------------------------------------------------------------------------
+_CFG = "gptlab.config.model.ModelConfig"  # the model config factories of model kinds receive as cfg
+_CTX, _CACHE = "gptlab.plugin.components.PositionalContext", "gptlab.plugin.components.KVCache"
+_RANGE = "gptlab.plugin.hookspecs.Range"  # option bounds, for any kind's factory annotations
+
+#: kind -> dotted paths of the values its plugins receive and the helpers they may call. Those in
+#: higher layers (config, hf, run) are strings because gptlab.plugin imports nothing above it;
+#: tests/test_contract.py resolves every path and checks that gptlab exports it under its name.
+HELPERS: dict[str, tuple[str, ...]] = {
+    "attention": (_CFG, _CTX, _CACHE, "gptlab.plugin.components.mark_residual", _RANGE),
+    "position": (_CFG, _CTX, _RANGE),
+    "norm": (_CFG, _RANGE),
+    "norm_placement": (_CFG, _CTX, _CACHE, _RANGE),
+    "activation": (_CFG, "gptlab.plugin.layers.MLP", "gptlab.plugin.layers.GatedMLP",
+                   "gptlab.plugin.components.mark_residual", _RANGE),
+    "dataset": (_RANGE,),
+    "tokenizer": (_RANGE,),
+    "importer": ("gptlab.plugin.contract.per_head_rows", "gptlab.plugin.contract.fused_rows",
+                 "gptlab.hf.helpers.HFConfig", "gptlab.hf.helpers.HFExport", "gptlab.hf.helpers.component",
+                 "gptlab.hf.helpers.rope_to_hf", "gptlab.hf.helpers.MAX_WIDTH"),
+    "tracker": ("gptlab.plugin.hookspecs.RunInfo", "gptlab.run.tracking.require", "gptlab.run.tracking.row_metrics",
+                "gptlab.run.tracking.final_metrics", "gptlab.run.tracking.grad_norms",
+                "gptlab.run.tracking.flat_config", "gptlab.run.tracking.number", "gptlab.run.tracking.metric_key",
+                "gptlab.run.tracking.Background"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter names
+# ---------------------------------------------------------------------------------------------
+#: the skeleton's (GPTModel's) own parts, role -> attribute name; blocks are numbered under "blocks"
+SKELETON = {"tok_emb": "tok_emb", "position": "position", "embedding_norm": "embedding_norm", "blocks": "blocks",
+            "final_norm": "final_norm", "head": "head"}
+#: the block roles that name sublayers, and the kind whose ``param_names`` continue the name there
+SUBLAYERS = {"attn": "attention", "mlp": "activation"}
+#: the parameters every declared module may hold
+LEAVES = ("weight", "bias")
+
+
+def param_names(kind: str, component: Any) -> Mapping[str, str]:
+    """What ``component`` (a built module of ``kind``, or its class) declares: role -> attribute name."""
+    return KINDS[kind].attr(component, "param_names")
+
+
+def declared_modules(model: Any) -> dict[str, str]:
+    """role path -> module name, for every module of a built GPTModel that the skeleton or a component
+    declares (``blocks.0.attn.qkv`` -> ``blocks.0.attn.qkv`` with the built-ins). Each holds its
+    parameters as ``weight`` and, when it has one, ``bias``: these are the names importers write."""
+    out = {"tok_emb": SKELETON["tok_emb"], "head": SKELETON["head"]}
+    if model.config.embedding_norm:
+        out["embedding_norm"] = SKELETON["embedding_norm"]
+    blocks = list(getattr(model, SKELETON["blocks"]))
+    if blocks and KINDS["norm_placement"].attr(blocks[0], "final_norm"):
+        out["final_norm"] = SKELETON["final_norm"]
+    where = SKELETON["position"]
+    for role, name in param_names("position", getattr(model, where)).items():
+        out[f"position.{role}"] = f"{where}.{name}"
+    for i, block in enumerate(blocks):
+        for role, name in param_names("norm_placement", block).items():
+            path, module = f"blocks.{i}.{role}", f"{SKELETON['blocks']}.{i}.{name}"
+            if role in SUBLAYERS:
+                for sub_role, sub_name in param_names(SUBLAYERS[role], block.get_submodule(name)).items():
+                    out[f"{path}.{sub_role}"] = f"{module}.{sub_name}"
+            else:
+                out[path] = module
+    return out
+
+
+def declared_parameters(model: Any) -> set[str]:
+    """Every parameter name an importer may write for ``model``: each declared module's ``weight``
+    and ``bias`` (whether the module has a bias is the model's business)."""
+    return {f"{module}.{leaf}" for module in declared_modules(model).values() for leaf in LEAVES}
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's table of kinds, generated from KINDS
+# ---------------------------------------------------------------------------------------------
+TABLE_START = "<!-- kinds table: generated by python -m gptlab.plugin.contract from gptlab.plugin.hookspecs.KINDS -->"
+TABLE_END = "<!-- end of kinds table -->"
+
+
+def factory_call(kind: Kind) -> str:
+    """How gptlab calls the kind's factories, as the README writes it."""
+    args = [*kind.positional, *(f"{name}=…" for name in kind.reserved), *(["**options"] if kind.options else [])]
+    return f"factory({', '.join(args)})"
+
+
+def kinds_table() -> str:
+    """The README's table of kinds: call, base or protocol, what it returns, attributes gptlab reads."""
+    rows = ["| kind | factory call | returns | attributes gptlab reads |", "|---|---|---|---|"]
+    for kind in KINDS.values():
+        attrs = ", ".join(f"`{name}`" for name in kind.attrs) or "—"
+        rows.append(f"| {kind.name} | `{factory_call(kind)}` | `gptlab.{kind.base_name}`: {kind.returns} | {attrs} |")
+    return "\n".join(rows)
+
+
+def readme_table(text: str) -> Optional[str]:
+    """The table between the markers of a README's text, or None when the markers are missing."""
+    match = re.search(re.escape(TABLE_START) + r"\n(.*?)\n?" + re.escape(TABLE_END), text, re.S)
+    return match.group(1) if match else None
+
+
+def write_readme_table(path: Optional[Path] = None) -> Path:
+    """Rewrite the table between the markers of README.md (the checkout's, by default)."""
+    path = Path(path or Path(__file__).resolve().parents[2] / "README.md")
+    text = path.read_text()
+    if readme_table(text) is None:
+        raise SystemExit(f"{path}: no kinds table between {TABLE_START!r} and {TABLE_END!r}")
+    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+    path.write_text(text[:start] + "\n" + kinds_table() + "\n" + text[end:])
+    return path
+
+
+__all__ = ["KINDS", "MODEL_KINDS", "Attr", "Kind", "Range", "RunInfo", "hookimpl", *_TORCH_BACKED, "Norm", "Block",
+           "FeedForward", "Tracker", "Corpus", "Tokenizer", "HFImport", "per_head_rows", "fused_rows", "HELPERS",
+           "SKELETON", "SUBLAYERS", "LEAVES", "param_names", "declared_modules", "declared_parameters", "kinds_table"]
+
+if __name__ == "__main__":  # python -m gptlab.plugin.contract: regenerate the README's table of kinds
+    print(write_readme_table())
