@@ -206,9 +206,7 @@ def test_rerun_trains_nothing_and_keeps_every_file(copied):
     assert proc.returncode == 0, proc.stderr
     after = {name: snapshot(d) for name, d in run_dirs(exp_dir).items()}
     assert after == before  # same directories, byte-identical files, unchanged mtimes
-    output = (proc.stdout + proc.stderr).lower()
-    assert any(word in output for word in ("kept", "skip", "already")), \
-        f"the output does not say the finished runs were kept:\n{proc.stdout}\n{proc.stderr}"
+    assert "(4 finished runs kept)" in proc.stderr.splitlines()[0], proc.stderr  # the experiment line says so
 
 
 def test_adding_a_variant_runs_only_the_new_one(copied, inproc):
@@ -391,7 +389,7 @@ def test_divergence_is_a_result_and_the_sweep_goes_on(inproc, tmp_path):
     runs = by_variant_seed(results / "div")
     s = summary(runs["absurd_lr", 0])
     assert s["status"] == "diverged"
-    assert s["diverged_step"] in (5, 10)
+    assert s["diverged_step"] == TRAIN["log_every"] == 5  # lr 1e6 breaks the first steps; seen at the first log step
     assert "nan" in s["error"].lower() or "inf" in s["error"].lower()
     assert all(r["step"] < s["diverged_step"] for r in metrics(runs["absurd_lr", 0]))
     assert summary(runs["ok", 0])["status"] == "completed"
