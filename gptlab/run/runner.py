@@ -227,6 +227,9 @@ class ExperimentRunner:
                 raise KeyboardInterrupt
         else:
             done = self._run_here(todo, threads, on_progress, on_finish)
+        if self.group.active:  # the job's runs are done on every rank: leave the group, as torch asks
+            distributed.barrier(self.group)
+            distributed.leave()
         return self.outcomes(done)
 
     def _run_here(self, todo: list[PlannedRun], threads: Optional[int], on_progress: Optional[Callable],

@@ -54,6 +54,8 @@ def join(group: Group, device: torch.device) -> torch.device:
 
 
 def leave() -> None:
+    """Destroy the process group once a torchrun job's runs are done (torch warns when a job exits
+    without it)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
