@@ -56,8 +56,8 @@ def to_hf(cfg):
     _, opts = check.one_of("activation", ("gelu_tanh",), ("hidden_dim",))
     if (opts.get("hidden_dim") or cfg.get("ff_dim") or 4 * cfg["emb_dim"]) != 4 * cfg["emb_dim"]:
         raise gptlab.ConfigError("activation 'gelu_tanh' width: BLOOM's MLP is 4 x emb_dim wide")
-    check.require("embedding_norm", True, "normalises the token embeddings (set model.embedding_norm: true)")
-    check.require("tie_embeddings", True, "ties its output head to the token embedding")
+    check.expect("embedding_norm", True, "normalises the token embeddings (set model.embedding_norm: true)")
+    check.expect("tie_embeddings", True, "ties its output head to the token embedding")
     check.plain_head_dim()
     return {"model_type": "bloom", "architectures": ["BloomForCausalLM"], "vocab_size": cfg["vocab_size"],
             "hidden_size": cfg["emb_dim"], "n_layer": cfg["n_layers"], "n_head": cfg["n_heads"],

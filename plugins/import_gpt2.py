@@ -126,8 +126,8 @@ def to_hf(cfg):
     check.one_of("norm_placement", ("pre",))
     eps = check.norm_eps(("layernorm",))
     act, _ = check.one_of("activation", tuple(_TO_HF), ("hidden_dim",))
-    check.require("tie_embeddings", True, "ties its output head to the token embedding")
-    check.require("embedding_norm", False, "has no norm on the embeddings")
+    check.expect("tie_embeddings", True, "ties its output head to the token embedding")
+    check.expect("embedding_norm", False, "has no norm on the embeddings")
     check.plain_head_dim()
     hidden = component(cfg, "activation")[1].get("hidden_dim") or cfg.get("ff_dim")
     drop = cfg["drop_rate"]

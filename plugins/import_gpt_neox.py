@@ -72,7 +72,7 @@ def to_hf(cfg):
                                  "(shared_norm: false)")
     eps = check.norm_eps(("layernorm",))
     act, act_opts = check.one_of("activation", tuple(TO_HF), ("hidden_dim",))
-    check.require("embedding_norm", False, "has no norm on the embeddings")
+    check.expect("embedding_norm", False, "has no norm on the embeddings")
     check.plain_head_dim()
     return {"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "vocab_size": cfg["vocab_size"],
             "hidden_size": cfg["emb_dim"], "num_hidden_layers": cfg["n_layers"], "num_attention_heads": cfg["n_heads"],

@@ -77,7 +77,7 @@ def to_hf(cfg):
     check.one_of("norm_placement", ("pre",))
     eps = check.norm_eps(("rmsnorm",))
     _, opts = check.one_of("activation", ("swiglu",), ("hidden_dim",))
-    check.require("embedding_norm", False, "has no norm on the embeddings")
+    check.expect("embedding_norm", False, "has no norm on the embeddings")
     hidden = opts.get("hidden_dim") or cfg.get("ff_dim") or int(round(8 * cfg["emb_dim"] / 3))
     attn_bias = cfg["qkv_bias"] or check.bias("attn_out")
     return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg["vocab_size"],

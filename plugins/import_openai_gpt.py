@@ -48,8 +48,8 @@ def to_hf(cfg):
     act, opts = check.one_of("activation", tuple(TO_HF), ("hidden_dim",))
     if (opts.get("hidden_dim") or cfg.get("ff_dim") or 4 * cfg["emb_dim"]) != 4 * cfg["emb_dim"]:
         raise gptlab.ConfigError(f"activation '{act}' width: OpenAI GPT's MLP is 4 x emb_dim wide")
-    check.require("tie_embeddings", True, "ties its output head to the token embedding")
-    check.require("embedding_norm", False, "has no norm on the embeddings")
+    check.expect("tie_embeddings", True, "ties its output head to the token embedding")
+    check.expect("embedding_norm", False, "has no norm on the embeddings")
     check.plain_head_dim()
     drop = cfg["drop_rate"]
     return {"model_type": "openai-gpt", "architectures": ["OpenAIGPTLMHeadModel"], "vocab_size": cfg["vocab_size"],

@@ -197,9 +197,9 @@ def _check_launcher_flags(args: argparse.Namespace) -> None:
         raise ConfigError(f"--jobs applies to --launcher inprocess; with --launcher {args.launcher} every run is a "
                           f"task of its own (--array-parallelism limits how many run at once on Slurm)")
     if args.launcher != "inprocess":
-        from ..run.launch import require
+        from ..run.launch import check_launcher
 
-        require(args.launcher)
+        check_launcher(args.launcher)
 
 
 def _launch(args: argparse.Namespace, runner, plan: list, cfg: SlurmConfig, out, err) -> int:

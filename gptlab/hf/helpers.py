@@ -197,7 +197,7 @@ class HFExport:
             raise ConfigError(f"{kind} '{name}' option {extra[0]}: {self.family} has no equivalent")
         return name, opts
 
-    def require(self, key: str, value: Any, why: str) -> None:
+    def expect(self, key: str, value: Any, why: str) -> None:
         if self.cfg.get(key) != value:
             raise ConfigError(f"model.{key}={json.dumps(self.cfg.get(key))}: {self.family} {why}")
 

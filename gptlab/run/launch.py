@@ -7,7 +7,7 @@ executor (subprocesses on this machine), which is how this path is tested withou
 
 submitit keeps its pickles and logs in ``results/<experiment>/.submitit/``; ``jobs.json`` there
 records which job each run was submitted as, so ``gptlab status`` can list runs that are still
-queued and have no run directory yet. submitit is an optional extra: ``require`` says what to
+queued and have no run directory yet. submitit is an optional extra: ``check_launcher`` says what to
 install before anything is read or written.
 
 Stops: shortly before a time limit (and on a preemption, where the cluster sends it) Slurm gives
@@ -38,7 +38,7 @@ from ..errors import ConfigError
 from ..config.run import SlurmConfig
 from .workers import Job, Progress, run_job
 
-try:  # the optional extra; without it ``require`` stops the command before a task is made
+try:  # the optional extra; without it ``check_launcher`` stops the command before a task is made
     from submitit.helpers import Checkpointable as _Checkpointable
 except ImportError:
     _Checkpointable = object
@@ -56,7 +56,7 @@ QUEUED = "queued"  #: submitted, not started yet
 REQUEUED = "requeued"  #: interrupted, and its job will resume it
 
 
-def require(launcher: str) -> None:
+def check_launcher(launcher: str) -> None:
     """Refuse a launcher that cannot work here, before the command reads or writes anything."""
     if launcher == "inprocess":
         return
