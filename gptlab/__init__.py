@@ -32,7 +32,7 @@ _LAZY = {
     "MAX_WIDTH": "hf.helpers",
     "require": "run.tracking", "row_metrics": "run.tracking", "final_metrics": "run.tracking",
     "grad_norms": "run.tracking", "flat_config": "run.tracking", "number": "run.tracking",
-    "metric_key": "run.tracking", "Background": "run.tracking",
+    "metric_key": "run.tracking", "Background": "run.tracking", "RunSlots": "run.tracking",
     "load_results": "results.frame",
 }
 

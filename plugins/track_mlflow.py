@@ -24,10 +24,10 @@ import time
 
 import gptlab
 from gptlab import rundir
-from gptlab import Background, final_metrics, flat_config, grad_norms, require, row_metrics
+from gptlab import Background, RunSlots, final_metrics, flat_config, grad_norms, require, row_metrics
 
 NAME = "mlflow"
-_runs = {}  # run dir -> (writer thread, state filled by the thread: client, run_id)
+_runs = RunSlots(close=lambda found: found[0].close(timeout=5))  # (writer thread, state: client, run_id)
 STATUS = {"completed": "FINISHED", "interrupted": "KILLED"}  # anything else: FAILED
 FLUSH_SECONDS = 5.0  # rows are written together at most this often (and at the end): one write costs ~10 ms
 
@@ -53,22 +53,17 @@ def gptlab_register(register):
 def gptlab_run_start(run):
     if not run.tracks(NAME):
         return
-    for writer, _ in _runs.values():  # a run of this process whose sink was switched off before its end
-        try:
-            writer.close(timeout=5)
-        except Exception:  # already reported when it was switched off
-            pass
-    _runs.clear()
+    _runs.close_stale()  # a run of this process whose sink was switched off before its end
     state = {"rows": [], "flushed": time.time()}  # rows not yet handed to the writer, and when it last got some
     writer = Background(f"gptlab-mlflow-{run.seed}")
     kept = list(rundir.metric_rows(run.dir)) if run.resumed_from is not None else []  # before new rows arrive
     writer.submit(_start, state, run, kept)
-    _runs[str(run.dir)] = (writer, state)
+    _runs.put(run, (writer, state))
 
 
 @gptlab.hookimpl
 def gptlab_log(run, step, metrics):
-    found = _runs.get(str(run.dir))
+    found = _runs.get(run)
     if found is not None:
         writer, state = found
         now = time.time()
@@ -80,7 +75,7 @@ def gptlab_log(run, step, metrics):
 
 @gptlab.hookimpl
 def gptlab_run_end(run, summary):
-    found = _runs.pop(str(run.dir), None)
+    found = _runs.pop(run)
     if found is not None:
         writer, state = found
         writer.submit(_end, state, run, dict(summary), state["rows"], int(time.time() * 1000))

@@ -10,11 +10,11 @@ step only queues a few scalars.
 """
 import gptlab
 from gptlab import rundir
-from gptlab import final_metrics, flat_config, grad_norms, require, row_metrics
+from gptlab import RunSlots, final_metrics, flat_config, grad_norms, require, row_metrics
 
 NAME = "tensorboard"
 FOLDER = "tensorboard"
-_writers = {}  # run dir -> the SummaryWriter of the run in flight
+_writers = RunSlots(close=lambda writer: writer.close())  # the SummaryWriter of the run in flight
 
 
 def tensorboard_tracker():
@@ -33,12 +33,7 @@ def gptlab_run_start(run):
         return
     from torch.utils.tensorboard import SummaryWriter
 
-    for stale in _writers.values():  # a run of this process whose sink was switched off before its end
-        try:
-            stale.close()
-        except Exception:  # already reported when it was switched off
-            pass
-    _writers.clear()
+    _writers.close_stale()  # a run of this process whose sink was switched off before its end
     folder = run.dir / FOLDER
     rundir.refuse_link(folder)
     # an earlier attempt's files go: redone, its curves are another run's; resumed, they may lack the
@@ -46,7 +41,7 @@ def gptlab_run_start(run):
     for old in folder.glob("events.out.tfevents.*"):
         if old.is_file() and not old.is_symlink():
             old.unlink()
-    writer = _writers[str(run.dir)] = SummaryWriter(str(folder), flush_secs=30)
+    writer = _writers.put(run, SummaryWriter(str(folder), flush_secs=30))
     if run.resumed_from is not None:
         for row in rundir.metric_rows(run.dir):
             for key, value in row_metrics(row).items():
@@ -55,7 +50,7 @@ def gptlab_run_start(run):
 
 @gptlab.hookimpl
 def gptlab_log(run, step, metrics):
-    writer = _writers.get(str(run.dir))
+    writer = _writers.get(run)
     if writer is not None:
         for key, value in row_metrics(metrics).items():
             writer.add_scalar(key, value, step)
@@ -63,7 +58,7 @@ def gptlab_log(run, step, metrics):
 
 @gptlab.hookimpl
 def gptlab_run_end(run, summary):
-    writer = _writers.pop(str(run.dir), None)
+    writer = _writers.pop(run)
     if writer is None:
         return
     try:

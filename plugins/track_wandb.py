@@ -21,10 +21,10 @@ from urllib.parse import urlparse
 
 import gptlab
 from gptlab import rundir
-from gptlab import Background, final_metrics, grad_norms, number, require, row_metrics
+from gptlab import Background, RunSlots, final_metrics, grad_norms, number, require, row_metrics
 
 NAME = "wandb"
-_runs = {}  # run dir -> (writer thread, state filled by the thread: the wandb Run)
+_runs = RunSlots(close=lambda found: _finish(found))  # (writer thread, state filled by the thread: the Run)
 
 
 def wandb_tracker():
@@ -61,7 +61,7 @@ def _previous_id(folder):
 def gptlab_run_start(run):
     if not run.tracks(NAME):
         return
-    _finish_stale()
+    _runs.close_stale()
     own_dir = not os.environ.get("WANDB_DIR")
     folder = run.dir / "wandb"
     kwargs = {}
@@ -81,12 +81,12 @@ def gptlab_run_start(run):
     writer = Background(f"gptlab-wandb-{run.seed}")  # starting W&B's service takes ~0.5 s: not on the loop
     writer.submit(_start, state, project=run.experiment, group=run.name, name=f"{run.name}/{run.seed}",
                   config=config, **kwargs)
-    _runs[str(run.dir)] = (writer, state)
+    _runs.put(run, (writer, state))
 
 
 @gptlab.hookimpl
 def gptlab_log(run, step, metrics):
-    found = _runs.get(str(run.dir))
+    found = _runs.get(run)
     if found is not None:
         writer, state = found
         # commit: the row is complete, and W&B would otherwise let it overwrite the summary at the end
@@ -95,7 +95,7 @@ def gptlab_log(run, step, metrics):
 
 @gptlab.hookimpl
 def gptlab_run_end(run, summary):
-    found = _runs.pop(str(run.dir), None)
+    found = _runs.pop(run)
     if found is None:
         return
     writer, state = found
@@ -145,16 +145,11 @@ def _where(handle):
         return None
 
 
-def _finish_stale():
+def _finish(found):
     """Finish a run of this process whose sink was switched off before its end."""
-    for writer, state in _runs.values():
-        try:
-            writer.close(timeout=5)
-        except Exception:  # already reported when it was switched off
-            pass
-        try:
-            if state.get("run") is not None:
-                state["run"].finish(exit_code=1)
-        except Exception:
-            pass
-    _runs.clear()
+    writer, state = found
+    try:
+        writer.close(timeout=5)
+    finally:
+        if state.get("run") is not None:
+            state["run"].finish(exit_code=1)

@@ -238,7 +238,7 @@ HELPERS: dict[str, tuple[str, ...]] = {
     "tracker": ("gptlab.plugin.hookspecs.RunInfo", "gptlab.run.tracking.require", "gptlab.run.tracking.row_metrics",
                 "gptlab.run.tracking.final_metrics", "gptlab.run.tracking.grad_norms",
                 "gptlab.run.tracking.flat_config", "gptlab.run.tracking.number", "gptlab.run.tracking.metric_key",
-                "gptlab.run.tracking.Background"),
+                "gptlab.run.tracking.Background", "gptlab.run.tracking.RunSlots"),
 }
 
 

@@ -199,6 +199,36 @@ def flat_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return flatten_config(config, param)
 
 
+class RunSlots:
+    """What a tracking sink keeps for the run in flight, by run folder, in one place for every sink.
+
+    ``close_stale()`` at a run's start closes (with ``close``; errors ignored, they were reported
+    when the sink was switched off) whatever a run of this process left behind; ``put(run, value)``
+    holds the new run's value, ``get(run)`` finds it at a log step and ``pop(run)`` takes it at the
+    run's end (None where the sink is not tracking that run)."""
+
+    def __init__(self, close: Callable[[Any], None]) -> None:
+        self._close, self._held = close, {}
+
+    def close_stale(self) -> None:
+        for stale in self._held.values():
+            try:
+                self._close(stale)
+            except Exception:  # already reported when the sink was switched off
+                pass
+        self._held.clear()
+
+    def put(self, run: Any, value: Any) -> Any:
+        self._held[str(run.dir)] = value
+        return value
+
+    def get(self, run: Any) -> Any:
+        return self._held.get(str(run.dir))
+
+    def pop(self, run: Any) -> Any:
+        return self._held.pop(str(run.dir), None)
+
+
 class Background:
     """One daemon thread that runs a sink's slow calls (database writes) in order, so a log step
     only queues them. An error there is raised at the sink's next ``submit`` or at ``close``, so
