@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from ..errors import ConfigError, did_you_mean
+from ..errors import ConfigError, did_you_mean, one_line
 from .timing import (autocast, environment, is_oom, median, milliseconds, peak_memory, quoted, rerun_command,
                      resolve_dtype, short_error, time_calls, torch_threads)
 
@@ -68,7 +68,7 @@ def load_model_config(spec: str, overrides: Iterable[str] = (), plugins: Any = N
         try:
             raw = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(raw), OmegaConf.create(ov)), resolve=True)
         except OmegaConfBaseException as exc:
-            raise ConfigError(f"bad override: {' '.join(str(exc).split())}") from None
+            raise ConfigError(f"bad override: {one_line(exc, 10_000)}") from None
     try:
         return ModelConfig.from_any(raw)
     except ConfigError as exc:
@@ -86,7 +86,7 @@ def _read_config_file(path: Path) -> dict:
             data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except (OSError, UnicodeDecodeError, ValueError, OmegaConfBaseException) as exc:
         raise ConfigError(f"{path}: cannot read it as {'JSON' if path.suffix.lower() == '.json' else 'YAML'} "
-                          f"({' '.join(str(exc).split())})") from None
+                          f"({one_line(exc, 10_000)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of model keys, got {type(data).__name__}")
     if isinstance(data.get("model"), dict):

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
 from ..plugin.contract import HFImport, fused_rows, per_head_rows  # the contract's; re-exported here
 from ..plugin.hookspecs import KINDS, MODEL_KINDS
 
@@ -113,7 +113,7 @@ def read_json_bounded(file: Path, limit: int) -> Any:
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
-        detail = " ".join(str(exc).split())[:120] if not isinstance(exc, RecursionError) else "nested too deeply"
+        detail = one_line(exc, 120) if not isinstance(exc, RecursionError) else "nested too deeply"
         raise ConfigError(f"{file}: cannot read it as JSON ({detail})") from None
 
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..config.model import ModelConfig, parse_section, to_plain
-from ..errors import ConfigError, did_you_mean
+from ..errors import ConfigError, did_you_mean, one_line
 from ..hf.checkpoint import hf_model_config
 from ..config.presets import apply_preset
 from ..config.run import SECTIONS, DataConfig, RunSpec, SlurmConfig, TrainConfig, config_hash
@@ -122,7 +122,7 @@ def load_yaml(path: Path) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
     except Exception as exc:
-        detail = " ".join(str(exc).split())
+        detail = one_line(exc, 10_000)
         raise ConfigError(f"{path}: not valid YAML: {detail}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"{path}: an experiment must be a mapping with name, model, data, train, variants, seeds")
@@ -141,7 +141,7 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except Exception as exc:  # OmegaConf's own errors and YAML parse errors of a value
-        detail = " ".join(str(exc).split())[:200]
+        detail = one_line(exc)
         raise ConfigError(f"bad override ({detail}); write key=value, and quote mappings: "
                           f"'model.position={{name: rope, base: 500}}'") from None
 
@@ -158,7 +158,7 @@ def _merge(where: str, *cfgs: Any) -> DictConfig:
     try:
         return OmegaConf.merge(*cfgs)
     except (OmegaConfBaseException, TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: an override does not fit the experiment ({' '.join(str(exc).split())[:200]}); "
+        raise ConfigError(f"{where}: an override does not fit the experiment ({one_line(exc)}); "
                           f"override a value with a value of the same kind, e.g. seeds=[0,1]") from None
 
 
@@ -166,7 +166,7 @@ def _plain(cfg: Any, where: str) -> Any:
     try:
         return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{where}: {' '.join(str(exc).split())}") from None
+        raise ConfigError(f"{where}: {one_line(exc, 10_000)}") from None
 
 
 def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfig | None = None,
@@ -246,7 +246,7 @@ def _head(cfg: DictConfig, where: str) -> _Head:
     try:
         name = cfg.get("name")
     except OmegaConfBaseException as exc:
-        raise ConfigError(f"{where}: {' '.join(str(exc).split())}") from None
+        raise ConfigError(f"{where}: {one_line(exc, 10_000)}") from None
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ConfigError(f"{where}: 'name' must be a folder-safe string (letters, digits, _ . -), got {name!r}")
     description = cfg.get("description") or ""

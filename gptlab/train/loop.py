@@ -17,6 +17,7 @@ import torch
 from ..data.tokens import Batches, TokenData, eval_starts, windows
 from .devices import peak_flops, synchronize
 from ..config.run import RunSpec, TrainConfig
+from ..errors import one_line
 from ..model.gpt import GPTModel
 from .distributed import Group, any_rank, mean
 from .resume import Resumable, restore, save
@@ -385,7 +386,7 @@ def compile_or_fallback(model: GPTModel, shape: tuple, device: torch.device,
         model.zero_grad(set_to_none=True)
     except Exception as exc:  # dynamo/inductor errors come in many types
         model.zero_grad(set_to_none=True)
-        reason = " ".join(str(exc).split())[:300]
+        reason = one_line(exc, 300)
         return model, f"fell back to eager: {type(exc).__name__}: {reason}"
     breaks = counters.get("graph_break", {})
     if breaks:
