@@ -32,12 +32,19 @@ EXP = {
 }
 SLOW = '''
 import time
+from pathlib import Path
 import gptlab
+
+HERE = Path(__file__).parent
+
 
 @gptlab.hookimpl
 def gptlab_log(run, step, metrics):
-    if step == 3:
-        time.sleep(3)  # time for the test to signal the task while it is inside step 3
+    if step == 3 and not (HERE / "released").exists():  # hold step 3 until the test has signalled the task
+        (HERE / "inside_step_3").touch()
+        deadline = time.monotonic() + 120
+        while not (HERE / "released").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
 '''
 KEYS = ("step", "tokens", "train_loss", "val_loss", "lr")
 
@@ -162,10 +169,9 @@ def test_a_task_signalled_before_its_time_limit_is_requeued_and_resumes_bit_for_
     exp_dir = lab / "requeue" / "tiny"
     (name,) = submissions(exp_dir)[0]["runs"]
     run_dir = exp_dir / name
-    # the row of step 3 is written before the slow hook sleeps: the task is inside step 3's log call
-    wait_until(lambda: (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text(),
-               what="step 3")
+    wait_until(lambda: (lab / "inside_step_3").exists(), what="step 3")  # the task holds inside step 3
     os.kill(json.loads((run_dir / "summary.json").read_text())["pid"], signal.SIGUSR2)
+    (lab / "released").touch()
     wait_until(lambda: all(r["status"] == "completed" for r in status_rows(capsys, exp_dir)), what="the requeue")
     resumed = json.loads((run_dir / "summary.json").read_text())["resumed_from"]
     assert (resumed, outcome(exp_dir)[name]) == ([3], outcome(inprocess)[name])
