@@ -12,6 +12,9 @@ def layernorm(cfg, dim, eps: Annotated[float, Range(gt=0)] = 1e-5):
     return nn.LayerNorm(dim, eps=eps, bias=cfg.uses_bias("norm"))
 
 
+layernorm.parameter_count = lambda cfg, dim: dim * (2 if cfg.uses_bias("norm") else 1)  # gain, and bias
+
+
 @gptlab.hookimpl
 def gptlab_register(register):
     register("norm", "layernorm", layernorm)

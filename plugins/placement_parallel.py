@@ -13,6 +13,7 @@ class ParallelBlock(nn.Module):
     """Parallel block: x + attn(norm(x)) + mlp(norm(x)); shared_norm false: one norm per branch."""
 
     final_norm = True
+    norm_count = staticmethod(lambda options: 1 if options.get("shared_norm", True) else 2)
     #: role -> attribute, what importers map tensors onto (gptlab.plugin.contract); the instance's
     #: names norm1 (attention's) and norm2 (the MLP's) instead of norm when shared_norm is false
     param_names = {"attn": "attn", "mlp": "mlp", "norm": "norm"}

@@ -12,6 +12,7 @@ class SandwichNormBlock(nn.Module):
     """Sandwich-LN: x + norm(f(norm(x))); bounds what each sublayer adds to the residual stream."""
 
     final_norm = True
+    norm_count = staticmethod(lambda options: 4)  # two around each sublayer
     #: role -> attribute, what importers map tensors onto (gptlab.plugin.contract)
     param_names = {"attn": "attn", "mlp": "mlp", "norm1_in": "norm1_in", "norm1_out": "norm1_out",
                    "norm2_in": "norm2_in", "norm2_out": "norm2_out"}

@@ -12,6 +12,11 @@ class LearnedPositions(PositionScheme):
     provides = frozenset({"embedding"})
     param_names = {"emb": "emb"}  # the (context_length, emb_dim) table importers fill
 
+    @staticmethod
+    def parameter_count(cfg):
+        """The table's size, for the size check before anything is built."""
+        return cfg.context_length * cfg.emb_dim
+
     def __init__(self, cfg):
         super().__init__()
         self.max_length = cfg.context_length

@@ -187,11 +187,11 @@ COUNTED = {
 
 
 @pytest.mark.parametrize("changes", COUNTED.values(), ids=COUNTED)
-def test_the_analytic_count_is_exact_for_the_built_ins(changes):
+def test_the_analytic_count_is_exact_for_the_built_ins(changes, builtin_system):
     cfg = ModelConfig.from_any(tiny_cfg(vocab_size=101, emb_dim=48, **changes))
     with torch.device("meta"):
-        model = GPTModel(cfg)
-    assert sum(parameter_parts(cfg).values()) == model.num_parameters()
+        model = GPTModel(cfg, plugins=builtin_system)
+    assert sum(parameter_parts(cfg, builtin_system).values()) == model.num_parameters()
 
 
 # =================================================================================================

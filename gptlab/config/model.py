@@ -21,8 +21,6 @@ from ..plugin.hookspecs import MODEL_KINDS
 MAX_LAYERS = 4096
 #: bytes per parameter of fp32 training with AdamW: weights, gradients and the two moments
 TRAINING_BYTES_PER_PARAM = 16
-#: activations whose names gptlab's built-ins implement as gated MLPs (two input projections)
-GATED_ACTIVATIONS = frozenset({"swiglu", "geglu", "reglu"})
 
 # The seeds' configuration, unchanged (public API).
 GPT_CONFIG_124M = {
@@ -144,23 +142,34 @@ class ModelConfig:
         positive(self, "model", "vocab_multiple")
 
 
-def parameter_parts(cfg: ModelConfig) -> dict[str, int]:
-    """The parameters of a model ``cfg`` describes, by part, computed from the config alone (nothing
-    is built, so a config claiming a huge model costs nothing to measure). Each label names the
-    keys that size its part. Exact for the built-in components; a plugin component is counted as
-    the built-in of its kind would be (the meta build then gives the exact figure)."""
+def _declared(plugins: Any, kind: str, name: str, attr: str, default: Any) -> Any:
+    """What the component registered as ``name`` declares about its size (``default`` if nothing)."""
+    try:
+        return getattr(plugins.registry.get(kind, name).factory, attr, default)
+    except Exception:  # an unknown name: reported by the component check, counted as the default here
+        return default
+
+
+def parameter_parts(cfg: ModelConfig, plugins: Any) -> dict[str, int]:
+    """The parameters of a model ``cfg`` describes, by part, computed from the config and what its
+    components (registered in ``plugins``) declare, without building anything, so a config claiming
+    a huge model costs nothing to measure. Each label names the keys that size its part. Declared,
+    with defaults for a component that says nothing: an activation's ``gated`` (False), a norm's
+    ``parameter_count(cfg, dim)`` (dim), a block's ``norm_count(options)`` (2) and ``final_norm``
+    (True), a position's ``parameter_count(cfg)`` (0). Exact for the built-ins; the meta build then
+    gives the exact figure for any model."""
     d, heads, head = cfg.emb_dim, cfg.n_heads, cfg.head_size
     kv_heads = _positive_int(cfg.attention.options.get("n_kv_heads")) or heads
     q, kv = heads * head, kv_heads * head
-    gated = cfg.activation.name in GATED_ACTIVATIONS
+    gated = bool(_declared(plugins, "activation", cfg.activation.name, "gated", False))
     hidden = _positive_int(cfg.activation.options.get("hidden_dim")) or cfg.ff_dim \
         or (int(round(8 * d / 3)) if gated else 4 * d)
-    norm = d * (2 if cfg.norm.name == "layernorm" and cfg.uses_bias("norm") else 1)
+    norm = _declared(plugins, "norm", cfg.norm.name, "parameter_count", lambda cfg, dim: dim)(cfg, d)
     attention = d * (q + 2 * kv) + (q + 2 * kv) * cfg.qkv_bias + q * d + d * cfg.uses_bias("attn_out")
     fc = hidden * (2 if gated else 1)
     mlp = d * fc + hidden * d + (fc + d) * cfg.uses_bias("mlp")
     placement = cfg.norm_placement
-    norms = {"sandwich": 4, "parallel": 1 if placement.options.get("shared_norm", True) else 2}.get(placement.name, 2)
+    norms = _declared(plugins, "norm_placement", placement.name, "norm_count", lambda options: 2)(placement.options)
     block = attention + mlp + norms * norm
     vocab = cfg.padded_vocab
     parts = {f"the token embedding (vocab_size {count(vocab)} x emb_dim {count(d)})": vocab * d,
@@ -168,15 +177,17 @@ def parameter_parts(cfg: ModelConfig) -> dict[str, int]:
              f"{count(heads)} heads of {count(head)}, MLP width {count(hidden)})": cfg.n_layers * block}
     if not cfg.tie_embeddings:
         parts[f"the output head (vocab_size {count(vocab)} x emb_dim {count(d)})"] = vocab * d
-    if cfg.position.name == "learned":
-        parts[f"the position table (context_length {count(cfg.context_length)} x emb_dim {count(d)})"] = \
-            cfg.context_length * d
-    parts["the norms outside the blocks"] = norm * ((placement.name != "post") + cfg.embedding_norm)
+    table = _declared(plugins, "position", cfg.position.name, "parameter_count", lambda cfg: 0)(cfg)
+    if table:
+        parts[f"the position table (context_length {count(cfg.context_length)} x emb_dim {count(d)})"] = table
+    final = bool(_declared(plugins, "norm_placement", placement.name, "final_norm", True))
+    parts["the norms outside the blocks"] = norm * (final + cfg.embedding_norm)
     return parts
 
 
-def size_problem(cfg: ModelConfig, limit: int, parameters: Optional[int] = None, buffer_bytes: int = 0,
-                 batch_tokens: int = 0, limit_name: str = "this machine's memory") -> Optional[str]:
+def size_problem(cfg: ModelConfig, limit: int, plugins: Any, parameters: Optional[int] = None,
+                 buffer_bytes: int = 0, batch_tokens: int = 0,
+                 limit_name: str = "this machine's memory") -> Optional[str]:
     """Why training ``cfg`` needs more than ``limit`` bytes, or None when it does not.
 
     What is counted is a lower bound of what training needs on any device: the fp32 training state
@@ -184,7 +195,7 @@ def size_problem(cfg: ModelConfig, limit: int, parameters: Optional[int] = None,
     ``batch_tokens`` tokens, the embedding output and the logits in a 2-byte dtype. ``parameters``
     is the exact count when the model was built on the meta device; otherwise the config's
     analytic count (``parameter_parts``) is used."""
-    parts = parameter_parts(cfg)
+    parts = parameter_parts(cfg, plugins)
     n = sum(parts.values()) if parameters is None else parameters
     state = TRAINING_BYTES_PER_PARAM * n
     activations = 2 * batch_tokens * (cfg.emb_dim + cfg.padded_vocab)

@@ -84,6 +84,7 @@ def _activation_factory(cls, act: Callable[[torch.Tensor], torch.Tensor], doc: s
         return cls(cfg, act, hidden_dim)
 
     factory.__doc__ = doc
+    factory.gated = cls.gated  # what a size count before the build needs to know (two input projections)
     return factory
 
 

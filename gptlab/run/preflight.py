@@ -73,12 +73,12 @@ def machine_memory() -> int:
     return max(ram, gpu) or 16 * 2 ** 30
 
 
-def check_size(spec: RunSpec, limit: int, measured: tuple[int, int] | None = None) -> None:
+def check_size(spec: RunSpec, limit: int, plugins: PluginSystem, measured: tuple[int, int] | None = None) -> None:
     """Refuse a run whose model and batch cannot fit in ``limit`` bytes: counted from the config, or
     with ``measured`` (parameters, buffer bytes) from the model built on the meta device."""
     seq_len = spec.train.seq_len or spec.model.context_length
     exact = {} if measured is None else {"parameters": measured[0], "buffer_bytes": measured[1]}
-    problem = size_problem(spec.model, limit, batch_tokens=spec.train.batch_size * seq_len, **exact)
+    problem = size_problem(spec.model, limit, plugins, batch_tokens=spec.train.batch_size * seq_len, **exact)
     if problem:
         source = f"model.from_hf {spec.model.from_hf}: " if spec.model.from_hf else ""
         raise ConfigError(f"{source}{problem}; shrink it, or pass --allow-large to gptlab run to try anyway")
@@ -107,15 +107,15 @@ def check_components(exp: Experiment, plugins: PluginSystem) -> None:
             resolve_components(spec.model, plugins)
             if key in measured:
                 if limit is not None:  # the same model, maybe with another batch
-                    check_size(spec, limit, measured[key])
+                    check_size(spec, limit, plugins, measured[key])
                 continue
             if limit is not None:
-                check_size(spec, limit)  # from the config: nothing is built for a model far too large
+                check_size(spec, limit, plugins)  # from the config: nothing is built for a model far too large
             with torch.device("meta"):
                 model = GPTModel(spec.model, plugins=plugins)
             measured[key] = (model.num_parameters(), sum(b.numel() * b.element_size() for b in model.buffers()))
             if limit is not None:
-                check_size(spec, limit, measured[key])
+                check_size(spec, limit, plugins, measured[key])
             if spec.model.from_hf:  # every checkpoint tensor has a place in this variant's model
                 load_hf_weights(model, spec.model.from_hf, plugins, shapes_only=True)
             check_forward(spec, plugins)
