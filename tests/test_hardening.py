@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import gptlab.files as files
 import gptlab.rundir as rd
 from gptlab.cli import main
 
@@ -264,7 +265,8 @@ def test_a_kill_at_any_write_never_leaves_a_run_that_looks_finished(lab, capsys,
                 raise Killed
             return real(path, text)
 
-        monkeypatch.setattr(rd, "write_text_atomic", dying)
+        monkeypatch.setattr(rd, "write_text_atomic", dying)  # rundir re-exports the writer of gptlab.files:
+        monkeypatch.setattr(files, "write_text_atomic", dying)  # writes reach it by either name
         argv = ["run", "tiny.yaml", "--device", "cpu", "--results-dir", root] + (["--force"] if mode == "--force" else [])
         try:
             main([str(a) for a in argv])
@@ -272,6 +274,7 @@ def test_a_kill_at_any_write_never_leaves_a_run_that_looks_finished(lab, capsys,
         except Killed:
             killed = True
         monkeypatch.setattr(rd, "write_text_atomic", real)
+        monkeypatch.setattr(files, "write_text_atomic", real)
         capsys.readouterr()
         for run in (root / "tiny").glob("a__*"):
             summary = rd.read_summary(run) or {}

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "gptlab"
 
 #: bottom to top; a module imports only from its own row and the rows before it
 LAYERS = [
-    ("gptlab.errors", "gptlab.fmt", "gptlab.rundir"),  # what everything shares: errors, formatting, the run folder
+    ("gptlab.errors", "gptlab.fmt", "gptlab.files", "gptlab.rundir"),  # shared: errors, formatting, safe files, the run folder
     ("gptlab.plugin",),  # the contract: kinds, hooks, registry, plugin system, base classes
     ("gptlab.config",),  # the model config, run sections, presets
     ("gptlab.hf", "gptlab.data"),  # checkpoints in and out; corpora, tokenizers, token caches
