@@ -223,12 +223,13 @@ def check_training(r: Result, device: torch.device, s: dict) -> None:
     from gptlab import PRESETS, GPTModel
     from gptlab.bench.timing import autocast
     from gptlab.config.run import TrainConfig
-    from gptlab.train.loop import make_optimizer, train_step
+    from gptlab.train.loop import train_step
+    from gptlab.train.recipe import make_optimizer
 
     torch.manual_seed(0)
     model = GPTModel(PRESETS[s["preset"]]).to(device).train()
     t = TrainConfig(precision="bf16", lr=s["lr"])
-    opt = make_optimizer(model, t, device)
+    opt = make_optimizer(model, t)
     ctx = autocast(device, "bf16")
     g = torch.Generator().manual_seed(2)
     x = torch.randint(0, model.config.vocab_size, (s["batch"], s["seq_len"]), generator=g).to(device)

@@ -48,7 +48,8 @@ from gptlab.bench.model import train_settings
 from gptlab.bench.timing import autocast, environment, peak_memory, resolve_dtype, time_calls
 from gptlab.train.devices import resolve_device, synchronize
 from gptlab.errors import ConfigError, did_you_mean
-from gptlab.train.loop import make_optimizer, train_step
+from gptlab.train.loop import train_step
+from gptlab.train.recipe import make_optimizer
 
 MODELS = ("gptlab", "hf", "nanogpt", "hand")
 
@@ -401,7 +402,7 @@ def run(args) -> dict:
     steps, compile_errors = {}, {}
     for name, m in models.items():
         m.to(device).train()
-        opt = make_optimizer(m, t, device)
+        opt = make_optimizer(m, t)
         fwd = loss_fn(name, m)
         if args.compile:
             try:

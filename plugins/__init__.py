@@ -15,4 +15,6 @@ BUILTINS = (
     "tokenizer_bytes", "tokenizer_char", "tokenizer_tiktoken",
     "import_gpt2", "import_openai_gpt", "import_llama", "import_gpt_neox", "import_bloom",
     "track_tensorboard", "track_wandb", "track_mlflow",
+    "optim_adamw", "optim_muon", "optim_lion", "optim_sgd",
+    "schedule_cosine", "schedule_wsd", "schedule_linear", "schedule_constant",
 )

@@ -232,7 +232,7 @@ def test_train_step_losses_equal_the_old_way(multiple, precision):
     for way in ("new", "old"):
         model = padded_model(multiple, seed=5)
         model.train()
-        optimizer = gtrain.make_optimizer(model, t, CPU)
+        optimizer = gtrain.make_optimizer(model, t)
         batches = Batches(tokens, 4, 16, seed=0, device=CPU)
         params = list(model.parameters())
         step = gtrain.train_step if way == "new" else old_train_step
@@ -278,7 +278,7 @@ def test_compiled_bf16_step_allocates_no_fp32_copy_of_the_logits(multiple, tmp_p
     bf16_logits = B * T * rows * 2
     t = TrainConfig(precision="bf16")
     ctx = gtrain.autocast_for(t, CPU)
-    optimizer = gtrain.make_optimizer(model, t, CPU)
+    optimizer = gtrain.make_optimizer(model, t)
     params = list(model.parameters())
     window = torch.randint(0, vocab, (B, T + 1), generator=torch.Generator().manual_seed(0))
     batch = lambda: (window[:, :-1], window[:, 1:])  # noqa: E731 - real batches are views of one window
@@ -329,7 +329,7 @@ def test_no_recompile_after_the_first_step(position, monkeypatch):
                               position=position)).to(CPU).train()
         t = TrainConfig(lr=1e-3)
         ctx = gtrain.autocast_for(t, CPU)
-        optimizer = gtrain.make_optimizer(model, t, CPU)
+        optimizer = gtrain.make_optimizer(model, t)
         compiled, note = gtrain.compile_or_fallback(model, (4, 16), CPU, ctx)
         assert note == "compiled", note
         assert counter.frame_count == 1
@@ -609,7 +609,7 @@ def test_restore_ignores_a_generator_the_state_lacks(tmp_path):
     torch.manual_seed(0)
     model = GPTModel(TINY_MODEL)
     t = TrainConfig()
-    optimizer = gtrain.make_optimizer(model, t, CPU)
+    optimizer = gtrain.make_optimizer(model, t)
     model(torch.zeros(1, 4, dtype=torch.long), targets=torch.zeros(1, 4, dtype=torch.long)).backward()
     optimizer.step()
     batches = torch.Generator().manual_seed(11)
@@ -625,7 +625,7 @@ def test_restore_ignores_a_generator_the_state_lacks(tmp_path):
     extra = torch.Generator().manual_seed(5)
     extra_state = extra.get_state()
     fresh = GPTModel(TINY_MODEL)
-    restore(found, fresh, gtrain.make_optimizer(fresh, t, CPU),
+    restore(found, fresh, gtrain.make_optimizer(fresh, t),
             {"torch": torch.random.default_generator, "batches": batches, "cuda": extra})
     assert torch.equal(batches.get_state(), saved_batches)
     assert torch.equal(extra.get_state(), extra_state)

@@ -1,6 +1,6 @@
 """Time one whole model: training steps (eager and compiled) and generation with and without cache.
 
-Training is timed with ``gptlab.train.loop.train_step`` and ``make_optimizer``, the exact step a
+Training is timed with ``gptlab.train.loop.train_step`` and ``recipe.make_optimizer``, the exact step a
 ``gptlab run`` takes, so a benchmark figure predicts training speed rather than a lookalike's.
 """
 from __future__ import annotations
@@ -10,20 +10,31 @@ import os
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
 from ..errors import ConfigError, did_you_mean, one_line
+from ..fmt import yaml_value
 from .timing import (autocast, environment, is_oom, median, milliseconds, peak_memory, quoted, rerun_command,
                      resolve_dtype, short_error, time_calls, torch_threads)
 
 
-def train_settings(dtype: str):
-    """gptlab's default TrainConfig (AdamW lr, betas, weight decay, clipping) at this precision."""
+def train_settings(dtype: str, optimizer: Any = "adamw"):
+    """gptlab's default TrainConfig (lr, betas, weight decay, clipping) at this precision, with
+    ``optimizer``: a registered name or ``{name: ..., option: value}`` (YAML text is parsed)."""
+    import yaml
+
+    from ..config.model import ComponentSpec
     from ..config.run import TrainConfig
 
-    return TrainConfig(precision=dtype)
+    if isinstance(optimizer, str) and optimizer.lstrip().startswith("{"):
+        try:
+            optimizer = yaml.safe_load(optimizer)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--optimizer: not a YAML mapping ({one_line(exc)}); write it as "
+                              f"'{{name: muon, momentum: 0.9}}'") from None
+    return TrainConfig(precision=dtype, optimizer=ComponentSpec.parse(optimizer, "--optimizer"))
 
 
 def load_model_config(spec: str, overrides: Iterable[str] = (), plugins: Any = None):
@@ -97,12 +108,14 @@ def _read_config_file(path: Path) -> dict:
 def bench_model(config: str, overrides: Iterable[str] = (), *, batch: int = 8, seq_len: Optional[int] = None,
                 steps: int = 10, compile: bool = False, gen_tokens: Optional[int] = None, prompt_len: int = 16,
                 gen_batch: int = 1, gen_repeats: int = 3, seed: int = 0, warmup: int = 3, device: str = "auto",
-                dtype: str = "auto", plugins_dir: Iterable[Path] = (), threads: Optional[int] = None) -> dict:
+                dtype: str = "auto", plugins_dir: Iterable[Path] = (), threads: Optional[int] = None,
+                optimizer: str = "adamw") -> dict:
     """Training-step and generation throughput of one model.
 
     ``config`` is a preset name or a YAML/JSON file (see ``load_model_config``); ``seq_len``
     defaults to the context length, ``gen_tokens`` to min(128, room left after the prompt), 0
-    skipping generation; ``compile`` adds a torch.compile'd training row. Returns the report:
+    skipping generation; ``compile`` adds a torch.compile'd training row; ``optimizer`` is what
+    each step uses (``train_settings``; its step is timed with the rest). Returns the report:
     env, settings, model, command, argv, train and generate rows, failed. A mode that fails or
     runs out of memory is a row with that status, not an exception.
     """
@@ -113,6 +126,8 @@ def bench_model(config: str, overrides: Iterable[str] = (), *, batch: int = 8, s
     with torch_threads(threads):
         plugins = build_plugin_system(plugin_dirs=plugins_dir)
         cfg = load_model_config(config, overrides, plugins)
+        t = train_settings(dtype, optimizer)
+        plugins.registry.lookup("optimizer", t.optimizer.name, t.optimizer.options)  # a bad name: before timing
         dev = resolve_device(device)
         dtype = resolve_dtype(dtype, dev)
         seq_len = seq_len or cfg.context_length
@@ -126,15 +141,14 @@ def bench_model(config: str, overrides: Iterable[str] = (), *, batch: int = 8, s
         peak = peak_flops(dev)
         settings = {"config": config, "overrides": overrides, "batch": batch, "seq_len": seq_len,
                     "tokens_per_step": batch * seq_len, "steps": steps, "warmup": warmup, "compile": compile,
-                    "optimizer": "AdamW (gptlab train defaults)", "gen_tokens": gen_tokens, "prompt_len": prompt_len,
+                    "optimizer": t.optimizer.to_plain(), "gen_tokens": gen_tokens, "prompt_len": prompt_len,
                     "gen_batch": gen_batch, "gen_repeats": gen_repeats, "seed": seed}
-        t = train_settings(dtype)
         settings.update(lr=t.lr, weight_decay=t.weight_decay, betas=[t.beta1, t.beta2], grad_clip=t.grad_clip)
         info = {"components": dict(model.components), "config": cfg.to_dict(), "parameters": model.num_parameters(),
                 "flops_per_token": flops, "peak_flops": peak, "memory_estimate": estimate,
                 "memory_estimate_compiled": estimates["compiled"]}
 
-        shared = dict(device=dev, dtype=dtype, batch=batch, seq_len=seq_len, steps=steps, warmup=warmup, seed=seed,
+        shared = dict(device=dev, dtype=dtype, t=t, plugins=plugins, batch=batch, seq_len=seq_len, steps=steps, warmup=warmup, seed=seed,
                       flops=flops, peak=peak)
         train_rows = [_time_training(model, "eager", estimate=estimates["eager"], **shared)]
         if compile:
@@ -145,7 +159,8 @@ def bench_model(config: str, overrides: Iterable[str] = (), *, batch: int = 8, s
     command = ["gptlab", "bench", "model", config, *overrides, "--batch", batch, "--seq-len", seq_len,
                "--steps", steps, "--warmup", warmup, "--device", str(dev), "--dtype", dtype,
                "--gen-tokens", gen_tokens, "--prompt-len", prompt_len, "--gen-batch", gen_batch,
-               "--gen-repeats", gen_repeats, "--seed", seed] + (["--compile"] if compile else [])
+               "--gen-repeats", gen_repeats, "--seed", seed] + (["--compile"] if compile else []) \
+        + (["--optimizer", yaml_value(t.optimizer.to_plain())] if t.optimizer.to_plain() != "adamw" else [])
     return {"benchmark": "model", "env": env, "settings": settings, "model": info,
             "command": rerun_command(command, threads, plugins_dir), "argv": quoted(sys.argv),
             "train": train_rows, "generate": gen_rows,
@@ -182,10 +197,12 @@ def _gen_tokens(gen_tokens: Optional[int], prompt_len: int, model) -> int:
     return gen_tokens
 
 
-def _time_training(model, mode: str, *, device: torch.device, dtype: str, batch: int, seq_len: int, steps: int,
+def _time_training(model, mode: str, *, device: torch.device, dtype: str, t: Any, plugins: Any, batch: int,
+                   seq_len: int, steps: int,
                    warmup: int, seed: int, flops: float, peak: Optional[float], estimate: dict) -> dict:
     """One row of the training table: ``mode`` is 'eager' or 'compiled'."""
-    from ..train.loop import make_optimizer, train_step
+    from ..train.loop import train_step
+    from ..train.recipe import make_optimizer
 
     row = {"mode": mode, "status": "ok", "step_ms": None, "tokens_per_s": None, "tflops": None, "mfu": None,
            "peak_mem_bytes": None, "est_mem_bytes": estimate["total"], "compile_s": None, "times_ms": None}
@@ -194,8 +211,7 @@ def _time_training(model, mode: str, *, device: torch.device, dtype: str, batch:
     fixed = (torch.randint(0, vocab, (batch, seq_len), generator=g).to(device),
              torch.randint(0, vocab, (batch, seq_len), generator=g).to(device))
     model.train()
-    t = train_settings(dtype)
-    optimizer = make_optimizer(model, t, device)
+    optimizer = make_optimizer(model, t, plugins)
     try:
         step_model = torch.compile(model) if mode == "compiled" else model
         step = partial(train_step, step_model, optimizer, lambda: fixed, 1, autocast(device, dtype), t.grad_clip,

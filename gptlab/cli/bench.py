@@ -82,7 +82,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 
     m = bsub.add_parser("model", parents=[common],
                         help="training tokens/s, TFLOP/s, MFU, memory; generation with/without KV cache",
-                        description="Time training steps (AdamW, clipping, as `gptlab run` trains) and "
+                        description="Time training steps (the optimizer, clipping, as `gptlab run` trains) and "
                                     "generation of a model given as a preset name or a YAML/JSON file of "
                                     "model keys, with key=value overrides.")
     m.add_argument("config", metavar="CONFIG_OR_PRESET",
@@ -99,6 +99,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     m.add_argument("--gen-batch", type=_positive, default=1, help="prompts generated at once (default: 1)")
     m.add_argument("--gen-repeats", type=_positive, default=3, help="timed generate calls (default: 3)")
     m.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default: 0)")
+    m.add_argument("--optimizer", default="adamw", metavar="NAME_OR_MAPPING",
+                   help="the optimizer each timed step uses: a registered name (adamw, muon, lion, sgd) or "
+                        "'{name: muon, ns_steps: 5}' (default: adamw)")
     _shared_options(m, repeats=False)
     m.set_defaults(handler=cmd_bench_model)
 
@@ -137,7 +140,8 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
 
     result = bench_model(args.config, args.overrides, batch=args.batch, seq_len=args.seq_len, steps=args.steps,
                          compile=args.compile, gen_tokens=args.gen_tokens, prompt_len=args.prompt_len,
-                         gen_batch=args.gen_batch, gen_repeats=args.gen_repeats, seed=args.seed, **_settings(args))
+                         gen_batch=args.gen_batch, gen_repeats=args.gen_repeats, seed=args.seed,
+                         optimizer=args.optimizer, **_settings(args))
     return _emit(result, args.json, _print_model)
 
 

@@ -312,6 +312,10 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return value
+    if hint is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in value.items()}
     if hint is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")

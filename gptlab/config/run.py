@@ -12,8 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 from .model import ComponentSpec, ModelConfig, count, hashed_model, positive, to_plain
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
+from ..plugin.contract import ROLES
 from ..rundir import run_dir_name
+
+
+#: what a ``train.param_groups`` rule may set for the parameters it matches
+GROUP_SETTINGS = ("lr_mult", "weight_decay")
 
 
 @dataclass
@@ -44,6 +49,10 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: Optional[float] = 1.0  # null or 0 turns clipping off
+    optimizer: ComponentSpec = field(default_factory=lambda: ComponentSpec("adamw"))  # a registered optimizer
+    schedule: ComponentSpec = field(default_factory=lambda: ComponentSpec("cosine"))  # a registered schedule
+    # rule (a role in ROLES or a glob on parameter names) -> {lr_mult, weight_decay}
+    param_groups: dict = field(default_factory=dict)
     eval_every: int = 50
     eval_batches: int = 8
     eval_lengths: list = field(default_factory=list)  # extra eval lengths as multiples of seq_len
@@ -85,6 +94,28 @@ class TrainConfig:
                                   f"got {m!r}")
         if self.seq_len is not None:
             self.check_eval_lengths(self.seq_len)
+        self.check_param_groups()
+
+    def check_param_groups(self) -> None:
+        """Each rule of ``param_groups`` is a non-empty string mapped to {lr_mult, weight_decay}; whether
+        it matches a parameter is checked against the built model (``gptlab.train.recipe``)."""
+        for rule, settings in self.param_groups.items():
+            where = f"train.param_groups.{rule}"
+            if not isinstance(rule, str) or not rule.strip():
+                raise ConfigError(f"train.param_groups: a rule is a role ({', '.join(ROLES)}) or a glob on "
+                                  f"parameter names such as 'blocks.*.attn.*', got {rule!r}")
+            if not isinstance(settings, Mapping) or not settings:
+                raise ConfigError(f"{where} must be a mapping such as {{lr_mult: 2.0, weight_decay: 0.0}}, "
+                                  f"got {settings!r}")
+            for key, value in settings.items():
+                if key not in GROUP_SETTINGS:
+                    raise ConfigError(f"unknown {where} key '{key}'{did_you_mean(str(key), GROUP_SETTINGS)}; "
+                                      f"valid keys: {', '.join(GROUP_SETTINGS)}")
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                        or value < 0 or (key == "lr_mult" and value == 0):
+                    rule_text = "> 0" if key == "lr_mult" else ">= 0"
+                    raise ConfigError(f"{where}.{key} must be a finite number {rule_text}, got {value!r}")
+
 
     def check_eval_lengths(self, seq_len: int) -> None:
         """Every eval length, ``round(multiple x seq_len)`` tokens, is at least one token (called again
@@ -103,6 +134,10 @@ class TrainConfig:
 #: train keys that change how a run is kept, never what it computes: left out of the config hash,
 #: so changing them neither reruns finished runs nor sets a run apart from the experiment's
 OPERATIONAL_TRAIN_KEYS = ("checkpoint_every", "checkpoint_keep")
+
+#: train keys added after results existed, with the value that means "as before": the config hash
+#: leaves a key out while it has that value, so existing runs keep their identity
+LATER_TRAIN_KEYS = {"optimizer": "adamw", "schedule": "cosine", "param_groups": {}}
 
 
 #: where each flag of ``gptlab run --launcher slurm`` lands in the experiment's ``slurm:`` section
@@ -188,7 +223,8 @@ class RunSpec:
 
 def config_hash(resolved: dict) -> str:
     """The run's identity: a hash of every key that can change what it computes."""
-    train = {k: v for k, v in (resolved.get("train") or {}).items() if k not in OPERATIONAL_TRAIN_KEYS}
+    train = {k: v for k, v in (resolved.get("train") or {}).items() if k not in OPERATIONAL_TRAIN_KEYS
+             and not (k in LATER_TRAIN_KEYS and v == LATER_TRAIN_KEYS[k])}
     view = {**resolved, "train": train}
     if isinstance(resolved.get("model"), dict):
         view["model"] = hashed_model(resolved["model"])

@@ -85,7 +85,9 @@ class GPTModel(nn.Module):
             return module
 
         def make_norm(dim: int) -> nn.Module:
-            return build("norm", dim)
+            module = build("norm", dim)
+            setattr(module, "_gptlab_norm", True)  # its parameters are a norm's (optimizer groups)
+            return module
 
         # rows past vocab_size (vocab_multiple padding) exist only so the head's matmul is aligned
         self.tok_emb = nn.Embedding(cfg.padded_vocab, cfg.emb_dim)

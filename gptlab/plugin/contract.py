@@ -16,6 +16,8 @@ activation                FeedForward           protocol: ``x -> x``; ``MLP``, `
 dataset                   Corpus                dataclass: ``fingerprint``, ``read()``
 tokenizer                 Tokenizer             class to subclass: ``encode``, ``decode``
 importer                  HFImport              dataclass: model config + tensor name map
+optimizer                 Optimizer             ``torch.optim.Optimizer`` over ``ParamInfo`` s
+schedule                  Schedule              class to subclass: ``multiplier(step, group)``
 tracker                   Tracker               protocol of the factory: ``() -> None``
 ========================  ====================  ============================================
 
@@ -61,6 +63,11 @@ _TORCH_BACKED = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "Optimizer":  # the optimizer kind's base is torch's own
+        from torch.optim import Optimizer
+
+        globals()[name] = Optimizer
+        return Optimizer
     if name not in _TORCH_BACKED:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     if _TORCH_BACKED[name] == "layers":
@@ -214,6 +221,74 @@ def fused_rows(*sizes: int) -> list:
 
 
 # ---------------------------------------------------------------------------------------------
+# The training recipe: what optimizer factories receive, and the base of schedules
+# ---------------------------------------------------------------------------------------------
+#: the roles ``train.param_groups`` may name; every trainable parameter has exactly one
+ROLES = ("embeddings", "head", "matrices", "scalars")
+
+
+@dataclass
+class ParamInfo:
+    """One trainable parameter as an optimizer factory receives it: ``factory(params, train, **options)``.
+
+    ``role``: ``embeddings`` (the weight of an embedding table; a tied head is its token embedding),
+    ``head`` (an untied output head), ``matrices`` (every other tensor of 2 or more dimensions: the
+    hidden matrices Muon orthogonalises) or ``scalars`` (tensors of fewer dimensions: gains, biases).
+    ``norm`` and ``bias`` say whether it is a norm's parameter or a bias. ``lr_mult`` and
+    ``weight_decay`` are what ``train.param_groups`` (else the default: decay ``train.weight_decay``
+    on tensors of 2+ dimensions, none below) gave it; ``group`` names the rule that did (``decay``
+    and ``no_decay`` by default), and ``gptlab.param_groups`` keeps parameters of different groups apart.
+    """
+
+    name: str
+    param: "torch.Tensor"
+    role: str
+    norm: bool
+    bias: bool
+    lr_mult: float
+    weight_decay: float
+    group: str
+
+    @property
+    def hidden_matrix(self) -> bool:
+        """A matrix inside the network (neither an embedding nor the head): what Muon orthogonalises."""
+        return self.role == "matrices"
+
+
+class Schedule:
+    """Base class of the schedule kind: ``factory(train, **options)`` -> a Schedule.
+
+    ``multiplier(step, group)`` is the factor applied to each parameter group's peak learning rate
+    (``train.lr`` x the group's ``lr_mult``, or the rate an optimizer gave the group) at ``step``
+    (1 to ``train.steps``); ``group`` is the group's name, for schedules that treat groups apart.
+    ``lr(step, peak, group)`` turns it into a rate; a subclass may compute it directly (the
+    built-in cosine does, to keep its arithmetic bit for bit). ``warmup(step)`` is the linear
+    warmup every built-in starts with (``train.warmup_steps``), or None past it.
+    """
+
+    def __init__(self, train: Any) -> None:
+        self.steps = int(train.steps)
+        self.warmup_steps = int(train.warmup_steps)
+        self.min_lr, self.peak_lr = train.min_lr, float(train.lr)
+
+    def multiplier(self, step: int, group: str = "default") -> float:
+        raise NotImplementedError(f"schedule {type(self).__name__} must define multiplier(step, group)")
+
+    def lr(self, step: int, peak: float, group: str = "default") -> float:
+        return peak * self.multiplier(step, group)
+
+    def warmup(self, step: int) -> Optional[float]:
+        """step / warmup_steps while warming up (from 0), else None."""
+        if self.warmup_steps and step <= self.warmup_steps:
+            return step / self.warmup_steps
+        return None
+
+    def floor(self, default: float) -> float:
+        """The multiplier at the end of the decay: ``train.min_lr`` / ``train.lr`` when min_lr is set."""
+        return default if self.min_lr is None else self.min_lr / self.peak_lr
+
+
+# ---------------------------------------------------------------------------------------------
 # What each kind receives or may call, beyond its base (all of it is gptlab.<name> too)
 # ---------------------------------------------------------------------------------------------
 _CFG = "gptlab.config.model.ModelConfig"  # the model config factories of model kinds receive as cfg
@@ -235,6 +310,9 @@ HELPERS: dict[str, tuple[str, ...]] = {
     "importer": ("gptlab.plugin.contract.per_head_rows", "gptlab.plugin.contract.fused_rows",
                  "gptlab.hf.helpers.HFConfig", "gptlab.hf.helpers.HFExport", "gptlab.hf.helpers.component",
                  "gptlab.hf.helpers.rope_to_hf", "gptlab.hf.helpers.MAX_WIDTH"),
+    "optimizer": ("gptlab.plugin.contract.ParamInfo", "gptlab.config.run.TrainConfig",
+                  "gptlab.train.recipe.param_groups", _RANGE),
+    "schedule": ("gptlab.config.run.TrainConfig", _RANGE),
     "tracker": ("gptlab.plugin.hookspecs.RunInfo", "gptlab.run.tracking.require", "gptlab.run.tracking.row_metrics",
                 "gptlab.run.tracking.final_metrics", "gptlab.run.tracking.grad_norms",
                 "gptlab.run.tracking.flat_config", "gptlab.run.tracking.number", "gptlab.run.tracking.metric_key",

@@ -163,6 +163,13 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          attrs={"to_hf": Attr("factory", None,
                               "to_hf(model config dict) -> the HF config.json dict of this family for a gptlab "
                               "model, or ConfigError naming the component it cannot express (export)")}),
+    Kind("optimizer", positional=("params", "train"), base_name="Optimizer",
+         returns="a torch.optim.Optimizer over params (gptlab.ParamInfo: name, tensor, role, norm, bias, "
+                 "lr_mult, weight_decay, group); gptlab.param_groups(params, lr) groups them. Chosen by "
+                 "train.optimizer; gptlab sets each group's lr every step from its peak (plugins/optim_lion.py)"),
+    Kind("schedule", positional=("train",), base_name="Schedule",
+         returns="a subclass of gptlab.Schedule: multiplier(step, group) of each group's peak learning rate. "
+                 "Chosen by train.schedule (plugins/schedule_wsd.py)"),
     Kind("tracker", base_name="Tracker", options=False,
          returns="nothing: the factory is called once before anything trains (--dry-run too), writes nothing "
                  "and raises gptlab.ConfigError when the sink cannot work (its package missing: name the extra). "

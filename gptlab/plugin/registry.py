@@ -63,13 +63,14 @@ class Registry:
     def lookup(self, kind: str, name: str, options: dict, cfg: Any = None) -> Entry:
         """The entry for ``name``, after checking ``options`` against it and running its ``check``.
 
-        ``cfg`` is the model config, for the kinds that take one. Errors name the kind and entry.
+        ``cfg`` is the model config (the train config for a schedule), for the kinds whose factory takes
+        one first. Errors name the kind and entry.
         """
         entry = self.get(kind, name)
         check_options(entry, options)
         check = getattr(entry.factory, "check", None)
         if callable(check):
-            args = (cfg,) if KINDS[kind].positional[:1] == ("cfg",) else ()
+            args = (cfg,) if KINDS[kind].positional[:1] in (("cfg",), ("train",)) else ()
             try:
                 check(*args, **_accepted_by(check, options))
             except ConfigError as exc:

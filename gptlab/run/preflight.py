@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..data.tokens import TokenData, prepare_tokens
-from ..config.model import size_problem
+from ..config.model import size_problem, to_plain
 from ..errors import ConfigError, one_line
 from .experiment import Experiment
 from ..config.run import RunSpec
@@ -26,6 +26,7 @@ from ..hf.checkpoint import load_hf_weights
 from ..plugin.hookspecs import MODEL_KINDS
 from ..model.gpt import GPTModel, resolve_components
 from ..plugin.manager import PluginSystem
+from ..train.recipe import check_recipe
 from .tracking import check_trackers
 
 
@@ -99,21 +100,30 @@ def check_components(exp: Experiment, plugins: PluginSystem) -> None:
     device) and again exactly once built, buffers included (``--allow-large`` skips both).
     """
     measured: dict[str, tuple[int, int]] = {}  # model -> (parameters, buffer bytes), built once
+    built: dict[str, GPTModel] = {}  # model -> its meta-device build, for each recipe that trains it
+    recipes: set[str] = set()
     limit = None if getattr(exp, "allow_large", False) else machine_memory()
     for spec in exp.runs:
         where = f"{exp.path or 'experiment'}: variant '{spec.variant}'"
         key = json.dumps(spec.model.to_dict(), sort_keys=True, default=str)
+        recipe = json.dumps([key, to_plain(spec.train)], sort_keys=True, default=str)
         try:
             resolve_components(spec.model, plugins)
             if key in measured:
                 if limit is not None:  # the same model, maybe with another batch
                     check_size(spec, limit, plugins, measured[key])
+                if recipe not in recipes:  # the same model, another optimizer, schedule or groups
+                    check_recipe(built[key], spec.train, plugins)
+                    recipes.add(recipe)
                 continue
             if limit is not None:
                 check_size(spec, limit, plugins)  # from the config: nothing is built for a model far too large
             with torch.device("meta"):
                 model = GPTModel(spec.model, plugins=plugins)
             measured[key] = (model.num_parameters(), sum(b.numel() * b.element_size() for b in model.buffers()))
+            built[key] = model
+            check_recipe(model, spec.train, plugins)  # optimizer, schedule and param_groups on this model
+            recipes.add(recipe)
             if limit is not None:
                 check_size(spec, limit, plugins, measured[key])
             if spec.model.from_hf:  # every checkpoint tensor has a place in this variant's model

@@ -38,7 +38,8 @@ from ..plugin.manager import PluginSystem
 from ..rundir import read_summary, write_json_atomic
 from .preflight import check_writable, data_key, preflight
 from .tracking import RunHooks
-from ..train.loop import Diverged, make_optimizer, train_run
+from ..train.loop import Diverged, train_run
+from ..train.recipe import make_optimizer
 
 
 #: what is (or was) done with a run: ``run`` (a new one), ``redo`` (from scratch over an earlier
@@ -298,7 +299,7 @@ class ExperimentRunner:
             load_hf_weights(model, spec.model.from_hf, self.plugins)
         try:
             train_run(spec, data, model, self.device, lambda row: None, lambda row: None, resume_from=found,
-                      should_stop=self.should_stop, group=self.group)
+                      should_stop=self.should_stop, group=self.group, plugins=self.plugins)
         except Diverged:
             pass  # rank 0 records it
         return {}, "follow"
@@ -330,7 +331,7 @@ class ExperimentRunner:
         try:
             with torch.device("meta"):
                 model = GPTModel(spec.model, plugins=self.plugins)
-            optimizer = make_optimizer(model, t, torch.device("cpu"))
+            optimizer = make_optimizer(model, t, self.plugins)
             fits = lambda found: resume.check_fits(found, model, optimizer)  # noqa: E731
         except Exception:  # the real build fails the same way, and the run reports it
             fits = None
@@ -420,7 +421,8 @@ class ExperimentRunner:
         progress = (lambda st, row: on_progress(spec, st, row)) if on_progress else (lambda st, row: None)
         summary.update(train_run(spec, data, model, self.device, attempt.on_log, attempt.on_eval, progress,
                                  state_dir=run_dir, resume_from=found, state_info=attempt.state_info,
-                                 should_stop=self.should_stop, group=self.group, warn=self.warn))
+                                 should_stop=self.should_stop, group=self.group, warn=self.warn,
+                                 plugins=self.plugins))
         if self.group.active:
             summary["world_size"] = self.group.world
         summary["status"] = rd.COMPLETED

@@ -1,4 +1,4 @@
-"""Train one run: AdamW, warmup + cosine, clipping, accumulation, periodic eval, metrics rows.
+"""Train one run: the recipe's optimizer and schedule, clipping, accumulation, periodic eval, metrics rows.
 
 The loop reads the loss back from the device only at log steps, so a GPU never waits on the host
 in between. Divergence (a non-finite loss) is detected at those same log steps.
@@ -20,7 +20,10 @@ from ..config.run import RunSpec, TrainConfig
 from ..errors import one_line
 from ..model.gpt import GPTModel
 from .distributed import Group, any_rank, mean
+from .recipe import make_optimizer, make_schedule, set_rates
 from .resume import Resumable, restore, save
+from ..plugin.contract import Schedule
+from ..plugin.manager import PluginSystem
 from ..rundir import length_key
 
 
@@ -44,25 +47,6 @@ class TrainState:
     checkpoint_time: float = 0.0  # seconds spent writing resumable states
     timed_tokens: int = 0
     init_grad_norms: Optional[list] = None
-
-
-def lr_at(step: int, t) -> float:
-    """Linear warmup from 0 over warmup_steps, then cosine decay to min_lr at the last step."""
-    min_lr = t.min_lr if t.min_lr is not None else t.lr / 10
-    if t.warmup_steps and step <= t.warmup_steps:
-        return t.lr * step / t.warmup_steps
-    span = max(1, t.steps - t.warmup_steps)
-    progress = min(1.0, (step - t.warmup_steps) / span)
-    return min_lr + 0.5 * (t.lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay only on tensors of 2 or more dimensions (matrices, embeddings)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), **extra)
 
 
 def train_step(step_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -135,6 +119,8 @@ class _Run:
     device: torch.device
     group: Group
     optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    log_groups: bool  # whether rows carry each param group's lr (groups whose rates differ)
     ctx: Callable
     batches: Batches
     params: list
@@ -156,7 +142,8 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
               progress: Callable[[TrainState, dict], None] = lambda s, m: None, *,
               state_dir: Optional[Path] = None, resume_from: Optional[Resumable] = None,
               state_info: Callable[[], dict] = dict, should_stop: Callable[[], bool] = lambda: False,
-              group: Group = Group(), warn: Callable[[str], None] = lambda message: None) -> dict:
+              group: Group = Group(), warn: Callable[[str], None] = lambda message: None,
+              plugins: Optional[PluginSystem] = None) -> dict:
     """Train ``model`` per ``spec.train``; returns the summary metrics. Raises Diverged.
 
     With ``state_dir`` (the run directory), a resumable state is saved every
@@ -169,19 +156,22 @@ def train_run(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.dev
     reports (the others' callbacks are no-ops and their summary is empty), and every rank sees the
     same stop at the same step: stops are agreed at log steps, so no other step waits on the host.
     """
-    run = _setup(spec, data, model, device, group)
+    run = _setup(spec, data, model, device, group, plugins)
     if resume_from is not None:
         _resume(run, resume_from, warn)
     _train_steps(run, data, on_log, on_eval, progress, state_dir, state_info, should_stop)
     return _summary(run, data) if group.main else {}
 
 
-def _setup(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.device, group: Group) -> _Run:
+def _setup(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.device, group: Group,
+           plugins: Optional[PluginSystem]) -> _Run:
     """Everything a run trains with, built before a resume restores into it (optimizer, random streams)."""
     t = spec.train
     seq_len = t.seq_len or spec.model.context_length
     model.to(device).train()
-    optimizer = make_optimizer(model, t, device)
+    optimizer = make_optimizer(model, t, plugins)
+    schedule = make_schedule(t, plugins)
+    log_groups = bool(t.param_groups) or len({g["peak_lr"] for g in optimizer.param_groups}) > 1
     ctx = autocast_for(t, device)
     batches = Batches(data.train, t.batch_size, seq_len, spec.seed, device, (group.rank, group.world))
     params = list(model.parameters())
@@ -191,7 +181,8 @@ def _setup(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.device
         no_sync = step_model.no_sync
     if t.compile:
         step_model, compile_note = compile_or_fallback(step_model, (t.batch_size // group.world, seq_len), device, ctx)
-    return _Run(train=t, seq_len=seq_len, model=model, device=device, group=group, optimizer=optimizer, ctx=ctx,
+    return _Run(train=t, seq_len=seq_len, model=model, device=device, group=group, optimizer=optimizer,
+                schedule=schedule, log_groups=log_groups, ctx=ctx,
                 batches=batches, params=params, step_model=step_model, no_sync=no_sync, compile_note=compile_note,
                 generators=rng_generators(batches, device), loss_sum=torch.zeros((), device=device),
                 tokens_per_step=t.batch_size * t.grad_accum * seq_len)
@@ -242,9 +233,7 @@ def _train_steps(run: _Run, data: TokenData, on_log: Callable[[dict], None], on_
     synchronize(device)
     run.interval_start, run.interval_tokens = time.perf_counter(), 0
     for step in range(run.first, t.steps + 1):
-        lr = lr_at(step, t)
-        for param_group in run.optimizer.param_groups:
-            param_group["lr"] = lr
+        rates = set_rates(run.optimizer, run.schedule, step)
         # Xiong et al. (2020): at init, post-LN gradients grow toward the output, pre-LN's are flat
         inspect = (lambda: setattr(run.state, "init_grad_norms", block_grad_norms(run.model))) if step == 1 else None
         run.loss_sum += train_step(run.step_model, run.optimizer, run.batches.next, t.grad_accum, run.ctx,
@@ -257,12 +246,12 @@ def _train_steps(run: _Run, data: TokenData, on_log: Callable[[dict], None], on_
             run.interval_start, run.interval_tokens = time.perf_counter(), 0
         log_step = not (step % t.log_every and step % t.eval_every and step != t.steps)
         if log_step:
-            _log_step(run, step, lr, data, on_log, on_eval, progress)
+            _log_step(run, step, rates, data, on_log, on_eval, progress)
         if step < t.steps and (state_dir is not None or run.group.active):
             _checkpoint_or_stop(run, step, log_step, state_dir, state_info, should_stop)
 
 
-def _log_step(run: _Run, step: int, lr: float, data: TokenData, on_log: Callable[[dict], None],
+def _log_step(run: _Run, step: int, rates: dict, data: TokenData, on_log: Callable[[dict], None],
               on_eval: Callable[[dict], None], progress: Callable[[TrainState, dict], None]) -> None:
     """Read the mean train loss back, evaluate when due, report the row; raises Diverged."""
     t, state = run.train, run.state
@@ -276,8 +265,10 @@ def _log_step(run: _Run, step: int, lr: float, data: TokenData, on_log: Callable
     if not math.isfinite(train_loss):
         raise Diverged(step, train_loss)
     state.last_train = train_loss
-    row = {"step": step, "tokens": state.tokens, "train_loss": train_loss, "lr": lr,
+    row = {"step": step, "tokens": state.tokens, "train_loss": train_loss, "lr": run.schedule.lr(step, t.lr),
            "tokens_per_s": run.interval_tokens / elapsed if run.interval_tokens and elapsed > 0 else None}
+    if run.log_groups:
+        row.update({f"lr/{name}": rate for name, rate in rates.items()})
     if (step % t.eval_every == 0 or step == t.steps) and run.group.main:
         val = evaluate(run.model, data.val, run.seq_len, t.eval_batches, t.batch_size, run.device, run.ctx)
         row["val_loss"] = val
