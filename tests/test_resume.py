@@ -38,7 +38,11 @@ import gptlab
 def gptlab_log(run, step, metrics):
     time.sleep(0.15)
 '''
-ROW_KEYS = ("step", "tokens", "train_loss", "val_loss", "lr")
+#: the training recipe other than the default that the kill-and-resume test repeats: Muon (its
+#: momentum warming up across the kill), a WSD schedule whose decay starts mid-run, and a group with
+#: its own rate, logged per group
+RECIPE = {"optimizer": {"name": "muon", "momentum_warmup": 12, "adamw_lr": 0.002}, "lr": 0.02,
+          "schedule": {"name": "wsd", "decay_fraction": 0.4}, "param_groups": {"embeddings": {"lr_mult": 0.5}}}
 
 
 def env() -> dict:
@@ -55,9 +59,9 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
     return proc.returncode, out + err
 
 
-def lab(path: Path) -> Path:
+def lab(path: Path, recipe: dict = {}) -> Path:
     path.mkdir(parents=True)
-    (path / "exp.yaml").write_text(yaml.safe_dump(EXPERIMENT))
+    (path / "exp.yaml").write_text(yaml.safe_dump({**EXPERIMENT, "train": {**EXPERIMENT["train"], **recipe}}))
     (path / "slow.py").write_text(SLOW)
     return path
 
@@ -67,14 +71,15 @@ def run_dir(root: Path) -> Path:
     return found
 
 
-def rows(root: Path) -> list[tuple]:
+def rows(root: Path) -> list[dict]:
+    """Every metrics row without its timing (tokens/s is the one number a resume may change)."""
     lines = (run_dir(root) / "metrics.jsonl").read_text().splitlines()
-    return [tuple(json.loads(line).get(k) for k in ROW_KEYS) for line in lines]
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in lines]
 
 
 def last_step(root: Path) -> int:
     try:
-        return max((r[0] for r in rows(root)), default=0)
+        return max((r["step"] for r in rows(root)), default=0)
     except (ValueError, FileNotFoundError):
         return 0
 
@@ -99,7 +104,7 @@ def rerun_resumes(root: Path, reference: Path, resumed_from: list, *extra: str) 
 
 def assert_same_run(a: Path, b: Path) -> None:
     assert rows(b) == rows(a)  # every logged step once, with the same numbers
-    assert [r[0] for r in rows(b)] == sorted({r[0] for r in rows(b)})
+    assert [r["step"] for r in rows(b)] == sorted({r["step"] for r in rows(b)})
     wa, wb = load_file(run_dir(a) / "model.safetensors"), load_file(run_dir(b) / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     sa, sb = (json.loads((run_dir(r) / "summary.json").read_text()) for r in (a, b))
@@ -116,9 +121,30 @@ def reference(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def reference_recipe(tmp_path_factory) -> Path:
+    root = lab(tmp_path_factory.mktemp("ref_recipe") / "lab", RECIPE)
+    rc, out = finish(start(root))
+    assert rc == 0, out
+    return root
+
+
 def test_sigkill_at_a_random_step_then_resume_equals_the_uninterrupted_run(reference, tmp_path):
+    kill_and_resume(reference, tmp_path)
+
+
+def test_a_muon_wsd_run_killed_at_a_random_step_resumes_bit_for_bit(reference_recipe, tmp_path):
+    first = rows(reference_recipe)
+    assert {"lr/embeddings.adamw", "lr/decay.muon", "lr/no_decay.adamw"} <= set(first[0])  # each group's rate
+    stable = [r for r in first if 4 < r["step"] <= STEPS * 0.6]  # past warmup, before the decay
+    assert stable and all(r["lr"] == 0.02 and r["lr/embeddings.adamw"] == 0.001 for r in stable)
+    assert first[-1]["step"] == STEPS and first[-1]["lr"] == 0.0  # WSD decays to 0 at the last step
+    kill_and_resume(reference_recipe, tmp_path, RECIPE)
+
+
+def kill_and_resume(reference: Path, tmp_path: Path, recipe: dict = {}) -> None:
     target = random.Random().randrange(6, STEPS - 6)
-    root = lab(tmp_path / "lab")
+    root = lab(tmp_path / "lab", recipe)
     proc = kill_at(root, target, signal.SIGKILL)
     proc.communicate(timeout=60)
     summary = json.loads((run_dir(root) / "summary.json").read_text())
