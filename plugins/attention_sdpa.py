@@ -1,4 +1,5 @@
 """Attention 'sdpa': torch's fused scaled_dot_product_attention (flash kernel when no score bias)."""
+import torch
 import torch.nn.functional as F
 
 import gptlab
@@ -14,17 +15,26 @@ class SDPAAttention(CausalSelfAttention):
     def attend(self, q, k, v, ctx):
         k, v = self.expand_kv(k), self.expand_kv(v)
         p = self.dropout if self.training else 0.0
-        if ctx.score_bias is None and ctx.offset == 0:
+        if self.softcap is not None:  # no fused kernel caps the scores: the explicit path
+            weights = F.dropout(torch.softmax(self.scores(q, k, ctx), dim=-1), p, self.training)
+            return weights @ v
+        plain = ctx.score_bias is None and self.window is None
+        if plain and ctx.offset == 0:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        if ctx.score_bias is None and ctx.q_len == 1:  # one new token sees the whole cache
+        if plain and ctx.q_len == 1:  # one new token sees the whole cache
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        mask = ctx.causal_mask(q.device) if ctx.score_bias is None else ctx.masked_bias(q.dtype, q.device)
+        if ctx.score_bias is None:
+            mask = self.allowed(ctx, q.device)
+        else:
+            mask = ctx.masked_bias(q.dtype, q.device, self.window)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
 
     def kernel_path(self, ctx):
-        if ctx.score_bias is None:
+        if self.softcap is not None:
+            return "explicit (soft-capped scores: no fused kernel caps them)"
+        if ctx.score_bias is None and self.window is None:
             return "flash-eligible (causal, no mask)"
-        return "additive mask: memory-efficient or math kernel, not flash"
+        return "mask (sliding window or score bias): memory-efficient or math kernel, not flash"
 
 
 @gptlab.hookimpl

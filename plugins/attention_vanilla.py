@@ -1,5 +1,4 @@
 """Attention 'vanilla': explicit masked softmax, the readable reference implementation."""
-import math
 from typing import Annotated, Optional
 
 import torch
@@ -14,18 +13,15 @@ class VanillaAttention(CausalSelfAttention):
     accepts = frozenset({"rotation", "score_bias"})  # the base rotates; attend adds the bias to the scores
     computes = "causal_softmax"  # sdpa's function, another kernel
 
-    def __init__(self, cfg, n_kv_heads: Annotated[Optional[int], Range(ge=1)] = None):
-        super().__init__(cfg, n_kv_heads)
+    def __init__(self, cfg, n_kv_heads: Annotated[Optional[int], Range(ge=1)] = None, qk_norm: Optional[str] = None,
+                 qk_norm_scale: bool = True, softcap: Annotated[Optional[float], Range(gt=0)] = None,
+                 window: Annotated[Optional[int], Range(ge=1)] = None):
+        super().__init__(cfg, n_kv_heads, qk_norm, qk_norm_scale, softcap, window)
         self.attn_drop = torch.nn.Dropout(cfg.drop_rate)
 
     def attend(self, q, k, v, ctx):
         k, v = self.expand_kv(k), self.expand_kv(v)
-        scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-        if ctx.score_bias is not None:  # the bias with the causal mask folded in, built once per forward
-            scores = scores + ctx.masked_bias(scores.dtype, q.device)
-        else:
-            scores = scores.masked_fill(~ctx.causal_mask(q.device), float("-inf"))
-        weights = self.attn_drop(torch.softmax(scores, dim=-1))
+        weights = self.attn_drop(torch.softmax(self.scores(q, k, ctx), dim=-1))
         return weights @ v
 
 

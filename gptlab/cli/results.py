@@ -5,6 +5,8 @@ torch nor anything that does; matplotlib loads only for --png.
 """
 from __future__ import annotations
 
+import json
+
 import argparse
 import sys
 from pathlib import Path
@@ -224,6 +226,8 @@ def _summary_pairs(row: dict) -> list[tuple[str, str]]:
              ("tok/s", num("tokens_per_s", "{:,.0f}")), ("MFU", num("mfu", "{:.1%}")),
              ("params", num("parameters", "{:,}")), ("memory", memory),
              ("wall", num("wall_time_s", "{:.1f} s")), ("device", str(row.get("device") or fmt.NA))]
+    for key in sorted(k for k in row if k.startswith("aux_losses.")):  # the objective's other terms, last logged
+        pairs.append((f"aux {key.split('.', 1)[1]}", num(key, "{:.4g}")))
     return pairs
 
 

@@ -90,6 +90,10 @@ class ModelConfig:
     # Rows of the embedding and head rounded up to a multiple of this (64 on GPUs: aligned matmuls);
     # the padded rows are never predicted, sampled or counted in the loss. None: no padding.
     vocab_multiple: Optional[int] = None
+    # tanh soft cap on the output logits, cap * tanh(logits / cap) (Gemma 2, modded-nanogpt); None: none
+    logit_softcap: Optional[float] = None
+    # weight of the output z-loss, mean(logsumexp(logits)^2) added to the training loss (PaLM: 1e-4); None: none
+    z_loss: Optional[float] = None
 
     @property
     def padded_vocab(self) -> int:
@@ -140,6 +144,10 @@ class ModelConfig:
                               f"or set model.head_dim")
         positive(self, "model", "ff_dim")
         positive(self, "model", "vocab_multiple")
+        for key in ("logit_softcap", "z_loss"):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"model.{key} must be a finite number > 0, or null (none), got {value}")
 
 
 def _declared(plugins: Any, kind: str, name: str, attr: str, default: Any) -> Any:
@@ -239,7 +247,7 @@ def count_bytes(n: int) -> str:
 #: model keys added after the first results were written, with the value that means "as before";
 #: a config hash leaves a key out while it has that value, so existing runs keep their identity
 LATER_KEYS = {"head_dim": None, "embedding_norm": False, "attn_out_bias": None, "mlp_bias": None,
-              "norm_bias": None, "from_hf": None, "vocab_multiple": None}
+              "norm_bias": None, "from_hf": None, "vocab_multiple": None, "logit_softcap": None, "z_loss": None}
 
 
 def hashed_model(model: dict) -> dict:

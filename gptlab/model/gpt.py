@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..plugin.components import ModelCache
+from ..plugin.components import ModelCache, aux_loss
 from ..config.model import ModelConfig
 from ..errors import IncompatibleComponents
 from ..plugin.hookspecs import KINDS, MODEL_KINDS
@@ -149,13 +149,18 @@ class GPTModel(nn.Module):
             else:
                 x = block(x, ctx, cache.layers[i] if cache is not None else None)
         logits = self.head(self.final_norm(x))
+        cap = self.config.logit_softcap
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
         V = self.config.vocab_size
         if targets is None:
             return logits if logits.shape[-1] == V else logits[..., :V]
         if logits.shape[-1] != V:  # padded rows get no probability mass
             logits = logits.masked_fill(self.padding_rows(logits.shape[-1], logits.device), float("-inf"))
         flat, flat_targets = logits.view(-1, logits.shape[-1]), targets.reshape(-1)
-        if flat.dtype == torch.float32 and flat.requires_grad and not torch.compiler.is_compiling():
+        if self.config.z_loss is not None:  # keeps the log-partition near 0 (PaLM); training only
+            aux_loss(self, "z_loss", torch.logsumexp(flat.float(), dim=-1).pow(2).mean(), self.config.z_loss)
+        elif flat.dtype == torch.float32 and flat.requires_grad and not torch.compiler.is_compiling():
             return _ReusingCrossEntropy.apply(flat, flat_targets)  # these logits are ours alone: reuse them
         return F.cross_entropy(flat, flat_targets)
 

@@ -35,19 +35,21 @@ class PositionalContext:
     def k_len(self) -> int:
         return self.offset + self.q_len
 
-    def masked_bias(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """``score_bias`` with -inf where the causal mask forbids attention, in ``dtype``: an
-        additive mask built once per forward pass and shared by every layer (not cast per layer)."""
-        if dtype not in self._masked:
+    def masked_bias(self, dtype: torch.dtype, device: torch.device, window: Optional[int] = None) -> torch.Tensor:
+        """``score_bias`` with -inf where the causal mask (of ``window``) forbids attention, in ``dtype``:
+        an additive mask built once per forward pass and shared by every layer (not cast per layer)."""
+        key = (dtype, window)
+        if key not in self._masked:
             bias = self.score_bias.to(device=device, dtype=dtype)
-            self._masked[dtype] = bias.masked_fill(~self.causal_mask(device), float("-inf"))
-        return self._masked[dtype]
+            self._masked[key] = bias.masked_fill(~self.causal_mask(device, window), float("-inf"))
+        return self._masked[key]
 
-    def causal_mask(self, device: torch.device) -> torch.Tensor:
-        """Boolean (q_len, k_len) mask, True where query i may attend key j (j <= offset + i)."""
+    def causal_mask(self, device: torch.device, window: Optional[int] = None) -> torch.Tensor:
+        """Boolean (q_len, k_len) mask, True where query i may attend key j: j <= offset + i, and with a
+        sliding ``window``, also j > offset + i - window (each query sees itself and window - 1 before it)."""
         q = torch.arange(self.offset, self.offset + self.q_len, device=device)[:, None]
         k = torch.arange(self.k_len, device=device)[None, :]
-        return k <= q
+        return (k <= q) if window is None else (k <= q) & (k > q - window)
 
 
 class KVCache:
@@ -84,6 +86,39 @@ class ModelCache:
     @property
     def offset(self) -> int:
         return self.layers[0].length if self.layers else 0
+
+
+#: where a module keeps the auxiliary losses it added during the current forward pass
+_AUX = "_gptlab_aux"
+
+
+def aux_loss(module: nn.Module, name: str, value: torch.Tensor, weight: float = 1.0) -> None:
+    """Add an auxiliary loss from inside ``module``'s forward: ``weight * value`` joins the training
+    loss of this step, and ``value`` is logged as ``aux/<name>`` (summed over the modules that add
+    the same name, e.g. one router per layer). Only in training mode: evaluation and ``val_loss``
+    never see it. ``value`` is a scalar tensor in the autograd graph."""
+    if module.training:
+        store = module.__dict__.setdefault(_AUX, {})
+        old = store.get(name)
+        store[name] = (value if old is None else old[0] + value, weight)
+
+
+def pop_aux_losses(model: nn.Module) -> dict:
+    """name -> (value, weight) of every auxiliary loss the last forward added, summed per name over
+    modules, and cleared from them (gptlab's training step calls this after each forward)."""
+    out: dict = {}
+    if not isinstance(model, nn.Module):  # a plain function (a benchmark's reference step) adds none
+        return out
+    for module in model.modules():
+        store = module.__dict__.get(_AUX)
+        if store:
+            for name, (value, weight) in store.items():
+                if name in out and out[name][1] != weight:
+                    raise ValueError(f"auxiliary loss '{name}' was added with weights {out[name][1]} and {weight}; "
+                                     f"one name, one weight")
+                out[name] = (value if name not in out else out[name][0] + value, weight)
+            store.clear()
+    return out
 
 
 def mark_residual(module: nn.Module) -> nn.Module:

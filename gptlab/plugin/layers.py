@@ -2,6 +2,7 @@
 step, and the feed-forward networks. They name no variant; plugins pick the math."""
 from __future__ import annotations
 
+import math
 from typing import Annotated, Callable, Optional
 
 import torch
@@ -13,12 +14,23 @@ from .hookspecs import Range
 
 #: the type and bounds of a width or head-count option (checked by the registry)
 Positive = Annotated[Optional[int], Range(ge=1)]
+#: a soft cap: null (none) or a positive number
+Cap = Annotated[Optional[float], Range(gt=0)]
+#: the norms QK-norm can apply to each head's queries and keys
+QK_NORMS = ("rmsnorm", "layernorm")
 
 
 class CausalSelfAttention(nn.Module):
     """Q/K/V projection, rotation, KV cache and grouped-query heads; subclasses implement ``attend``.
 
-    ``n_kv_heads`` < ``n_heads`` gives grouped-query attention (1 = multi-query).
+    ``n_kv_heads`` < ``n_heads`` gives grouped-query attention (1 = multi-query). The options every
+    subclass inherits (when its ``__init__`` passes them on): ``qk_norm`` (``rmsnorm`` or
+    ``layernorm`` over each head's queries and keys, after projection and before the rotation;
+    ``qk_norm_scale`` false drops its learned gain), ``softcap`` (attention scores become
+    ``softcap * tanh(score / softcap)``, before the position's bias and the mask) and ``window``
+    (sliding-window attention: each query sees itself and the ``window - 1`` keys before it, in
+    training and through the KV cache). ``transform_qkv`` is the seam for ideas of QK-norm's kind;
+    ``scores`` and ``allowed`` give a subclass's ``attend`` the cap, bias, window and mask.
 
     ``accepts`` declares what this class applies: the base applies the position's rotation in
     ``forward``; a subclass whose ``attend`` adds ``ctx.score_bias`` declares it too
@@ -31,9 +43,10 @@ class CausalSelfAttention(nn.Module):
     #: A subclass that renames either declares the new name here (``gptlab.plugin.contract``)
     param_names = {"qkv": "qkv", "out_proj": "out_proj"}
 
-    def __init__(self, cfg, n_kv_heads: Positive = None) -> None:
+    def __init__(self, cfg, n_kv_heads: Positive = None, qk_norm: Optional[str] = None, qk_norm_scale: bool = True,
+                 softcap: Cap = None, window: Positive = None) -> None:
         super().__init__()
-        self.check(cfg, n_kv_heads)
+        self.check(cfg, n_kv_heads, qk_norm)
         self.n_heads = cfg.n_heads
         self.n_kv_heads = n_kv_heads or cfg.n_heads
         self.head_dim = cfg.head_size
@@ -41,9 +54,18 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.emb_dim, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)  # rows: [q; k; v]
         self.out_proj = mark_residual(nn.Linear(q_dim, cfg.emb_dim, bias=cfg.uses_bias("attn_out")))
         self.dropout = cfg.drop_rate
+        self.softcap, self.window = softcap, window
+        self.q_norm = self.k_norm = None
+        if qk_norm:
+            self.q_norm, self.k_norm = (_head_norm(qk_norm, self.head_dim, qk_norm_scale) for _ in range(2))
+            if qk_norm_scale:  # learned gains an importer could fill: declare them
+                self.param_names = {**type(self).param_names, "q_norm": "q_norm", "k_norm": "k_norm"}
 
     @classmethod
-    def check(cls, cfg, n_kv_heads: Optional[int] = None) -> None:
+    def check(cls, cfg, n_kv_heads: Optional[int] = None, qk_norm: Optional[str] = None) -> None:
+        if qk_norm is not None and qk_norm not in QK_NORMS:
+            raise ConfigError(f"attention option qk_norm must be {' or '.join(QK_NORMS)} (or null: none), "
+                              f"got {qk_norm!r}")
         if n_kv_heads is not None:
             if isinstance(n_kv_heads, bool) or not isinstance(n_kv_heads, int) or n_kv_heads <= 0:
                 raise ConfigError(f"attention option n_kv_heads must be a positive integer, got {n_kv_heads!r}")
@@ -54,12 +76,37 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
         q, k, v = split_heads(q, self.n_heads), split_heads(k, self.n_kv_heads), split_heads(v, self.n_kv_heads)
+        q, k, v = self.transform_qkv(q, k, v)
         if ctx.rotate is not None:
             q, k = ctx.rotate(q, k)
         if cache is not None:
             k, v = cache.update(k, v)
         y = self.attend(q, k, v, ctx)
         return self.out_proj(merge_heads(y))
+
+    def transform_qkv(self, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
+        """The seam between projection and rotation: (B, H, T, D) queries, (B, Hkv, T, D) keys and
+        values in, the same shapes out. The base applies QK-norm when asked; a subclass that
+        transforms q, k or v otherwise overrides it (calling ``super()`` keeps QK-norm working)."""
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def allowed(self, ctx: PositionalContext, device: torch.device) -> torch.Tensor:
+        """Boolean (Tq, Tk): True where a query may attend a key (causal, within ``window``)."""
+        return ctx.causal_mask(device, self.window)
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor, ctx: PositionalContext) -> torch.Tensor:
+        """Attention scores (B, H, Tq, Tk) as an explicit ``attend`` uses them: QK^T / sqrt(d),
+        soft-capped when asked, plus the position's score bias, -inf where ``allowed`` says no.
+        ``k`` already has one head per query head (``expand_kv``)."""
+        s = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+        if self.softcap is not None:
+            s = self.softcap * torch.tanh(s / self.softcap)
+        if ctx.score_bias is not None:  # the bias with the mask folded in, built once per forward
+            return s + ctx.masked_bias(s.dtype, q.device, self.window)
+        return s.masked_fill(~self.allowed(ctx, q.device), float("-inf"))
 
     def expand_kv(self, t: torch.Tensor) -> torch.Tensor:
         """Repeat each key/value head for its group of query heads."""
@@ -76,6 +123,14 @@ class CausalSelfAttention(nn.Module):
     def kernel_path(self, ctx: PositionalContext) -> str:
         """A short description of which kernel runs for this context (for benchmarks and logs)."""
         return "explicit"
+
+
+def _head_norm(kind: str, dim: int, scale: bool) -> nn.Module:
+    """QK-norm's norm over one head's width; ``scale`` false: no learned gain."""
+    norm = nn.RMSNorm(dim, elementwise_affine=scale) if kind == "rmsnorm" else \
+        nn.LayerNorm(dim, elementwise_affine=scale, bias=False)
+    norm._gptlab_norm = True  # its gain is a norm's (optimizer groups)
+    return norm
 
 
 def _activation_factory(cls, act: Callable[[torch.Tensor], torch.Tensor], doc: str) -> Callable[..., nn.Module]:

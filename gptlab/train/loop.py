@@ -22,6 +22,7 @@ from ..model.gpt import GPTModel
 from .distributed import Group, any_rank, mean
 from .recipe import make_optimizer, make_schedule, set_rates
 from .resume import Resumable, restore, save
+from ..plugin.components import pop_aux_losses
 from ..plugin.contract import Schedule
 from ..plugin.manager import PluginSystem
 from ..rundir import length_key
@@ -52,7 +53,7 @@ class TrainState:
 def train_step(step_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], grad_accum: int, ctx: Callable,
                grad_clip: Optional[float], params: list, inspect: Optional[Callable[[], None]] = None,
-               no_sync: Callable[[], Any] = nullcontext) -> torch.Tensor:
+               no_sync: Callable[[], Any] = nullcontext, aux: Optional[dict] = None) -> torch.Tensor:
     """One optimizer step, the way every gptlab run and benchmark takes it.
 
     ``grad_accum`` micro-batches from ``next_batch``: ``step_model(x, targets=y)`` under ``ctx``
@@ -61,7 +62,10 @@ def train_step(step_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     complete), clipping to ``grad_clip`` (null or 0: off), the optimizer step and
     zero_grad(set_to_none). Returns the mean micro-batch loss as a device tensor: reading it
     is the caller's choice, so the GPU never waits on the host here. Under DDP, ``no_sync`` keeps
-    gradients local on every micro-batch but the last, which alone all-reduces.
+    gradients local on every micro-batch but the last, which alone all-reduces. Auxiliary losses
+    that components added in the forward (``gptlab.aux_loss``) join the objective with their
+    weights; the returned loss stays the next-token loss, and ``aux`` (name -> device tensor), when
+    given, accumulates each one's mean over the micro-batches.
     """
     total = None
     for micro in range(grad_accum):
@@ -69,7 +73,13 @@ def train_step(step_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         with (no_sync() if micro < grad_accum - 1 else nullcontext()):
             with ctx():
                 loss = step_model(x, targets=y)
-            (loss / grad_accum).backward()
+            objective = loss
+            for name, (value, weight) in pop_aux_losses(step_model).items():
+                objective = objective + weight * value
+                if aux is not None:
+                    part = value.detach().float() / grad_accum
+                    aux[name] = part if name not in aux else aux[name] + part
+            (objective / grad_accum).backward()
         total = loss.detach() if total is None else total + loss.detach()
     if inspect is not None:
         inspect()
@@ -131,6 +141,8 @@ class _Run:
     loss_sum: torch.Tensor  # train losses since the last log step, summed on the device
     tokens_per_step: int
     state: TrainState = field(default_factory=TrainState)
+    aux_sum: dict = field(default_factory=dict)  # auxiliary losses since the last log step, by name
+    last_aux: dict = field(default_factory=dict)  # the auxiliary losses of the last log step
     loss_count: int = 0
     first: int = 1  # the first step this process takes (past the resumed state's step)
     interval_start: float = 0.0  # perf_counter at the start of the timed interval
@@ -212,6 +224,7 @@ def _resume(run: _Run, resume_from: Resumable, warn: Callable[[str], None]) -> N
     loop = resume_from.info["loop"]
     run.state = TrainState(**{**loop["state"], "best_val": _inf(loop["state"]["best_val"])})
     run.loss_sum.fill_(loop["loss_sum"])
+    run.aux_sum = {name: torch.tensor(value, device=device) for name, value in loop.get("aux_sum", {}).items()}
     run.loss_count = loop["loss_count"]
     run.first = resume_from.step + 1
 
@@ -220,7 +233,8 @@ def _save_state(run: _Run, state_dir: Path, step: int, state_info: Callable[[], 
     """The loop's counters go in as plain numbers (an infinite best_val as null), so _resume reads them back."""
     state = run.state
     loop = {"state": {**asdict(state), "best_val": _finite(state.best_val)},
-            "loss_sum": run.loss_sum.item(), "loss_count": run.loss_count}
+            "loss_sum": run.loss_sum.item(), "loss_count": run.loss_count,
+            "aux_sum": {name: value.item() for name, value in run.aux_sum.items()}}
     save(state_dir, step, run.model, run.optimizer, run.generators,
          {"loop": loop, "device_type": run.device.type, **state_info()}, run.train.checkpoint_keep)
 
@@ -237,7 +251,7 @@ def _train_steps(run: _Run, data: TokenData, on_log: Callable[[dict], None], on_
         # Xiong et al. (2020): at init, post-LN gradients grow toward the output, pre-LN's are flat
         inspect = (lambda: setattr(run.state, "init_grad_norms", block_grad_norms(run.model))) if step == 1 else None
         run.loss_sum += train_step(run.step_model, run.optimizer, run.batches.next, t.grad_accum, run.ctx,
-                                   t.grad_clip, run.params, inspect, no_sync=run.no_sync)
+                                   t.grad_clip, run.params, inspect, no_sync=run.no_sync, aux=run.aux_sum)
         run.loss_count += 1
         run.state.step, run.state.tokens = step, run.state.tokens + run.tokens_per_step
         run.interval_tokens += run.tokens_per_step
@@ -255,7 +269,12 @@ def _log_step(run: _Run, step: int, rates: dict, data: TokenData, on_log: Callab
               on_eval: Callable[[dict], None], progress: Callable[[TrainState, dict], None]) -> None:
     """Read the mean train loss back, evaluate when due, report the row; raises Diverged."""
     t, state = run.train, run.state
-    train_loss = mean(run.loss_sum / max(1, run.loss_count), run.group).item()  # the only host sync in the loop
+    names = sorted(run.aux_sum)  # the loss and each auxiliary loss, reduced across ranks in one go
+    sums = torch.stack([run.loss_sum, *(run.aux_sum[name] for name in names)]) if names else run.loss_sum
+    values = mean(sums / max(1, run.loss_count), run.group).reshape(-1).tolist()  # the only host sync in the loop
+    train_loss = values[0]
+    if names:
+        run.last_aux, run.aux_sum = dict(zip(names, values[1:])), {}
     elapsed = time.perf_counter() - run.interval_start
     if run.interval_tokens:
         state.train_time += elapsed
@@ -269,6 +288,7 @@ def _log_step(run: _Run, step: int, rates: dict, data: TokenData, on_log: Callab
            "tokens_per_s": run.interval_tokens / elapsed if run.interval_tokens and elapsed > 0 else None}
     if run.log_groups:
         row.update({f"lr/{name}": rate for name, rate in rates.items()})
+    row.update({f"aux/{name}": _finite(value) for name, value in run.last_aux.items()})
     if (step % t.eval_every == 0 or step == t.steps) and run.group.main:
         val = evaluate(run.model, data.val, run.seq_len, t.eval_batches, t.batch_size, run.device, run.ctx)
         row["val_loss"] = val
@@ -313,6 +333,8 @@ def _summary(run: _Run, data: TokenData) -> dict:
         "checkpoint_time_s": state.checkpoint_time,
         "init_grad_norms": state.init_grad_norms,
     }
+    if run.last_aux:  # as last logged: the training objective's other terms, apart from the losses
+        summary["aux_losses"] = {name: _finite(value) for name, value in run.last_aux.items()}
     if run.compile_note:
         summary["compile"] = run.compile_note
     flops = model.flops_per_token(run.seq_len)

@@ -116,6 +116,9 @@ def check(info: Any, step: int, run_dir: Path, steps: Optional[int] = None,
             raise bad(f"loop.state.{name} {counters[name]!r} is not {what}")
     if not _number(loop.get("loss_sum")):
         raise bad(f"loop.loss_sum {loop.get('loss_sum')!r} is not a finite number")
+    aux = loop.get("aux_sum", {})
+    if not isinstance(aux, dict) or not all(isinstance(k, str) and _number(v) for k, v in aux.items()):
+        raise bad(f"loop.aux_sum {aux!r} is not a mapping of names to finite numbers")
     if not _int(loop.get("loss_count")) or loop["loss_count"] < 0:
         raise bad(f"loop.loss_count {loop.get('loss_count')!r} is not a whole number >= 0")
     if counters["step"] != step:
