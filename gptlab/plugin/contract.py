@@ -58,7 +58,7 @@ if TYPE_CHECKING:  # annotations only: nothing here imports torch
 _TORCH_BACKED = {
     "CausalSelfAttention": "layers", "MLP": "layers", "GatedMLP": "layers",
     "PositionScheme": "components", "PositionalContext": "components", "KVCache": "components",
-    "mark_residual": "components",
+    "mark_residual": "components", "aux_loss": "components",
 }
 
 
@@ -298,13 +298,15 @@ _RANGE = "gptlab.plugin.hookspecs.Range"  # option bounds, for any kind's factor
 #: kind -> dotted paths of the values its plugins receive and the helpers they may call. Those in
 #: higher layers (config, hf, run) are strings because gptlab.plugin imports nothing above it;
 #: tests/test_contract.py resolves every path and checks that gptlab exports it under its name.
+_AUX = "gptlab.plugin.components.aux_loss"  # any module's forward may add a named auxiliary loss
+
 HELPERS: dict[str, tuple[str, ...]] = {
-    "attention": (_CFG, _CTX, _CACHE, "gptlab.plugin.components.mark_residual", _RANGE),
-    "position": (_CFG, _CTX, _RANGE),
-    "norm": (_CFG, _RANGE),
-    "norm_placement": (_CFG, _CTX, _CACHE, _RANGE),
+    "attention": (_CFG, _CTX, _CACHE, "gptlab.plugin.components.mark_residual", _AUX, _RANGE),
+    "position": (_CFG, _CTX, _AUX, _RANGE),
+    "norm": (_CFG, _AUX, _RANGE),
+    "norm_placement": (_CFG, _CTX, _CACHE, _AUX, _RANGE),
     "activation": (_CFG, "gptlab.plugin.layers.MLP", "gptlab.plugin.layers.GatedMLP",
-                   "gptlab.plugin.components.mark_residual", _RANGE),
+                   "gptlab.plugin.components.mark_residual", _AUX, _RANGE),
     "dataset": (_RANGE,),
     "tokenizer": (_RANGE,),
     "importer": ("gptlab.plugin.contract.per_head_rows", "gptlab.plugin.contract.fused_rows",
