@@ -127,7 +127,10 @@ def bench_model(config: str, overrides: Iterable[str] = (), *, batch: int = 8, s
         plugins = build_plugin_system(plugin_dirs=plugins_dir)
         cfg = load_model_config(config, overrides, plugins)
         t = train_settings(dtype, optimizer)
-        plugins.registry.lookup("optimizer", t.optimizer.name, t.optimizer.options)  # a bad name: before timing
+        try:  # a bad name or option: before anything is timed
+            plugins.registry.lookup("optimizer", t.optimizer.name, t.optimizer.options)
+        except ConfigError as exc:
+            raise ConfigError(f"--optimizer: {exc}") from None
         dev = resolve_device(device)
         dtype = resolve_dtype(dtype, dev)
         seq_len = seq_len or cfg.context_length

@@ -162,7 +162,8 @@ def parameter_parts(cfg: ModelConfig, plugins: Any) -> dict[str, int]:
     """The parameters of a model ``cfg`` describes, by part, computed from the config and what its
     components (registered in ``plugins``) declare, without building anything, so a config claiming
     a huge model costs nothing to measure. Each label names the keys that size its part. Declared,
-    with defaults for a component that says nothing: an activation's ``gated`` (False), a norm's
+    with defaults for a component that says nothing: an activation's ``gated`` (False) or its own
+    ``parameter_count(cfg, **options)`` (one layer's feed-forward), a norm's
     ``parameter_count(cfg, dim)`` (dim), a block's ``norm_count(options)`` (2) and ``final_norm``
     (True), a position's ``parameter_count(cfg)`` (0). Exact for the built-ins; the meta build then
     gives the exact figure for any model."""
@@ -176,6 +177,9 @@ def parameter_parts(cfg: ModelConfig, plugins: Any) -> dict[str, int]:
     attention = d * (q + 2 * kv) + (q + 2 * kv) * cfg.qkv_bias + q * d + d * cfg.uses_bias("attn_out")
     fc = hidden * (2 if gated else 1)
     mlp = d * fc + hidden * d + (fc + d) * cfg.uses_bias("mlp")
+    declared = _declared(plugins, "activation", cfg.activation.name, "parameter_count", None)
+    if callable(declared):  # a feed-forward that is no MLP (experts) counts itself
+        mlp = int(declared(cfg, **cfg.activation.options))
     placement = cfg.norm_placement
     norms = _declared(plugins, "norm_placement", placement.name, "norm_count", lambda options: 2)(placement.options)
     block = attention + mlp + norms * norm

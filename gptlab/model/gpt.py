@@ -215,11 +215,18 @@ class GPTModel(nn.Module):
             n -= sum(p.numel() for p in self.position.parameters())
         return n
 
+    def active_parameters(self) -> int:
+        """Parameters one token's forward pass uses (no position table): all of them, less what
+        components declare through ``inactive_parameters()`` (a Mixture-of-Experts' unchosen experts)."""
+        skipped = sum(m.inactive_parameters() for m in self.modules()
+                      if m is not self and callable(getattr(m, "inactive_parameters", None)))
+        return self.num_parameters(exclude_position=True) - skipped
+
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:
-        """Training FLOPs per token, 6N + 12*L*H*Q*T (PaLM appendix B)."""
+        """Training FLOPs per token, 6N + 12*L*H*Q*T (PaLM appendix B), N the active parameters."""
         T = seq_len or self.config.context_length
         c = self.config
-        return 6 * self.num_parameters(exclude_position=True) + 12 * c.n_layers * c.n_heads * c.head_size * T
+        return 6 * self.active_parameters() + 12 * c.n_layers * c.n_heads * c.head_size * T
 
     def memory_estimate(self, batch_size: int, seq_len: Optional[int] = None, **kwargs: Any) -> dict:
         """Bytes for weights, gradients, AdamW state and activations; see ``gptlab.model.memory``."""
