@@ -59,6 +59,76 @@ class ComponentSpec:
         return dict(name=self.name, **self.options) if self.options else self.name
 
 
+#: the components a ``model.layers`` rule may set for the layers it selects
+LAYER_KINDS = ("attention", "activation", "norm", "norm_placement", "position")
+#: how a rule selects layers (all of them when it names none): ``at`` (an index or a list; negative
+#: counts from the end), ``from``/``to`` (a half-open range, negatives from the end) and ``every``
+#: with ``offset`` (i % every == offset); the selectors a rule names must all hold
+SELECTORS = ("at", "from", "to", "every", "offset")
+
+
+def _index(value: Any, where: str, n_layers: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where} must be a layer index (an integer; negative counts from the end), got {value!r}")
+    if not -n_layers <= value < n_layers:
+        raise ConfigError(f"{where}={value} is outside the model's {n_layers} layers "
+                          f"(0 to {n_layers - 1}, or -1 to -{n_layers})")
+    return value % n_layers
+
+
+def parse_layer_rule(rule: Any, index: int, n_layers: int) -> tuple[list[int], dict[str, "ComponentSpec"]]:
+    """(the layers rule ``index`` of ``model.layers`` selects, the components it sets), or ConfigError
+    naming the rule and key."""
+    where = f"model.layers[{index}]"
+    if not isinstance(rule, Mapping):
+        raise ConfigError(f"{where} must be a mapping such as {{every: 4, offset: 3, position: none}}, got {rule!r}")
+    for key in rule:
+        if key not in SELECTORS and key not in LAYER_KINDS:
+            valid = (*SELECTORS, *LAYER_KINDS)
+            raise ConfigError(f"unknown {where} key '{key}'{did_you_mean(str(key), valid)}; a rule selects layers "
+                              f"with {', '.join(SELECTORS)} and sets {', '.join(LAYER_KINDS)}")
+    sets = {kind: ComponentSpec.parse(rule[kind], f"{where}.{kind}") for kind in LAYER_KINDS if kind in rule}
+    if not sets:
+        raise ConfigError(f"{where} sets no component; give it one of {', '.join(LAYER_KINDS)}")
+    chosen = set(range(n_layers))
+    if "at" in rule:
+        at = rule["at"] if isinstance(rule["at"], (list, tuple)) else [rule["at"]]
+        chosen &= {_index(i, f"{where}.at", n_layers) for i in at}
+    low = _index(rule["from"], f"{where}.from", n_layers) if "from" in rule else 0
+    high = n_layers if "to" not in rule else (
+        n_layers if rule["to"] == n_layers else _index(rule["to"], f"{where}.to", n_layers))
+    chosen &= set(range(low, high))
+    if "every" in rule or "offset" in rule:
+        every, offset = rule.get("every", 1), rule.get("offset", 0)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ConfigError(f"{where}.every must be a positive integer, got {every!r}")
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < every:
+            raise ConfigError(f"{where}.offset must be an integer in [0, every), got {offset!r}")
+        chosen = {i for i in chosen if i % every == offset}
+    if not chosen:
+        raise ConfigError(f"{where} selects no layer of the model's {n_layers}; check its "
+                          f"{', '.join(k for k in SELECTORS if k in rule)}")
+    return sorted(chosen), sets
+
+
+def describe_layers(rules: list, n_layers: int) -> str:
+    """``model.layers`` in words for tables: 'layers 3,7: position=none; layers 6-7: activation=relu2'."""
+    parts = []
+    for index, rule in enumerate(rules):
+        chosen, sets = parse_layer_rule(rule, index, n_layers)
+        span = (f"{chosen[0]}-{chosen[-1]}" if len(chosen) > 2 and chosen == list(range(chosen[0], chosen[-1] + 1))
+                else ",".join(map(str, chosen)))
+        what = ", ".join(f"{kind}={_spec_text(spec)}" for kind, spec in sets.items())
+        parts.append(f"layer{'s' if len(chosen) > 1 else ''} {span}: {what}")
+    return "; ".join(parts)
+
+
+def _spec_text(spec: "ComponentSpec") -> str:
+    if not spec.options:
+        return spec.name
+    return spec.name + "(" + ",".join(f"{k}={v}" for k, v in spec.options.items()) + ")"
+
+
 @dataclass
 class ModelConfig:
     """Everything that defines a model. Defaults reproduce the seeds' GPT-124M (tied head), except that
@@ -94,6 +164,8 @@ class ModelConfig:
     logit_softcap: Optional[float] = None
     # weight of the output z-loss, mean(logsumexp(logits)^2) added to the training loss (PaLM: 1e-4); None: none
     z_loss: Optional[float] = None
+    # per-layer layout: rules that give the layers they select their own components (see LAYER_KINDS)
+    layers: list = field(default_factory=list)
 
     @property
     def padded_vocab(self) -> int:
@@ -110,6 +182,16 @@ class ModelConfig:
         """Whether ``part`` ("attn_out", "mlp" or "norm") has a bias: its own switch, else ``bias``."""
         own = getattr(self, f"{part}_bias")
         return self.bias if own is None else own
+
+    def layer_specs(self) -> list[dict[str, "ComponentSpec"]]:
+        """Each layer's components (``LAYER_KINDS``): the model's, overridden by every ``layers`` rule
+        that selects the layer, in order (a later rule wins)."""
+        specs = [{kind: getattr(self, kind) for kind in LAYER_KINDS} for _ in range(self.n_layers)]
+        for index, rule in enumerate(self.layers):
+            chosen, sets = parse_layer_rule(rule, index, self.n_layers)
+            for i in chosen:
+                specs[i].update(sets)
+        return specs
 
     def to_dict(self) -> dict:
         return to_plain(self)
@@ -144,6 +226,8 @@ class ModelConfig:
                               f"or set model.head_dim")
         positive(self, "model", "ff_dim")
         positive(self, "model", "vocab_multiple")
+        for index, rule in enumerate(self.layers):
+            parse_layer_rule(rule, index, self.n_layers)
         for key in ("logit_softcap", "z_loss"):
             value = getattr(self, key)
             if value is not None and not (math.isfinite(value) and value > 0):
@@ -167,34 +251,48 @@ def parameter_parts(cfg: ModelConfig, plugins: Any) -> dict[str, int]:
     ``parameter_count(cfg, dim)`` (dim), a block's ``norm_count(options)`` (2) and ``final_norm``
     (True), a position's ``parameter_count(cfg)`` (0). Exact for the built-ins; the meta build then
     gives the exact figure for any model."""
-    d, heads, head = cfg.emb_dim, cfg.n_heads, cfg.head_size
-    kv_heads = _positive_int(cfg.attention.options.get("n_kv_heads")) or heads
-    q, kv = heads * head, kv_heads * head
-    gated = bool(_declared(plugins, "activation", cfg.activation.name, "gated", False))
-    hidden = _positive_int(cfg.activation.options.get("hidden_dim")) or cfg.ff_dim \
-        or (int(round(8 * d / 3)) if gated else 4 * d)
-    norm = _declared(plugins, "norm", cfg.norm.name, "parameter_count", lambda cfg, dim: dim)(cfg, d)
-    attention = d * (q + 2 * kv) + (q + 2 * kv) * cfg.qkv_bias + q * d + d * cfg.uses_bias("attn_out")
-    fc = hidden * (2 if gated else 1)
-    mlp = d * fc + hidden * d + (fc + d) * cfg.uses_bias("mlp")
-    declared = _declared(plugins, "activation", cfg.activation.name, "parameter_count", None)
-    if callable(declared):  # a feed-forward that is no MLP (experts) counts itself
-        mlp = int(declared(cfg, **cfg.activation.options))
-    placement = cfg.norm_placement
-    norms = _declared(plugins, "norm_placement", placement.name, "norm_count", lambda options: 2)(placement.options)
-    block = attention + mlp + norms * norm
-    vocab = cfg.padded_vocab
-    parts = {f"the token embedding (vocab_size {count(vocab)} x emb_dim {count(d)})": vocab * d,
-             f"the blocks (n_layers {count(cfg.n_layers)} x {count(block)} parameters; emb_dim {count(d)}, "
-             f"{count(heads)} heads of {count(head)}, MLP width {count(hidden)})": cfg.n_layers * block}
+    d, heads, head, vocab = cfg.emb_dim, cfg.n_heads, cfg.head_size, cfg.padded_vocab
+    layers = cfg.layer_specs() if cfg.layers else [{kind: getattr(cfg, kind) for kind in LAYER_KINDS}]
+    sizes = [_block_parameters(cfg, layer, plugins) for layer in layers]
+    if cfg.layers:
+        blocks = f"the blocks (n_layers {count(cfg.n_layers)} in {len(set(sizes))} sizes set by model.layers)"
+        total = sum(size for size, _ in sizes)
+    else:
+        (block, hidden), = sizes
+        blocks = (f"the blocks (n_layers {count(cfg.n_layers)} x {count(block)} parameters; emb_dim {count(d)}, "
+                  f"{count(heads)} heads of {count(head)}, MLP width {count(hidden)})")
+        total = cfg.n_layers * block
+    parts = {f"the token embedding (vocab_size {count(vocab)} x emb_dim {count(d)})": vocab * d, blocks: total}
     if not cfg.tie_embeddings:
         parts[f"the output head (vocab_size {count(vocab)} x emb_dim {count(d)})"] = vocab * d
     table = _declared(plugins, "position", cfg.position.name, "parameter_count", lambda cfg: 0)(cfg)
     if table:
         parts[f"the position table (context_length {count(cfg.context_length)} x emb_dim {count(d)})"] = table
+    norm = _declared(plugins, "norm", cfg.norm.name, "parameter_count", lambda cfg, dim: dim)(cfg, d)
+    placement = layers[-1]["norm_placement"]
     final = bool(_declared(plugins, "norm_placement", placement.name, "final_norm", True))
     parts["the norms outside the blocks"] = norm * (final + cfg.embedding_norm)
     return parts
+
+
+def _block_parameters(cfg: ModelConfig, layer: Mapping[str, "ComponentSpec"], plugins: Any) -> tuple[int, int]:
+    """(parameters, MLP width) of one block built from ``layer``'s components."""
+    d, heads, head = cfg.emb_dim, cfg.n_heads, cfg.head_size
+    attn, act = layer["attention"], layer["activation"]
+    kv_heads = _positive_int(attn.options.get("n_kv_heads")) or heads
+    q, kv = heads * head, kv_heads * head
+    gated = bool(_declared(plugins, "activation", act.name, "gated", False))
+    hidden = _positive_int(act.options.get("hidden_dim")) or cfg.ff_dim or (int(round(8 * d / 3)) if gated else 4 * d)
+    norm = _declared(plugins, "norm", layer["norm"].name, "parameter_count", lambda cfg, dim: dim)(cfg, d)
+    attention = d * (q + 2 * kv) + (q + 2 * kv) * cfg.qkv_bias + q * d + d * cfg.uses_bias("attn_out")
+    fc = hidden * (2 if gated else 1)
+    mlp = d * fc + hidden * d + (fc + d) * cfg.uses_bias("mlp")
+    declared = _declared(plugins, "activation", act.name, "parameter_count", None)
+    if callable(declared):  # a feed-forward that is no MLP (experts) counts itself
+        mlp = int(declared(cfg, **act.options))
+    placement = layer["norm_placement"]
+    norms = _declared(plugins, "norm_placement", placement.name, "norm_count", lambda options: 2)(placement.options)
+    return attention + mlp + norms * norm, hidden
 
 
 def size_problem(cfg: ModelConfig, limit: int, plugins: Any, parameters: Optional[int] = None,
@@ -251,7 +349,8 @@ def count_bytes(n: int) -> str:
 #: model keys added after the first results were written, with the value that means "as before";
 #: a config hash leaves a key out while it has that value, so existing runs keep their identity
 LATER_KEYS = {"head_dim": None, "embedding_norm": False, "attn_out_bias": None, "mlp_bias": None,
-              "norm_bias": None, "from_hf": None, "vocab_multiple": None, "logit_softcap": None, "z_loss": None}
+              "norm_bias": None, "from_hf": None, "vocab_multiple": None, "logit_softcap": None, "z_loss": None,
+              "layers": []}
 
 
 def hashed_model(model: dict) -> dict:

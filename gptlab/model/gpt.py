@@ -5,6 +5,7 @@ activation checkpointing see an ordinary model.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -16,26 +17,65 @@ from torch.utils.checkpoint import checkpoint
 
 from ..plugin.components import ModelCache, aux_loss
 from ..config.model import ModelConfig
-from ..errors import IncompatibleComponents
+from ..errors import ConfigError, IncompatibleComponents
+from ..plugin.contract import param_names
 from ..plugin.hookspecs import KINDS, MODEL_KINDS
 from ..plugin.manager import PluginSystem, default_plugins
 from ..plugin.registry import Entry
 
 
 def resolve_components(cfg: ModelConfig, plugins: PluginSystem) -> dict[str, Entry]:
-    """Look up every component and check that the combination can work, before allocating anything."""
+    """Look up every component (the model's and each layer's) and check that each layer's combination
+    can work, before allocating anything. Returns the model-level entries."""
     entries = {kind: plugins.registry.lookup(kind, getattr(cfg, kind).name, getattr(cfg, kind).options, cfg)
                for kind in MODEL_KINDS}
-    pos, att = entries["position"], entries["attention"]
+    if not cfg.layers:
+        _check_pair(entries["position"], entries["attention"])
+    else:
+        layer_components(cfg, plugins)
+    return entries
+
+
+def _check_pair(pos: Entry, att: Entry, where: str = "") -> None:
     provides = set(KINDS["position"].attr(pos.factory, "provides"))
     accepts = set(KINDS["attention"].attr(att.factory, "accepts"))
     missing = sorted((provides & {"rotation", "score_bias"}) - accepts)
     if missing:
         raise IncompatibleComponents(
-            f"position '{pos.name}' needs an attention that applies its {' and '.join(missing)}, "
+            f"{where}position '{pos.name}' needs an attention that applies its {' and '.join(missing)}, "
             f"but attention '{att.name}' accepts {', '.join(sorted(accepts)) or 'neither'}; "
             f"pick another attention or position")
-    return entries
+
+
+def layer_components(cfg: ModelConfig, plugins: PluginSystem) -> list[dict[str, tuple[Entry, Any]]]:
+    """Per layer, kind -> (registry entry, ComponentSpec) for each of ``LAYER_KINDS``; every distinct
+    layer checked once (options, the position/attention pair, a position a single layer can use)."""
+    looked: dict[str, Entry] = {}
+
+    def lookup(kind: str, spec: Any, where: str) -> Entry:
+        key = json.dumps([kind, spec.to_plain()], sort_keys=True, default=str)
+        if key not in looked:
+            try:
+                looked[key] = plugins.registry.lookup(kind, spec.name, spec.options, cfg)
+            except Exception as exc:
+                raise type(exc)(f"{where}{exc}") from None
+        return looked[key]
+
+    out, checked = [], set()
+    for i, specs in enumerate(cfg.layer_specs()):
+        where = f"model.layers: layer {i}: " if cfg.layers else ""
+        layer = {kind: (lookup(kind, spec, where), spec) for kind, spec in specs.items()}
+        combo = json.dumps({k: v.to_plain() for k, v in specs.items()}, sort_keys=True, default=str)
+        if combo not in checked:
+            checked.add(combo)
+            _check_pair(layer["position"][0], layer["attention"][0], where)
+            own = specs["position"] != cfg.position
+            if own and "embedding" in KINDS["position"].attr(layer["position"][0].factory, "provides"):
+                raise ConfigError(f"{where}position '{specs['position'].name}' adds embeddings at the input, which "
+                                  f"one layer cannot have; a layer's own position acts through rotation or score "
+                                  f"bias (rope, alibi) or is none")
+        out.append(layer)
+    return out
 
 
 class _ReusingCrossEntropy(torch.autograd.Function):
@@ -73,38 +113,60 @@ class GPTModel(nn.Module):
         self.config = cfg = ModelConfig.from_any(cfg)
         plugins = plugins or default_plugins()
         entries = resolve_components(cfg, plugins)
+        layers = layer_components(cfg, plugins)
         self.components = {kind: getattr(cfg, kind).name for kind in MODEL_KINDS}
 
         # the first module built of each kind (not a submodule: it already lives in a block), so the
         # memory estimate can read the contract's attributes without knowing how a block names them
         self.first_built: dict[str, nn.Module] = {}
 
-        def build(kind: str, *args: Any, **extra: Any) -> Any:
-            module = entries[kind].factory(cfg, *args, **extra, **getattr(cfg, kind).options)
+        def build(kind: str, *args: Any, layer: Optional[int] = None, **extra: Any) -> Any:
+            entry, spec = layers[layer][kind] if layer is not None else (entries[kind], getattr(cfg, kind))
+            module = entry.factory(cfg, *args, **extra, **spec.options)
             self.first_built.setdefault(kind, module)
             return module
 
-        def make_norm(dim: int) -> nn.Module:
-            module = build("norm", dim)
+        def make_norm(dim: int, layer: Optional[int] = None) -> nn.Module:
+            module = build("norm", dim, layer=layer)
             setattr(module, "_gptlab_norm", True)  # its parameters are a norm's (optimizer groups)
             return module
+
+        def make_block(i: int) -> nn.Module:
+            return build("norm_placement", layer=i, attention=lambda: build("attention", layer=i),
+                         mlp=lambda: build("activation", layer=i), norm=lambda dim: make_norm(dim, i))
 
         # rows past vocab_size (vocab_multiple padding) exist only so the head's matmul is aligned
         self.tok_emb = nn.Embedding(cfg.padded_vocab, cfg.emb_dim)
         self.position = build("position")
         self.embedding_norm = make_norm(cfg.emb_dim) if cfg.embedding_norm else nn.Identity()
         self.drop_emb = nn.Dropout(cfg.drop_rate)
-        placement = entries["norm_placement"]
-        self.blocks = nn.ModuleList(
-            build("norm_placement", attention=lambda: build("attention"), mlp=lambda: build("activation"),
-                  norm=make_norm)
-            for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(make_block(i) for i in range(cfg.n_layers))
+        self._own_positions(layers)
+        placement = layers[-1]["norm_placement"][0] if layers else entries["norm_placement"]
         needs_final_norm = KINDS["norm_placement"].attr(placement.factory, "final_norm")
         self.final_norm = make_norm(cfg.emb_dim) if needs_final_norm else nn.Identity()
         self.head = nn.Linear(cfg.emb_dim, cfg.padded_vocab, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
         self.reset_parameters()
+
+    def _own_positions(self, layers: list) -> None:
+        """Layers whose position differs from the model's (a layout: rope in some, none in others)
+        get it built once per distinct choice, in ``layer_positions``; ``position_of[i]`` names
+        which each layer uses ('' for the model's own)."""
+        self.layer_positions = nn.ModuleDict()
+        self.position_of: list[str] = []
+        seen: dict[str, str] = {}
+        for layer in layers:
+            entry, spec = layer["position"]
+            if spec == self.config.position:
+                self.position_of.append("")
+                continue
+            key = json.dumps(spec.to_plain(), sort_keys=True, default=str)
+            if key not in seen:
+                seen[key] = f"p{len(seen)}"
+                self.layer_positions[seen[key]] = entry.factory(self.config, **spec.options)
+            self.position_of.append(seen[key])
 
     # -- init ------------------------------------------------------------------------------------
     def reset_parameters(self) -> None:
@@ -122,8 +184,10 @@ class GPTModel(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
     @property
     def max_length(self) -> Optional[int]:
-        """Longest sequence the positional scheme can encode (None: no limit)."""
-        return getattr(self.position, "max_length", None)
+        """Longest sequence the positional schemes can encode (None: no limit)."""
+        limits = [n for n in (getattr(p, "max_length", None) for p in (self.position, *self.layer_positions.values()))
+                  if n is not None]
+        return min(limits) if limits else None
 
     def forward(self, idx: torch.Tensor, cache: Optional[ModelCache] = None,
                 targets: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -141,9 +205,12 @@ class GPTModel(nn.Module):
                              f"supports ({limit}); crop the input or use a scheme without a length limit")
         x = self.position.embed(self.tok_emb(idx), offset)
         x = self.drop_emb(self.embedding_norm(x))
-        ctx = self.position.context(offset, T, idx.device, x.dtype)
+        contexts = {"": self.position.context(offset, T, idx.device, x.dtype)}
+        for key, scheme in self.layer_positions.items():
+            contexts[key] = scheme.context(offset, T, idx.device, x.dtype)
         use_ckpt = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
+            ctx = contexts[self.position_of[i]]
             if use_ckpt and cache is None:
                 x = checkpoint(block, x, ctx, None, use_reentrant=False)
             else:
@@ -226,7 +293,14 @@ class GPTModel(nn.Module):
         """Training FLOPs per token, 6N + 12*L*H*Q*T (PaLM appendix B), N the active parameters."""
         T = seq_len or self.config.context_length
         c = self.config
-        return 6 * self.active_parameters() + 12 * c.n_layers * c.n_heads * c.head_size * T
+        keys = sum(min(T, self._window(block) or T) for block in self.blocks)  # a sliding window sees fewer
+        return 6 * self.active_parameters() + 12 * c.n_heads * c.head_size * keys
+
+    @staticmethod
+    def _window(block: nn.Module) -> Optional[int]:
+        """The sliding window of a block's attention (None: global), found by the name the block declares."""
+        name = param_names("norm_placement", block).get("attn")
+        return getattr(block.get_submodule(name), "window", None) if name else None
 
     def memory_estimate(self, batch_size: int, seq_len: Optional[int] = None, **kwargs: Any) -> dict:
         """Bytes for weights, gradients, AdamW state and activations; see ``gptlab.model.memory``."""

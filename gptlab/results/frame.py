@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Optional
 import pandas as pd
 
 from ..errors import ConfigError
+from ..config.model import describe_layers
 from ..config.run import SECTIONS, flatten_config
 from ..rundir import (CONFIG, EXPERIMENT, METRICS, SUMMARY, damage, finished_at, is_run_dir, load_yaml, metric_rows,
                       read_config, read_experiment, read_summary, run_status, seed_from_name, summary_oddities)
@@ -154,8 +155,17 @@ def read_run(run_dir: Path) -> tuple[dict, dict]:
 
 
 def table_config(config: dict) -> dict:
-    """A run's model/data/train config as table columns: dotted keys, lists and mappings as JSON."""
-    return flatten_config(config, _scalar)
+    """A run's model/data/train config as table columns: dotted keys, lists and mappings as JSON, a
+    per-layer layout in words ('layers 3,7: position=none'; 'uniform' when there is none)."""
+    out = flatten_config(config, _scalar)
+    model = config.get("model")
+    if isinstance(model, dict) and "model.layers" in out:
+        try:
+            rules = model.get("layers") or []
+            out["model.layers"] = describe_layers(rules, int(model.get("n_layers"))) if rules else "uniform"
+        except (ConfigError, TypeError, ValueError):
+            pass  # a layout this version cannot read: its JSON text
+    return out
 
 
 def read_metrics(run_dir: Any) -> pd.DataFrame:

@@ -153,7 +153,9 @@ def check_forward(spec: RunSpec, plugins: PluginSystem) -> None:
     PROBE_TOKENS tokens, on the CPU in float32, random weights; none above PROBE_BYTES) and raise
     ForwardFailed naming the plugin whose code raised, so a broken ``forward`` stops the command
     instead of failing every run mid-training. The random streams of the runs are left as they were."""
-    cfg = dataclasses.replace(spec.model, n_layers=min(spec.model.n_layers, PROBE_LAYERS), from_hf=None)
+    # a layout (model.layers) names layers by index: its probe keeps every layer
+    layers = spec.model.n_layers if spec.model.layers else min(spec.model.n_layers, PROBE_LAYERS)
+    cfg = dataclasses.replace(spec.model, n_layers=layers, from_hf=None)
     tokens = max(1, min(spec.train.seq_len or cfg.context_length, PROBE_TOKENS))
     with torch.device("meta"):
         if GPTModel(cfg, plugins=plugins).num_parameters() * 8 > PROBE_BYTES:  # float32 weights + gradients
