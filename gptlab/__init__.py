@@ -23,7 +23,7 @@ _LAZY = {
     # the plugin contract (gptlab.plugin.contract documents each kind): what plugins subclass, return,
     # receive and call
     "CausalSelfAttention": "plugin.layers", "MLP": "plugin.layers", "GatedMLP": "plugin.layers",
-    "PositionScheme": "plugin.components", "PositionalContext": "plugin.components", "KVCache": "plugin.components",
+    "PositionScheme": "plugin.components", "Wiring": "plugin.components", "PositionalContext": "plugin.components", "KVCache": "plugin.components",
     "mark_residual": "plugin.components", "aux_loss": "plugin.components",
     "Norm": "plugin.contract", "Block": "plugin.contract", "FeedForward": "plugin.contract",
     "Tracker": "plugin.contract", "Corpus": "plugin.contract", "Tokenizer": "plugin.contract",

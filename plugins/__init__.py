@@ -6,11 +6,12 @@ regenerate the listing manifest: ``python -m gptlab.plugin.manager``.
 """
 
 BUILTINS = (
-    "attention_sdpa", "attention_vanilla",
+    "attention_sdpa", "attention_vanilla", "attention_value_embed",
     "position_learned", "position_sinusoidal", "position_rope", "position_alibi", "position_none",
     "norm_layernorm", "norm_rmsnorm",
     "placement_pre", "placement_post", "placement_sandwich", "placement_parallel",
     "activation_mlp", "activation_gated", "activation_moe",
+    "wiring_sequential", "wiring_unet", "wiring_x0_mix",
     "dataset_python_docs", "dataset_text",
     "tokenizer_bytes", "tokenizer_char", "tokenizer_tiktoken",
     "import_gpt2", "import_openai_gpt", "import_llama", "import_gpt_neox", "import_bloom",

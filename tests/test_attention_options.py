@@ -130,8 +130,8 @@ def test_transform_qkv_is_the_seam_a_subclass_overrides():
     from gptlab import CausalSelfAttention
 
     class Doubled(gptlab.plugin.layers.CausalSelfAttention):
-        def transform_qkv(self, q, k, v):
-            q, k, v = super().transform_qkv(q, k, v)
+        def transform_qkv(self, q, k, v, ctx):
+            q, k, v = super().transform_qkv(q, k, v, ctx)
             return q, k, 2 * v
 
         def attend(self, q, k, v, ctx):

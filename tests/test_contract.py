@@ -34,7 +34,7 @@ BASES = {
     "attention": layers.CausalSelfAttention, "position": components.PositionScheme, "norm": contract.Norm,
     "norm_placement": contract.Block, "activation": contract.FeedForward, "dataset": contract.Corpus,
     "tokenizer": contract.Tokenizer, "importer": contract.HFImport, "tracker": contract.Tracker,
-    "optimizer": torch.optim.Optimizer, "schedule": contract.Schedule,
+    "optimizer": torch.optim.Optimizer, "schedule": contract.Schedule, "wiring": components.Wiring,
 }
 PROTOCOLS = {"norm", "norm_placement", "activation", "tracker"}
 

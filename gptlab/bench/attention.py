@@ -100,6 +100,7 @@ def _time_rows(built: dict, settings: dict, ctx_factory, dev: torch.device) -> l
             attn = entries["attention"].factory(cfg, **cfg.attention.options).to(dev).train()
             pos = entries["position"].factory(cfg, **cfg.position.options).to(dev)
             pctx = pos.context(0, T, dev, torch.float32)
+            pctx.tokens = torch.zeros(batch, T, dtype=torch.long, device=dev)  # the one token of vocab_size 1
             x = torch.randn(batch, T, C, device=dev, requires_grad=True)
             base = {"attention": name, "seq_len": T, "batch": batch, "heads": settings["heads"],
                     "head_dim": settings["head_dim"]}

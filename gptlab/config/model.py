@@ -166,6 +166,8 @@ class ModelConfig:
     z_loss: Optional[float] = None
     # per-layer layout: rules that give the layers they select their own components (see LAYER_KINDS)
     layers: list = field(default_factory=list)
+    # how the blocks connect: sequential (every GPT), unet (skips from layer i to L-1-i), x0_mix
+    wiring: ComponentSpec = field(default_factory=lambda: ComponentSpec("sequential"))
 
     @property
     def padded_vocab(self) -> int:
@@ -249,7 +251,7 @@ def parameter_parts(cfg: ModelConfig, plugins: Any) -> dict[str, int]:
     with defaults for a component that says nothing: an activation's ``gated`` (False) or its own
     ``parameter_count(cfg, **options)`` (one layer's feed-forward), a norm's
     ``parameter_count(cfg, dim)`` (dim), a block's ``norm_count(options)`` (2) and ``final_norm``
-    (True), a position's ``parameter_count(cfg)`` (0). Exact for the built-ins; the meta build then
+    (True), a position's ``parameter_count(cfg)`` (0), a wiring's ``parameter_count(cfg, **options)`` (0). Exact for the built-ins; the meta build then
     gives the exact figure for any model."""
     d, heads, head, vocab = cfg.emb_dim, cfg.n_heads, cfg.head_size, cfg.padded_vocab
     layers = cfg.layer_specs() if cfg.layers else [{kind: getattr(cfg, kind) for kind in LAYER_KINDS}]
@@ -272,6 +274,9 @@ def parameter_parts(cfg: ModelConfig, plugins: Any) -> dict[str, int]:
     placement = layers[-1]["norm_placement"]
     final = bool(_declared(plugins, "norm_placement", placement.name, "final_norm", True))
     parts["the norms outside the blocks"] = norm * (final + cfg.embedding_norm)
+    wiring = _declared(plugins, "wiring", cfg.wiring.name, "parameter_count", None)
+    if callable(wiring):
+        parts[f"the wiring ({cfg.wiring.name})"] = int(wiring(cfg, **cfg.wiring.options))
     return parts
 
 
@@ -350,7 +355,7 @@ def count_bytes(n: int) -> str:
 #: a config hash leaves a key out while it has that value, so existing runs keep their identity
 LATER_KEYS = {"head_dim": None, "embedding_norm": False, "attn_out_bias": None, "mlp_bias": None,
               "norm_bias": None, "from_hf": None, "vocab_multiple": None, "logit_softcap": None, "z_loss": None,
-              "layers": []}
+              "layers": [], "wiring": "sequential"}
 
 
 def hashed_model(model: dict) -> dict:

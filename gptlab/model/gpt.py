@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..plugin.components import ModelCache, aux_loss
-from ..config.model import ModelConfig
+from ..config.model import LATER_KEYS, ModelConfig
 from ..errors import ConfigError, IncompatibleComponents
 from ..plugin.contract import param_names
 from ..plugin.hookspecs import KINDS, MODEL_KINDS
@@ -114,7 +114,9 @@ class GPTModel(nn.Module):
         plugins = plugins or default_plugins()
         entries = resolve_components(cfg, plugins)
         layers = layer_components(cfg, plugins)
-        self.components = {kind: getattr(cfg, kind).name for kind in MODEL_KINDS}
+        # kind -> name; a kind added later (wiring) is listed only when it is not at its old default
+        self.components = {kind: getattr(cfg, kind).name for kind in MODEL_KINDS
+                           if getattr(cfg, kind).to_plain() != LATER_KEYS.get(kind, None)}
 
         # the first module built of each kind (not a submodule: it already lives in a block), so the
         # memory estimate can read the contract's attributes without knowing how a block names them
@@ -141,6 +143,7 @@ class GPTModel(nn.Module):
         self.embedding_norm = make_norm(cfg.emb_dim) if cfg.embedding_norm else nn.Identity()
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.blocks = nn.ModuleList(make_block(i) for i in range(cfg.n_layers))
+        self.wiring = build("wiring")
         self._own_positions(layers)
         placement = layers[-1]["norm_placement"][0] if layers else entries["norm_placement"]
         needs_final_norm = KINDS["norm_placement"].attr(placement.factory, "final_norm")
@@ -208,13 +211,17 @@ class GPTModel(nn.Module):
         contexts = {"": self.position.context(offset, T, idx.device, x.dtype)}
         for key, scheme in self.layer_positions.items():
             contexts[key] = scheme.context(offset, T, idx.device, x.dtype)
-        use_ckpt = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for i, block in enumerate(self.blocks):
-            ctx = contexts[self.position_of[i]]
-            if use_ckpt and cache is None:
-                x = checkpoint(block, x, ctx, None, use_reentrant=False)
-            else:
-                x = block(x, ctx, cache.layers[i] if cache is not None else None)
+        for ctx in contexts.values():
+            ctx.tokens = idx
+        use_ckpt = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
+
+        def run(i: int, h: torch.Tensor) -> torch.Tensor:
+            block, ctx = self.blocks[i], contexts[self.position_of[i]]
+            if use_ckpt:
+                return checkpoint(block, h, ctx, None, use_reentrant=False)
+            return block(h, ctx, cache.layers[i] if cache is not None else None)
+
+        x = self.wiring(x, x, run, len(self.blocks))
         logits = self.head(self.final_norm(x))
         cap = self.config.logit_softcap
         if cap is not None:

@@ -29,6 +29,8 @@ class PositionalContext:
     q_len: int  # number of new tokens
     rotate: Optional[Rotate] = None  # (q, k) -> (q, k), both (B, H, q_len, D)
     score_bias: Optional[torch.Tensor] = None  # (H, q_len, offset + q_len), float
+    #: the new tokens' ids (B, q_len), set by the model for components that look tokens up (value embeddings)
+    tokens: Optional[torch.Tensor] = None
     _masked: dict = field(default_factory=dict, repr=False, compare=False)  # masked_bias, per dtype
 
     @property
@@ -125,6 +127,23 @@ def mark_residual(module: nn.Module) -> nn.Module:
     """Flag a projection that writes into the residual stream (scaled down at init, GPT-2 style)."""
     module._gptlab_residual = True  # type: ignore[attr-defined]
     return module
+
+
+class Wiring(nn.Module):
+    """Base for how the blocks connect (kind ``wiring``): ``forward(x, x0, run, n_layers)`` runs the
+    blocks through ``run(i, h)`` (block ``i`` on hidden state ``h``, with its position context, KV
+    cache and checkpointing) and returns the last hidden state; ``x0`` is the embeddings' output.
+    This base runs them one after another, as every GPT does; a subclass adds what a block cannot
+    express: connections across layers (skips from early to late layers, x0 mixed into each input)."""
+
+    def __init__(self, cfg: object = None) -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, run: Callable[[int, torch.Tensor], torch.Tensor],
+                n_layers: int) -> torch.Tensor:
+        for i in range(n_layers):
+            x = run(i, x)
+        return x
 
 
 class PositionScheme(nn.Module):

@@ -13,6 +13,7 @@ position                  PositionScheme        class to subclass: ``embed``, ``
 norm                      Norm                  protocol: a module over the last dimension
 norm_placement            Block                 protocol: ``(x, ctx, cache) -> x``, ``final_norm``
 activation                FeedForward           protocol: ``x -> x``; ``MLP``, ``GatedMLP`` build one
+wiring                    Wiring                class to subclass: ``forward(x, x0, run, n_layers)``
 dataset                   Corpus                dataclass: ``fingerprint``, ``read()``
 tokenizer                 Tokenizer             class to subclass: ``encode``, ``decode``
 importer                  HFImport              dataclass: model config + tensor name map
@@ -58,6 +59,7 @@ if TYPE_CHECKING:  # annotations only: nothing here imports torch
 _TORCH_BACKED = {
     "CausalSelfAttention": "layers", "MLP": "layers", "GatedMLP": "layers",
     "PositionScheme": "components", "PositionalContext": "components", "KVCache": "components",
+    "Wiring": "components",
     "mark_residual": "components", "aux_loss": "components",
 }
 
@@ -307,6 +309,7 @@ HELPERS: dict[str, tuple[str, ...]] = {
     "norm_placement": (_CFG, _CTX, _CACHE, _AUX, _RANGE),
     "activation": (_CFG, "gptlab.plugin.layers.MLP", "gptlab.plugin.layers.GatedMLP",
                    "gptlab.plugin.components.mark_residual", _AUX, _RANGE),
+    "wiring": (_CFG, _AUX, _RANGE),
     "dataset": (_RANGE,),
     "tokenizer": (_RANGE,),
     "importer": ("gptlab.plugin.contract.per_head_rows", "gptlab.plugin.contract.fused_rows",

@@ -154,6 +154,9 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          attrs={"hidden_dim": Attr("module", None, "hidden width, for the memory estimate (default 4 x emb_dim)"),
                 "gated": Attr("module", False, "True when it keeps a gate and an up projection (memory estimate)"),
                 "param_names": _param_names("MLP; MLP and GatedMLP: fc (rows [gate; up] when gated), proj")}),
+    Kind("wiring", positional=("cfg",), model_key=True, base_name="Wiring",
+         returns="subclass it: forward(x, x0, run, n_layers) runs block i as run(i, h) and returns the last "
+                 "hidden state; connections across layers (U-net skips, x0 mixing) live here"),
     Kind("dataset", base_name="Corpus", returns="fingerprint, which changes whenever the text would, and read() -> str"),
     Kind("tokenizer", base_name="Tokenizer",
          returns="an instance of a subclass: vocab_size, encode, decode; fit and state for learned vocabularies"),

@@ -76,7 +76,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
         q, k, v = split_heads(q, self.n_heads), split_heads(k, self.n_kv_heads), split_heads(v, self.n_kv_heads)
-        q, k, v = self.transform_qkv(q, k, v)
+        q, k, v = self.transform_qkv(q, k, v, ctx)
         if ctx.rotate is not None:
             q, k = ctx.rotate(q, k)
         if cache is not None:
@@ -84,11 +84,12 @@ class CausalSelfAttention(nn.Module):
         y = self.attend(q, k, v, ctx)
         return self.out_proj(merge_heads(y))
 
-    def transform_qkv(self, q: torch.Tensor, k: torch.Tensor,
-                      v: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
+    def transform_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      ctx: PositionalContext) -> "tuple[torch.Tensor, torch.Tensor, torch.Tensor]":
         """The seam between projection and rotation: (B, H, T, D) queries, (B, Hkv, T, D) keys and
-        values in, the same shapes out. The base applies QK-norm when asked; a subclass that
-        transforms q, k or v otherwise overrides it (calling ``super()`` keeps QK-norm working)."""
+        values in, the same shapes out (``ctx.tokens`` holds the new tokens' ids). The base applies
+        QK-norm when asked; a subclass that transforms q, k or v otherwise overrides it (calling
+        ``super()`` keeps QK-norm working)."""
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
