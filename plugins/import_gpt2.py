@@ -18,6 +18,9 @@ _HF_DEFAULTS = {"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_laye
                 "n_inner": None, "activation_function": "gelu_new", "resid_pdrop": 0.1,
                 "layer_norm_epsilon": 1e-5}
 
+#: <|endoftext|> in GPT-2's vocabulary: its config.json's bos and eos (transformers' GPT2Config default)
+GPT2_END_OF_TEXT = 50256
+
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 _TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
 
@@ -119,7 +122,9 @@ def gpt2(hf_config, source):
 def to_hf(cfg):
     """The GPT-2 config.json for a gptlab model, or ConfigError naming what GPT-2 cannot hold.
 
-    GPT-2 has every bias; a gptlab model without some is written with those biases zero."""
+    GPT-2 has every bias; a gptlab model without some is written with those biases zero. Its
+    bos/eos are GPT-2's <|endoftext|> (50256); the export keeps them only inside the model's
+    vocabulary, or replaces them with the run's own tokenizer's (gptlab.hf.checkpoint.special_token_ids)."""
     check = HFExport(cfg, "GPT-2")
     check.attention(grouped=False)
     check.one_of("position", ("learned",))
@@ -135,7 +140,7 @@ def to_hf(cfg):
             "n_positions": cfg["context_length"], "n_embd": cfg["emb_dim"], "n_layer": cfg["n_layers"],
             "n_head": cfg["n_heads"], "n_inner": hidden, "activation_function": _TO_HF[act],
             "resid_pdrop": drop, "embd_pdrop": drop, "attn_pdrop": drop, "layer_norm_epsilon": eps,
-            "tie_word_embeddings": True}
+            "tie_word_embeddings": True, "bos_token_id": GPT2_END_OF_TEXT, "eos_token_id": GPT2_END_OF_TEXT}
 
 
 gpt2.to_hf = to_hf

@@ -43,11 +43,13 @@ def check_out_dir(out: Path) -> Path:
 
 def cmd_export(args: argparse.Namespace) -> int:
     out = check_out_dir(Path(args.out_dir))
+    from ..hf.checkpoint import export_hf
     from ..model.gpt import GPTModel
     from ..plugin.manager import build_plugin_system
 
     plugins = build_plugin_system(plugin_dirs=args.plugins_dir)
     model = GPTModel.from_run(args.run_dir, plugins)
+    tokenizer = run_tokenizer(Path(args.run_dir), plugins)  # its end-of-text token is the export's bos/eos
     check_out_dir(out)  # again, right before writing: loading took a while
     made = [p for p in (out, *out.parents) if not p.exists() and not p.is_symlink()][::-1]  # outermost first
     try:
@@ -57,7 +59,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         _remove_empty(made)
         raise ConfigError(f"cannot write {out}: {exc.strerror or exc}") from None
     try:
-        family = model.save_hf(out, plugins)
+        family = export_hf(model, out, plugins, tokenizer=tokenizer)
     except (ConfigError, OSError) as exc:
         _remove_empty(made)
         if isinstance(exc, OSError):
@@ -66,6 +68,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     sys.stdout.write(f"wrote {out} ({family}): load it with "
                      f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})\n")
     return 0
+
+
+def run_tokenizer(run_dir: Path, plugins: Any) -> Any:
+    """The run's tokenizer as it trained (config.yaml's data.tokenizer with tokenizer.json's state),
+    or None when the run folder cannot give it back: the export then falls back on the family's
+    own special token ids, kept only when they lie inside the model's vocabulary."""
+    from ..config.model import parse_section
+    from ..config.run import DataConfig
+    from ..data.tokens import build_tokenizer
+    from ..rundir import TOKENIZER, read_config, read_json
+
+    saved = read_json(run_dir / TOKENIZER)
+    if saved is None or not isinstance(saved.get("state", {}), dict):
+        return None
+    try:
+        data = parse_section(DataConfig, read_config(run_dir).get("data"), "data")
+        return build_tokenizer(data.tokenizer, plugins, saved.get("state"))
+    except Exception:  # a tokenizer that cannot be rebuilt here (tiktoken's vocabulary not cached): not known
+        return None
 
 
 def _remove_empty(made: list) -> None:

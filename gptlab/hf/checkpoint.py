@@ -10,6 +10,7 @@ lets ``export_hf`` write a model of that family with the same map.
 from __future__ import annotations
 
 import json
+import numbers
 import pickle
 import stat
 import warnings
@@ -277,13 +278,14 @@ def _check_complete(model: Any, source: Path, spec: HFImport, slots: dict, seen:
 # ---------------------------------------------------------------------------------------------
 # Export: the importer's map run backwards
 # ---------------------------------------------------------------------------------------------
-def export_hf(model: Any, out_dir: str | Path, plugins: Optional[Any] = None) -> str:
+def export_hf(model: Any, out_dir: str | Path, plugins: Optional[Any] = None, tokenizer: Any = None) -> str:
     """Write ``model`` as a Hugging Face checkpoint directory (config.json + model.safetensors).
 
     The family is the first importer whose ``to_hf(config)`` accepts the model's config. The
     config it writes is read back through that importer and must build the same model (a bias
     the family has and the model lacks is written as zeros, which computes the same), so a
-    lossy mapping is refused rather than written. Returns the model_type written.
+    lossy mapping is refused rather than written. Special token ids are written as
+    ``special_token_ids`` says (``tokenizer``: the run's, when known). Returns the model_type written.
     """
     import torch
     from safetensors.torch import save_file
@@ -300,6 +302,7 @@ def export_hf(model: Any, out_dir: str | Path, plugins: Optional[Any] = None) ->
             continue
         try:
             hf_config = to_hf(cfg)
+            hf_config = {**hf_config, **special_token_ids(hf_config, tokenizer)}
             spec = factory(hf_config, f"the config exported as {family}")
             zero = _check_round_trip(model, spec.config, family, plugins)
         except ConfigError as exc:
@@ -326,6 +329,59 @@ def export_hf(model: Any, out_dir: str | Path, plugins: Optional[Any] = None) ->
     weights.replace(out / SAFETENSORS_FILE)  # the weights first: a config.json means the pair is complete
     config.replace(out / CONFIG_FILE)
     return family
+
+
+#: the end-of-text token's text in gptlab's tokenizers ('char') and in GPT-2's vocabulary
+END_OF_TEXT = "<|endoftext|>"
+#: the special token ids an export decides: the start and the end of a text
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id")
+
+
+def end_of_text_id(tokenizer: Any) -> Optional[int]:
+    """The id of ``tokenizer``'s end-of-text token, or None when it has none.
+
+    A tokenizer has one when ``END_OF_TEXT`` encodes to a single id that decodes back to it (the
+    'char' tokenizer's special; 'bytes' spells it in 13 bytes: none), or when it wraps a tiktoken
+    encoding, whose ``eot_token`` is it ('tiktoken': 50256 for gpt2)."""
+    try:
+        ids = list(tokenizer.encode(END_OF_TEXT))
+        if len(ids) == 1 and tokenizer.decode(ids) == END_OF_TEXT:
+            return _token_id(ids[0])
+    except Exception:  # a tokenizer plugin that cannot encode it has no such token
+        pass
+    return _token_id(getattr(getattr(tokenizer, "enc", None), "eot_token", None))
+
+
+def _token_id(value: Any) -> Optional[int]:
+    """``value`` as a token id (an integer, numpy's too, never a bool), or None."""
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else None
+
+
+def special_token_ids(hf_config: dict, tokenizer: Any = None) -> dict:
+    """The special token ids to write into an exported config.json: each an id inside its
+    ``vocab_size``, or null, never one transformers would warn about.
+
+    With the run's ``tokenizer``: its end-of-text token (``end_of_text_id``) is both bos and eos;
+    without one, both are null. Without a tokenizer: the ids ``to_hf`` wrote (GPT-2 writes its
+    <|endoftext|>, 50256), each kept only inside the vocabulary; a key ``to_hf`` left out stays out
+    (the loader's own default applies, which the export cannot check). Any other ``*_token_id``
+    ``to_hf`` wrote outside the vocabulary becomes null too.
+    """
+    vocab = hf_config.get("vocab_size")
+
+    def inside(value: Any) -> Optional[int]:
+        token = _token_id(value)
+        return token if token is not None and isinstance(vocab, int) and 0 <= token < vocab else None
+
+    if tokenizer is not None:
+        eot = inside(end_of_text_id(tokenizer))
+        out = {key: eot for key in SPECIAL_TOKENS}
+    else:
+        out = {key: inside(hf_config[key]) for key in SPECIAL_TOKENS if key in hf_config}
+    for key, value in hf_config.items():
+        if key.endswith("_token_id") and key not in out and value is not None and inside(value) is None:
+            out[key] = None
+    return out
 
 
 #: keys that may differ between a model and its export: dropout and checkpointing (training only),

@@ -6,8 +6,9 @@ plugin directories (``./plugins`` by default, more with ``--plugins-dir``) -> mo
 named under ``plugins:`` in an experiment. A file reached twice (by path or by identical content)
 loads once. Any other file in the built-ins folder is a user's plugin, loaded and reported as one.
 
-``plugins/manifest.json`` records what each built-in registers (keyed by the file's hash), so
-the listing commands can show the built-ins without importing them, and so without torch.
+``plugins/manifest.json`` records what each built-in registers (keyed by the file's hash), with
+each component's options (``registry.describe_options``), so the listing commands can show the
+built-ins without importing them, and so without torch.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import pluggy
 
 from . import hookspecs
 from ..errors import PluginError
-from .registry import Registry
+from .registry import Entry, Registry, describe_options
 
 
 @dataclass
@@ -162,7 +163,8 @@ class PluginSystem:
         for stem in builtin_plugins.BUILTINS:
             path = folder / f"{stem}.py"
             known = manifest.get(stem)
-            if known and path.is_file() and f"sha256:{_sha(path)}" == known["version"]:
+            if known and path.is_file() and f"sha256:{_sha(path)}" == known["version"] \
+                    and all(len(r) == 4 for r in known.get("registers", ())):  # an older manifest lacks options
                 self._register_listing(stem, path, known)
             else:
                 self.load_file(path, "builtin")
@@ -173,8 +175,8 @@ class PluginSystem:
         self._seen_hashes[known["version"][len("sha256:"):]] = real
         info = PluginInfo(stem, "builtin", str(path), known["version"])
         self.plugins.append(info)
-        for kind, name, doc in known["registers"]:
-            self.registry.add(kind, name, _Listed(doc), plugin=stem)
+        for kind, name, doc, options in known["registers"]:
+            self.registry.add(kind, name, _Listed(doc, options), plugin=stem)
             info.components.append(f"{kind}:{name}")
 
     def load_entry_points(self) -> None:
@@ -266,18 +268,27 @@ MANIFEST = "manifest.json"
 
 
 class _Listed:
-    """Stands in for a built-in factory in a listing; carries its docstring, builds nothing."""
+    """Stands in for a built-in factory in a listing; carries its docstring and options, builds nothing."""
 
-    def __init__(self, doc: str) -> None:
+    def __init__(self, doc: str, options: list | None = None) -> None:
         self.__doc__ = doc
+        self.options = list(options or [])
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise PluginError("a listing's placeholder was asked to build a component; "
                           "build the plugin system without listing=True")
 
 
+def entry_options(entry: Entry) -> list[dict]:
+    """What ``registry.describe_options`` says of an entry's factory; for a listed built-in, what
+    the manifest recorded of it."""
+    if isinstance(entry.factory, _Listed):
+        return entry.factory.options
+    return describe_options(entry.kind, entry.factory)
+
+
 def read_manifest(folder: Path) -> dict:
-    """{module: {"version": "sha256:...", "registers": [[kind, name, doc], ...]}}, or {} if unreadable."""
+    """{module: {"version": "sha256:...", "registers": [[kind, name, doc, options], ...]}}, or {} if unreadable."""
     from ..errors import DamagedFile
     from ..rundir import load_json
 
@@ -296,8 +307,8 @@ def builtin_manifest(folder: Path) -> dict:
     system.load_builtins(folder)
     out = {}
     for info in system.plugins:
-        regs = [[kind, name, system.registry.get(kind, name).doc]
-                for kind, name in (c.split(":", 1) for c in info.components)]
+        entries = [system.registry.get(kind, name) for kind, name in (c.split(":", 1) for c in info.components)]
+        regs = [[e.kind, e.name, e.doc, describe_options(e.kind, e.factory)] for e in entries]
         out[info.name] = {"version": info.version, "registers": regs}
     assert list(out) == list(builtin_plugins.BUILTINS)
     return out

@@ -179,3 +179,84 @@ def _accepted_by(fn: Any, options: dict) -> dict:
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return options
     return {k: v for k, v in options.items() if k in params}
+
+
+# ---------------------------------------------------------------------------------------------
+# Describing a factory's options (``gptlab components``)
+# ---------------------------------------------------------------------------------------------
+def describe_options(kind: str, factory: Any) -> list[dict]:
+    """The options a factory of ``kind`` takes, as ``check_options`` reads them, in signature order.
+
+    Each is ``{"name", "required", "default", "type", "range"}``: ``default`` is the keyword's
+    default as JSON (a value JSON cannot hold as its ``repr`` text; absent when ``required``),
+    ``type`` the annotation in words with its bounds ("number > 0", "integer >= 1 or null"; null
+    when unannotated) and ``range`` the ``Range`` bounds ({"gt": 0}; null when none). A kind
+    that takes no options, or a factory without a readable signature, gives [].
+    """
+    spec = KINDS[kind]
+    if not spec.options:
+        return []
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return []
+    supplied = set(list(params)[:len(spec.positional)]) | set(spec.reserved)
+    hints = _hints(factory)
+    out = []
+    for name, p in params.items():
+        if name in supplied or p.kind not in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
+            continue
+        hint = hints.get(name, p.annotation)
+        bounds = None
+        if typing.get_origin(hint) is typing.Annotated:
+            bounds = next((e for e in typing.get_args(hint)[1:] if isinstance(e, Range)), None)
+        item: dict = {"name": name, "required": p.default is p.empty}
+        if p.default is not p.empty:
+            item["default"] = _json_default(p.default)
+        item["type"] = _type_words(hint)
+        item["range"] = ({k: v for k, v in vars(bounds).items() if v is not None} or None) if bounds else None
+        out.append(item)
+    return out
+
+
+def _json_default(value: Any) -> Any:
+    """``value`` when JSON holds it as it is (finite numbers, strings, booleans, null, lists and
+    string-keyed maps of those), else its ``repr``."""
+    def plain(v: Any) -> bool:
+        if v is None or isinstance(v, (bool, int, str)):
+            return True
+        if isinstance(v, float):
+            return math.isfinite(v)
+        if isinstance(v, (list, tuple)):
+            return all(plain(x) for x in v)
+        if isinstance(v, dict):
+            return all(isinstance(k, str) and plain(x) for k, x in v.items())
+        return False
+
+    if not plain(value):
+        return repr(value)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _type_words(hint: Any) -> Optional[str]:
+    """An annotation in the words of the option errors, without articles: "number > 0 or null"."""
+    if hint is inspect.Parameter.empty or hint is Any:
+        return None
+    bounds = None
+    if typing.get_origin(hint) is typing.Annotated:
+        hint, *extras = typing.get_args(hint)
+        bounds = next((e for e in extras if isinstance(e, Range)), None)
+    if isinstance(hint, str):  # an annotation that did not resolve: shown as written
+        return hint
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    names = {float: "number", int: "integer", bool: "true or false", str: "string", list: "list", tuple: "list",
+             dict: "mapping", type(None): "null"}
+    words = []
+    for option in options:
+        base = typing.get_origin(option) or option
+        word = names.get(base, getattr(base, "__name__", str(base)))
+        if bounds is not None and base in (int, float) and bounds.describe():
+            word += f" {bounds.describe()}"
+        words.append(word)
+    words.sort(key=lambda w: w == "null")  # null last: "integer >= 1 or null"
+    return " or ".join(dict.fromkeys(words))
