@@ -293,6 +293,7 @@ def export_hf(model: Any, out_dir: str | Path, plugins: Optional[Any] = None, to
     from ..plugin.manager import default_plugins
 
     plugins = plugins or default_plugins()
+    _refuse_layout(model.config)
     cfg = model.config.to_dict()
     reasons = []
     for family in plugins.registry.names("importer"):
@@ -385,10 +386,24 @@ def special_token_ids(hf_config: dict, tokenizer: Any = None) -> dict:
 
 
 #: keys that may differ between a model and its export: dropout and checkpointing (training only),
+def _refuse_layout(config: Any) -> None:
+    """A per-layer layout fits no Hugging Face family gptlab exports (each has one set of
+    components for every layer): refuse it naming the first layer and component that differ."""
+    if not config.layers:
+        return
+    for i, layer in enumerate(config.layer_specs()):
+        for kind, spec in layer.items():
+            if spec != getattr(config, kind):
+                raise ConfigError(f"model.layers: layer {i} has {kind} {spec.to_plain()!r} where the model has "
+                                  f"{getattr(config, kind).to_plain()!r}; no Hugging Face family gptlab exports "
+                                  f"holds a {kind} per layer (export a model without model.layers)")
+
+
 #: the weights it started from, the MLP width (compared by parameter shape), the bias switches
-#: (compared parameter by parameter) and the vocabulary padding (its rows are not exported)
+#: (compared parameter by parameter), the vocabulary padding (its rows are not exported) and the
+#: z-loss (a training term: the exported model computes the same logits)
 _EXPORT_FREE = {"drop_rate", "gradient_checkpointing", "from_hf", "bias", "qkv_bias", "attn_out_bias", "mlp_bias",
-                "norm_bias", "ff_dim", "activation", "vocab_multiple"}
+                "norm_bias", "ff_dim", "activation", "vocab_multiple", "z_loss"}
 
 
 def _check_round_trip(model: Any, exported: dict, family: str, plugins: Any) -> dict:
