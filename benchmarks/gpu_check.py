@@ -137,12 +137,19 @@ def table(header: list, rows: list) -> list:
     return out
 
 
-def combos() -> list[tuple[str, str]]:
-    """Every registered attention x position, read from the registry so a new built-in is covered."""
+def combos(training_on: Optional[str] = None) -> list[tuple[str, str]]:
+    """Every registered attention x position, read from the registry so a new built-in is covered;
+    with ``training_on`` (a device type), only attentions that can train there (``trains_on``)."""
+    from gptlab.plugin.hookspecs import KINDS
     from gptlab.plugin.manager import default_plugins
 
     reg = default_plugins().registry
-    return [(a, p) for a in reg.names("attention") for p in reg.names("position")]
+
+    def trains(name: str) -> bool:
+        devices = KINDS["attention"].attr(reg.get("attention", name).factory, "trains_on")
+        return training_on is None or devices is None or training_on in devices
+
+    return [(a, p) for a in reg.names("attention") if trains(a) for p in reg.names("position")]
 
 
 def release(device: torch.device) -> None:
@@ -273,7 +280,7 @@ def check_compile(r: Result, device: torch.device, s: dict) -> None:
                    f"{device.type}`.")
     rows, failed, breaks = [], 0, 0
     with exact_fp32():
-        for att, pos in combos():
+        for att, pos in combos(training_on=device.type):
             row = cm.check_one({"attention": att, "position": pos}, args, device, x, y, None, None)
             if row.get("skipped"):
                 rows.append([att, pos, "–", "–", "–", "–", "skipped", row["error"]])
@@ -309,7 +316,7 @@ def check_kernels(r: Result, device: torch.device, s: dict) -> None:
                       f"T x T matrix)." if on_gpu else "No GPU: kernels are reported, no kernel is required."))
     rows, bad = [], 0
     g = torch.Generator().manual_seed(3)
-    for att, pos in combos():
+    for att, pos in combos(training_on=device.type):
         try:
             torch.manual_seed(0)
             model = GPTModel({**cfg, "attention": att, "position": pos}).to(device).train()

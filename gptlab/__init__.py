@@ -22,7 +22,7 @@ _LAZY = {
     "GPTModel": "model.gpt",
     # the plugin contract (gptlab.plugin.contract documents each kind): what plugins subclass, return,
     # receive and call
-    "CausalSelfAttention": "plugin.layers", "MLP": "plugin.layers", "GatedMLP": "plugin.layers",
+    "CausalSelfAttention": "plugin.layers", "FlexAttention": "plugin.layers", "MLP": "plugin.layers", "GatedMLP": "plugin.layers",
     "PositionScheme": "plugin.components", "Wiring": "plugin.components", "PositionalContext": "plugin.components", "KVCache": "plugin.components",
     "mark_residual": "plugin.components", "aux_loss": "plugin.components",
     "Norm": "plugin.contract", "Block": "plugin.contract", "FeedForward": "plugin.contract",

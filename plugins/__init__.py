@@ -6,7 +6,7 @@ regenerate the listing manifest: ``python -m gptlab.plugin.manager``.
 """
 
 BUILTINS = (
-    "attention_sdpa", "attention_vanilla", "attention_value_embed",
+    "attention_sdpa", "attention_vanilla", "attention_value_embed", "attention_flex",
     "position_learned", "position_sinusoidal", "position_rope", "position_alibi", "position_none",
     "norm_layernorm", "norm_rmsnorm",
     "placement_pre", "placement_post", "placement_sandwich", "placement_parallel",

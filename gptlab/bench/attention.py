@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, did_you_mean
+from ..plugin.hookspecs import KINDS
 from . import FORCEABLE_KERNELS
 from .timing import (autocast, environment, is_oom, median, milliseconds, peak_memory, quoted, rerun_command,
                      resolve_dtype, short_error, time_calls, torch_threads)
@@ -157,6 +158,11 @@ def sdpa_kernel_used(fn: Callable[[], Any]) -> str:
 def _time_kernels(base: dict, attn, pctx, x, kernels: list[str], ctx_factory, device: torch.device,
                   repeats: int, warmup: int) -> list[dict]:
     """One row per kernel for one module at one length; a kernel that cannot run is a row too."""
+    trains_on = KINDS["attention"].attr(type(attn), "trains_on")
+    if trains_on is not None and device.type not in trains_on:  # no backward here (FlexAttention on the CPU)
+        return [dict(base, kernel="default", kernel_used=None, status="unsupported", fwd_bwd_ms=None, times_ms=None,
+                     peak_mem_bytes=None, error=f"trains on {', '.join(sorted(trains_on))} only: torch has no "
+                                                f"backward for it on {device.type}")]
     grad_out: dict = {}
 
     def forward():

@@ -211,8 +211,9 @@ class GPTModel(nn.Module):
         contexts = {"": self.position.context(offset, T, idx.device, x.dtype)}
         for key, scheme in self.layer_positions.items():
             contexts[key] = scheme.context(offset, T, idx.device, x.dtype)
+        seen = cache.see(idx) if cache is not None else idx
         for ctx in contexts.values():
-            ctx.tokens = idx
+            ctx.tokens, ctx.seen_tokens = idx, seen
         use_ckpt = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
 
         def run(i: int, h: torch.Tensor) -> torch.Tensor:

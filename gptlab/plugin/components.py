@@ -31,6 +31,8 @@ class PositionalContext:
     score_bias: Optional[torch.Tensor] = None  # (H, q_len, offset + q_len), float
     #: the new tokens' ids (B, q_len), set by the model for components that look tokens up (value embeddings)
     tokens: Optional[torch.Tensor] = None
+    #: every token's id so far (B, offset + q_len), the cached ones included (document masks)
+    seen_tokens: Optional[torch.Tensor] = None
     _masked: dict = field(default_factory=dict, repr=False, compare=False)  # masked_bias, per dtype
 
     @property
@@ -84,6 +86,12 @@ class ModelCache:
     def __init__(self, n_layers: int, max_len: int) -> None:
         self.layers = [KVCache(max_len) for _ in range(n_layers)]
         self.max_len = max_len
+        self.tokens: Optional[torch.Tensor] = None  # every token id the cache has seen, (B, offset)
+
+    def see(self, idx: torch.Tensor) -> torch.Tensor:
+        """Record the new tokens ``idx`` (B, T); returns every token so far."""
+        self.tokens = idx if self.tokens is None else torch.cat([self.tokens, idx], dim=1)
+        return self.tokens
 
     @property
     def offset(self) -> int:

@@ -57,7 +57,7 @@ if TYPE_CHECKING:  # annotations only: nothing here imports torch
 
 #: torch-backed bases and values, loaded on first access: name -> module of gptlab.plugin
 _TORCH_BACKED = {
-    "CausalSelfAttention": "layers", "MLP": "layers", "GatedMLP": "layers",
+    "CausalSelfAttention": "layers", "FlexAttention": "layers", "MLP": "layers", "GatedMLP": "layers",
     "PositionScheme": "components", "PositionalContext": "components", "KVCache": "components",
     "Wiring": "components",
     "mark_residual": "components", "aux_loss": "components",
@@ -303,7 +303,8 @@ _RANGE = "gptlab.plugin.hookspecs.Range"  # option bounds, for any kind's factor
 _AUX = "gptlab.plugin.components.aux_loss"  # any module's forward may add a named auxiliary loss
 
 HELPERS: dict[str, tuple[str, ...]] = {
-    "attention": (_CFG, _CTX, _CACHE, "gptlab.plugin.components.mark_residual", _AUX, _RANGE),
+    "attention": (_CFG, _CTX, _CACHE, "gptlab.plugin.components.mark_residual", "gptlab.plugin.layers.FlexAttention",
+                  _AUX, _RANGE),
     "position": (_CFG, _CTX, _AUX, _RANGE),
     "norm": (_CFG, _AUX, _RANGE),
     "norm_placement": (_CFG, _CTX, _CACHE, _AUX, _RANGE),

@@ -135,7 +135,10 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
                 "kernel_path": Attr("module", None,
                                     "kernel_path(ctx) -> str: which kernel runs; 'explicit' (the default) means "
                                     "the (T x T) attention matrix is stored, anything else that it is not"),
-                "param_names": _param_names("attention; the base: qkv (rows [q; k; v]), out_proj")}),
+                "param_names": _param_names("attention; the base: qkv (rows [q; k; v]), out_proj"),
+                "trains_on": Attr("factory", None,
+                                  "the device types it can train on (frozenset({'cuda'})), None: any; a run on "
+                                  "another is refused before training, and the probe runs its forward only")}),
     Kind("position", positional=("cfg",), model_key=True, base_name="PositionScheme",
          returns="subclass it: embed(x, offset), context(offset, q_len, device, dtype), max_length",
          attrs={"provides": Attr("factory", frozenset(),

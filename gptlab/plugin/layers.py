@@ -126,6 +126,78 @@ class CausalSelfAttention(nn.Module):
         return "explicit"
 
 
+class FlexAttention(CausalSelfAttention):
+    """Attention through torch's ``flex_attention``: a variant is a subclass that writes
+    ``score_mod(score, b, h, q, kv)`` (a new score for query position ``q`` and key position ``kv``,
+    absolute positions, KV cache included) and/or ``mask_mod(b, h, q, kv)`` (True where the query
+    may attend; the causal mask and the ``window`` option are always applied on top). ``self.ctx``
+    holds the forward's PositionalContext while the mods run (``ctx.seen_tokens`` for document
+    masks). The base options (``softcap``, ``window``, ``qk_norm``) work as in every attention.
+
+    torch runs FlexAttention's backward on CUDA only (``trains_on``): on the CPU it evaluates and
+    generates (unfused, to 1e-5 of the explicit attention), and a CPU training run is refused
+    before it starts. It has no attention-weight dropout."""
+
+    trains_on = frozenset({"cuda"})
+
+    @classmethod
+    def check(cls, cfg, n_kv_heads: Optional[int] = None, qk_norm: Optional[str] = None) -> None:
+        super().check(cfg, n_kv_heads, qk_norm)
+        try:
+            import torch.nn.attention.flex_attention  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"attention '{cls.__name__}' needs torch.nn.attention.flex_attention (torch 2.5 or "
+                              f"later); this torch is {torch.__version__}") from None
+
+    def score_mod(self, score: torch.Tensor, b, h, q, kv) -> torch.Tensor:
+        return score
+
+    def mask_mod(self, b, h, q, kv):
+        return kv >= 0  # everything: the causal mask and the window are added by attend
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: PositionalContext) -> torch.Tensor:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        self.ctx, offset, window, cap = ctx, ctx.offset, self.window, self.softcap
+        own_mask = type(self).mask_mod is not FlexAttention.mask_mod
+
+        def mask(b, h, q_idx, kv_idx):
+            at = q_idx + offset
+            keep = kv_idx <= at
+            if window is not None:
+                keep = keep & (kv_idx > at - window)
+            return keep & self.mask_mod(b, h, at, kv_idx) if own_mask else keep
+
+        def score(s, b, h, q_idx, kv_idx):
+            if cap is not None:
+                s = cap * torch.tanh(s / cap)
+            return self.score_mod(s, b, h, q_idx + offset, kv_idx)
+
+        B = q.shape[0] if own_mask else None  # a mask of the batch's own tokens differs per row
+        block = create_block_mask(mask, B, None, q.shape[-2], k.shape[-2], device=q.device)
+        grouped = {"enable_gqa": True} if self.n_kv_heads != self.n_heads else {}
+        run = _compiled_flex() if q.is_cuda else flex_attention  # eager is the unfused reference
+        try:
+            return run(q, k, v, score_mod=score, block_mask=block, **grouped)
+        finally:
+            self.ctx = None
+
+    def kernel_path(self, ctx: PositionalContext) -> str:
+        return "flex_attention (fused when compiled on CUDA)"
+
+
+_COMPILED_FLEX: list = []
+
+
+def _compiled_flex() -> Callable:
+    """torch.compile(flex_attention), built once: on CUDA that is what makes it a fused kernel."""
+    if not _COMPILED_FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _COMPILED_FLEX.append(torch.compile(flex_attention))
+    return _COMPILED_FLEX[0]
+
+
 def _head_norm(kind: str, dim: int, scale: bool) -> nn.Module:
     """QK-norm's norm over one head's width; ``scale`` false: no learned gain."""
     norm = nn.RMSNorm(dim, elementwise_affine=scale) if kind == "rmsnorm" else \

@@ -23,8 +23,8 @@ from ..errors import ConfigError, one_line
 from .experiment import Experiment
 from ..config.run import RunSpec
 from ..hf.checkpoint import load_hf_weights
-from ..plugin.hookspecs import MODEL_KINDS
-from ..model.gpt import GPTModel, resolve_components
+from ..plugin.hookspecs import KINDS, MODEL_KINDS
+from ..model.gpt import GPTModel, layer_components, resolve_components
 from ..plugin.manager import PluginSystem
 from ..train.recipe import check_recipe
 from .tracking import check_trackers
@@ -91,7 +91,7 @@ def data_key(spec: RunSpec) -> str:
                       sort_keys=True, default=str)
 
 
-def check_components(exp: Experiment, plugins: PluginSystem) -> None:
+def check_components(exp: Experiment, plugins: PluginSystem, device_type: str = "cpu") -> None:
     """Every component name exists and every model builds, before anything trains.
 
     Each distinct model is built on the meta device (shapes only, no memory), so a bad option
@@ -109,6 +109,7 @@ def check_components(exp: Experiment, plugins: PluginSystem) -> None:
         recipe = json.dumps([key, to_plain(spec.train)], sort_keys=True, default=str)
         try:
             resolve_components(spec.model, plugins)
+            check_trainable(spec.model, plugins, device_type)
             if key in measured:
                 if limit is not None:  # the same model, maybe with another batch
                     check_size(spec, limit, plugins, measured[key])
@@ -148,6 +149,27 @@ class ForwardFailed(ConfigError):
     """A model that builds but cannot take one training step (its message names the plugin)."""
 
 
+def untrainable(cfg, plugins: PluginSystem, device_type: str) -> list[str]:
+    """The components of ``cfg`` (any layer) that declare they cannot train on ``device_type``
+    (``trains_on``: FlexAttention has no CPU backward in torch)."""
+    found = []
+    for layer in layer_components(cfg, plugins):
+        for kind, (entry, _) in layer.items():
+            if "trains_on" in KINDS[kind].attrs:
+                devices = KINDS[kind].attr(entry.factory, "trains_on")
+                if devices is not None and device_type not in devices and f"{kind} '{entry.name}'" not in found:
+                    found.append(f"{kind} '{entry.name}'")
+    return found
+
+
+def check_trainable(cfg, plugins: PluginSystem, device_type: str) -> None:
+    """Refuse, before anything trains, a model with a component that cannot train on this device."""
+    bad = untrainable(cfg, plugins, device_type)
+    if bad:
+        raise ConfigError(f"{bad[0]} cannot train on {device_type}: torch has no backward for its kernel there "
+                          f"(it evaluates and generates there); train it with --device cuda")
+
+
 def check_forward(spec: RunSpec, plugins: PluginSystem) -> None:
     """Run one forward and backward pass of ``spec``'s model (at most PROBE_LAYERS layers, batch 1,
     PROBE_TOKENS tokens, on the CPU in float32, random weights; none above PROBE_BYTES) and raise
@@ -165,7 +187,11 @@ def check_forward(spec: RunSpec, plugins: PluginSystem) -> None:
         try:
             model = GPTModel(cfg, plugins=plugins).train()
             window = torch.randint(0, cfg.vocab_size, (1, tokens + 1))
-            model(window[:, :-1], targets=window[:, 1:]).backward()
+            if untrainable(cfg, plugins, "cpu"):  # trains elsewhere only: the probe runs its forward
+                with torch.no_grad():
+                    model(window[:, :-1], targets=window[:, 1:])
+            else:
+                model(window[:, :-1], targets=window[:, 1:]).backward()
         except Exception as exc:
             culprit = _raising_plugin(exc, plugins, _entries(cfg, plugins))
             raise ForwardFailed(f"one training step of this model fails in {culprit} ({one_line(exc, kind=True)}); "
@@ -194,13 +220,14 @@ def _raising_plugin(exc: BaseException, plugins: PluginSystem, entries: dict) ->
     return f"plugin '{name}'" + (f" ({', '.join(mine)})" if mine else "")
 
 
-def preflight(exp: Experiment, plugins: PluginSystem, cache_dir: Path, write: bool = True) -> dict[str, TokenData]:
+def preflight(exp: Experiment, plugins: PluginSystem, cache_dir: Path, write: bool = True,
+              device_type: str = "cpu") -> dict[str, TokenData]:
     """Check everything a user can get wrong before the first run starts: components, data, lengths.
 
     ``write=False`` (a dry run) makes the same checks without creating the token cache.
     """
     check_trackers(exp.track, plugins)  # an unknown sink or a missing package: before any run directory exists
-    check_components(exp, plugins)
+    check_components(exp, plugins, device_type)
     data_by_key: dict[str, TokenData] = {}
     for spec in exp.runs:
         where = f"{exp.path or 'experiment'}: variant '{spec.variant}'"

@@ -178,14 +178,14 @@ class ExperimentRunner:
                 if folder.exists():  # already there: each must be writable, and not a planted link
                     self.check_inside(folder)
                     check_writable(folder)
-            self._data = preflight(self.exp, self.plugins, self.cache_dir, write=write)
+            self._data = preflight(self.exp, self.plugins, self.cache_dir, write=write, device_type=self.device.type)
         for spec in self.exp.runs:
             if spec.train.batch_size % self.group.world:
                 raise ConfigError(f"variant '{spec.variant}': train.batch_size {spec.train.batch_size} is not "
                                   f"divisible by the {self.group.world} processes torchrun started; make it a multiple")
         distributed.barrier(self.group)  # rank 0 has written the token cache: the others read it
         if not self.group.main:
-            self._data = preflight(self.exp, self.plugins, self.cache_dir, write=False)
+            self._data = preflight(self.exp, self.plugins, self.cache_dir, write=False, device_type=self.device.type)
         self.plan = distributed.share(self.make_plan() if self.group.main else None, self.group)
         return self.plan
 
