@@ -24,7 +24,7 @@ _LAZY = {
     # receive and call
     "CausalSelfAttention": "plugin.layers", "FlexAttention": "plugin.layers", "MLP": "plugin.layers", "GatedMLP": "plugin.layers",
     "PositionScheme": "plugin.components", "Wiring": "plugin.components", "PositionalContext": "plugin.components", "KVCache": "plugin.components",
-    "mark_residual": "plugin.components", "aux_loss": "plugin.components",
+    "mark_residual": "plugin.components", "aux_loss": "plugin.components", "aux_metric": "plugin.components",
     "Norm": "plugin.contract", "Block": "plugin.contract", "FeedForward": "plugin.contract",
     "Tracker": "plugin.contract", "Corpus": "plugin.contract", "Tokenizer": "plugin.contract",
     "HFImport": "plugin.contract", "Optimizer": "plugin.contract", "ParamInfo": "plugin.contract",

@@ -92,6 +92,9 @@ class MoE(nn.Module):
                 self.load_bias += self.bias_rate * torch.sign(load.mean() - load)
         if self.router_z_loss > 0:
             gptlab.aux_loss(self, "router_z", torch.logsumexp(logits, -1).pow(2).mean(), self.router_z_loss)
+        load = counts.float()  # router health, averaged over layers: 1.0 is perfectly even, 0 dead is best
+        gptlab.aux_metric(self, "moe_max_load", load.max() / load.mean())
+        gptlab.aux_metric(self, "moe_dead_experts", (load == 0).float().mean())
 
 
 def moe(cfg, n_experts: Annotated[int, Range(ge=1)] = 8, top_k: Annotated[int, Range(ge=1)] = 2,

@@ -71,7 +71,9 @@ def display_columns(table: pd.DataFrame) -> list[Column]:
     cols.append(Column("train", [fmt.num(v, "{:.4f}") for v in table["final_train_loss"]], 9))
     cols.append(Column("tok/s", [fmt.num(v, "{:,.0f}") for v in table["tokens_per_s"]], 10))
     cols.append(Column("MFU", [fmt.num(v * 100, "{:.1f}%") for v in table["mfu"]], 13))
-    cols.append(Column("params", [fmt.si(v) for v in table["parameters"]], 11))
+    cols.append(Column("params", [fmt.si(v) + (f" ({fmt.si(a)} active)" if isinstance(a, float) and not math.isnan(a)
+                                                else "")  # experts a token skips (MoE)
+                                  for v, a in zip(table["parameters"], table["active_parameters"])], 11))
     cols.append(Column("peak mem", [_memory(v, e) for v, e in zip(table["peak_memory"], _estimates(table))], 15))
     cols.append(Column("wall", [fmt.duration(v) for v in table["wall_time_s"]], 12))
     for c in cols:  # a column with nothing measured (MFU on CPU) is the first to go when narrow

@@ -113,12 +113,21 @@ def aux_loss(module: nn.Module, name: str, value: torch.Tensor, weight: float = 
         store[name] = (value if old is None else old[0] + value, weight)
 
 
+def aux_metric(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Log a diagnostic from inside ``module``'s forward (router health, say) as ``aux/<name>``,
+    averaged over the modules that report the same name; it never joins the loss. Training mode only."""
+    if module.training:
+        module.__dict__.setdefault(_AUX, {})[name] = (value.detach(), None)
+
+
 def pop_aux_losses(model: nn.Module) -> dict:
-    """name -> (value, weight) of every auxiliary loss the last forward added, summed per name over
-    modules, and cleared from them (gptlab's training step calls this after each forward)."""
+    """name -> (value, weight) of every auxiliary term the last forward added, cleared from the
+    modules (gptlab's training step calls this after each forward): losses summed per name over
+    modules; diagnostics (``aux_metric``, weight None) averaged over them."""
     out: dict = {}
     if not isinstance(model, nn.Module):  # a plain function (a benchmark's reference step) adds none
         return out
+    reports: dict = {}
     for module in model.modules():
         store = module.__dict__.get(_AUX)
         if store:
@@ -127,8 +136,10 @@ def pop_aux_losses(model: nn.Module) -> dict:
                     raise ValueError(f"auxiliary loss '{name}' was added with weights {out[name][1]} and {weight}; "
                                      f"one name, one weight")
                 out[name] = (value if name not in out else out[name][0] + value, weight)
+                reports[name] = reports.get(name, 0) + 1
             store.clear()
-    return out
+    return {name: (value / reports[name], None) if weight is None else (value, weight)
+            for name, (value, weight) in out.items()}
 
 
 def mark_residual(module: nn.Module) -> nn.Module:

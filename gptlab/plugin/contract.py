@@ -60,7 +60,7 @@ _TORCH_BACKED = {
     "CausalSelfAttention": "layers", "FlexAttention": "layers", "MLP": "layers", "GatedMLP": "layers",
     "PositionScheme": "components", "PositionalContext": "components", "KVCache": "components",
     "Wiring": "components",
-    "mark_residual": "components", "aux_loss": "components",
+    "mark_residual": "components", "aux_loss": "components", "aux_metric": "components",
 }
 
 
@@ -301,16 +301,17 @@ _RANGE = "gptlab.plugin.hookspecs.Range"  # option bounds, for any kind's factor
 #: higher layers (config, hf, run) are strings because gptlab.plugin imports nothing above it;
 #: tests/test_contract.py resolves every path and checks that gptlab exports it under its name.
 _AUX = "gptlab.plugin.components.aux_loss"  # any module's forward may add a named auxiliary loss
+_METRIC = "gptlab.plugin.components.aux_metric"  # ... or log a named diagnostic
 
 HELPERS: dict[str, tuple[str, ...]] = {
     "attention": (_CFG, _CTX, _CACHE, "gptlab.plugin.components.mark_residual", "gptlab.plugin.layers.FlexAttention",
-                  _AUX, _RANGE),
+                  _AUX, _METRIC, _RANGE),
     "position": (_CFG, _CTX, _AUX, _RANGE),
     "norm": (_CFG, _AUX, _RANGE),
     "norm_placement": (_CFG, _CTX, _CACHE, _AUX, _RANGE),
     "activation": (_CFG, "gptlab.plugin.layers.MLP", "gptlab.plugin.layers.GatedMLP",
-                   "gptlab.plugin.components.mark_residual", _AUX, _RANGE),
-    "wiring": (_CFG, _AUX, _RANGE),
+                   "gptlab.plugin.components.mark_residual", _AUX, _METRIC, _RANGE),
+    "wiring": (_CFG, _AUX, _METRIC, _RANGE),
     "dataset": (_RANGE,),
     "tokenizer": (_RANGE,),
     "importer": ("gptlab.plugin.contract.per_head_rows", "gptlab.plugin.contract.fused_rows",

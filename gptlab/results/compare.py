@@ -34,7 +34,7 @@ __all__ = ["ALIASES", "EXPORTS", "MEANS", "SMALL_N", "Group", "cell", "cell_text
 ALIASES = METRIC_ALIASES
 LOGGED_AS = {"final_val_loss": "val_loss", "final_train_loss": "train_loss"}  # names in metrics.jsonl
 MEANS = ("best_val_loss", "best_val_step", "final_train_loss", "tokens_per_s", "mfu", "parameters",
-         "peak_memory", "memory_estimate", "wall_time_s")
+         "active_parameters", "peak_memory", "memory_estimate", "wall_time_s")
 SMALL_N = 3  # fewer completed seeds than this and a difference is an anecdote
 EXPORTS = ("csv", "json")  # formats that are the DataFrame itself
 

@@ -75,7 +75,8 @@ def train_step(step_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                 loss = step_model(x, targets=y)
             objective = loss
             for name, (value, weight) in pop_aux_losses(step_model).items():
-                objective = objective + weight * value
+                if weight is not None:  # None: a diagnostic, logged only
+                    objective = objective + weight * value
                 if aux is not None:
                     part = value.detach().float() / grad_accum
                     aux[name] = part if name not in aux else aux[name] + part
