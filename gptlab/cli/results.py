@@ -36,6 +36,12 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     c.add_argument("--baseline", metavar="NAME", help="row the others are compared with")
     c.add_argument("--metric", metavar="NAME", help="primary metric (default: val_loss)")
     c.add_argument("--at-step", type=int, metavar="N", help="use the metric's value logged at step N")
+    c.add_argument("--at", metavar="AXIS=BUDGET",
+                   help="read each run's validation curve at equal compute: flops=3e13, tokens=2e6 or time=60 "
+                        "(seconds of training); linear between evaluations, never extrapolated")
+    c.add_argument("--seeds-needed", action="store_true",
+                   help="a column with the seeds per arm that would resolve each row's difference to the baseline "
+                        "(95%% confidence, 80%% power, from the observed seed spread)")
     c.add_argument("--sort", metavar="COLUMN", help="sort rows by this column (default: declaration order)")
     c.add_argument("--format", default="table", metavar="FORMAT", help="table (default), csv, md or json")
     c.add_argument("--merge", action="store_true",
@@ -58,10 +64,26 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from .table import print_compare
 
-    print_compare(args.paths, by=args.by, baseline=args.baseline, metric=args.metric, at_step=args.at_step,
+    from ..results.compare import parse_budget
+
+    at = parse_budget(args.at) if args.at else None
+    print_compare([experiment_folder(p, args.results_dir) for p in args.paths], by=args.by, baseline=args.baseline, metric=args.metric, at_step=args.at_step, at=at,
+                  seeds_needed=args.seeds_needed,
                   sort=args.sort, format=args.format, results_dir=args.results_dir, merge=args.merge,
                   all_runs=args.all)
     return 0
+
+
+def experiment_folder(path: Path, results_dir: Path) -> Path:
+    """An experiment's YAML file stands for its results folder (``--results-dir``/<its name>)."""
+    if path.suffix not in (".yaml", ".yml") or not path.is_file():
+        return path
+    from ..files import load_yaml
+
+    name = load_yaml(path, dict).get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{path}: no 'name' key, so no results folder to read; pass results/<name>")
+    return Path(results_dir) / name
 
 
 # -- show --------------------------------------------------------------------------------------

@@ -60,6 +60,9 @@ def display_columns(table: pd.DataFrame) -> list[Column]:
         base = a["baseline"]
         cols.append(Column(f"Δ vs {base}" if len(base) <= 12 else "Δ", deltas, 1,
                            styles=["bold" if r["significant"] else "" for _, r in table.iterrows()]))
+        if a.get("show_seeds_needed"):  # compare --seeds-needed
+            cols.append(Column("seeds needed", ["baseline" if r["baseline"] else fmt.num(r["seeds_needed"], "{:.0f}")
+                                                for _, r in table.iterrows()], 1))
     cols.append(Column(f"{'val' if a['curve'] == 'val_loss' else 'train'} curve", list(table["curve"]), 5, "left"))
     for col in a["extrap_cols"]:
         cells = [fmt.num(v, "{:.4f}") if not math.isnan(v) else fmt.NA + marks.get((i, col), "")
@@ -89,13 +92,19 @@ def table_notes(table: pd.DataFrame) -> list[str]:
     if len(table) > 1:
         notes.append(f"{a['metric']}: mean ± std over completed runs; Δ: difference to {a['baseline']} "
                      f"± half-width of its 95% CI (Welch's t); * = the CI excludes 0")
-    for n, why in ((0, "no completed run: nothing to average"),
+    for n, why in ((0, "no completed run reaches this budget: nothing to average" if a.get("budget") else
+                       "no completed run: nothing to average"),
                    (1, "one run per row has no spread, so no interval can be given"),
                    (2, "with 2 seeds per arm one variant beats the other on both seeds by chance 1 time in 6")):
         rows = [_row_label(table, i) for i in range(len(table)) if table["n"].iloc[i] == n]
         if rows and n < SMALL_N:
             notes.append(f"note: n = {n} for {', '.join(rows)}: {why}"
                          + ("" if n == 0 else "; treat differences as anecdotes and add seeds (e.g. seeds: [0, 1, 2, 3, 4])"))
+    needed = [f"{_row_label(table, i)} {int(v)}" for i, v in enumerate(table.get("seeds_needed", []))
+              if isinstance(v, float) and math.isfinite(v)]
+    if needed:
+        notes.append("seeds per arm to resolve each Δ at 95% with 80% power, from the seed spread: "
+                     + ", ".join(needed))
     if table[[f"n_{s}" for s in TROUBLE]].to_numpy().sum():
         notes.append("diverged, failed, interrupted and running runs are counted in status and left out of "
                      "every mean")
@@ -134,7 +143,8 @@ def _footnote_marks(table: pd.DataFrame) -> dict[tuple, str]:
 def print_compare(paths: Iterable[Any] = (), *, by: Any = None, baseline: Optional[str] = None,
                   metric: Optional[str] = None, at_step: Optional[int] = None, sort: Optional[str] = None,
                   format: str = "table", results_dir: Any = "results", file: Any = None,
-                  width: Optional[int] = None, merge: bool = False, all_runs: bool = False) -> list[pd.DataFrame]:
+                  width: Optional[int] = None, merge: bool = False, all_runs: bool = False,
+                  at: Optional[tuple[str, float]] = None, seeds_needed: bool = False) -> list[pd.DataFrame]:
     """Load runs, aggregate them and print one format; returns the tables (one per experiment unless merged).
 
     Options left unset come from each experiment's ``compare`` block (see compare_results). csv and
@@ -144,8 +154,10 @@ def print_compare(paths: Iterable[Any] = (), *, by: Any = None, baseline: Option
     from ..run.experiment import current_definition
 
     tables = compare_results(*paths, results_dir=results_dir, by=by, baseline=baseline, metric=metric,
-                             at_step=at_step, sort=sort, merge=merge, all_runs=all_runs,
+                             at_step=at_step, sort=sort, merge=merge, all_runs=all_runs, at=at,
                              defined_by=current_definition)
+    for table in tables:
+        table.attrs["show_seeds_needed"] = seeds_needed
     out = file or sys.stdout
     if format in EXPORTS:
         out.write(export(tables, format))

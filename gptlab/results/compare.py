@@ -119,6 +119,77 @@ def split_keys(df: pd.DataFrame, by_keys: list[str]) -> list[str]:
     return out
 
 
+#: what ``--at AXIS=VALUE`` reads a validation curve against: axis -> metrics.jsonl column
+BUDGET_AXES = {"flops": "flops", "tokens": "tokens", "time": "train_time_s"}
+
+
+def parse_budget(text: str) -> tuple[str, float]:
+    """``flops=3e13`` -> ("flops", 3e13); ConfigError naming the fix for anything else."""
+    axis, sep, value = str(text).partition("=")
+    fix = "write --at flops=3e13, --at tokens=2e6 or --at time=60 (seconds of training)"
+    if not sep or axis not in BUDGET_AXES:
+        raise ConfigError(f"--at {text!r}: unknown budget{did_you_mean(axis, BUDGET_AXES)}; {fix}")
+    try:
+        budget = float(value)
+    except ValueError:
+        raise ConfigError(f"--at {text!r}: {value!r} is not a number; {fix}") from None
+    if not (math.isfinite(budget) and budget > 0):
+        raise ConfigError(f"--at {text!r}: the budget must be a finite number > 0; {fix}")
+    return axis, budget
+
+
+def _at_budget(m: pd.DataFrame, key: str, axis: str, budget: float,
+               flops_per_token: float) -> tuple[float, Optional[str]]:
+    """``key``'s curve read at ``budget`` on ``axis``: linear between the two evaluations around it,
+    never extrapolated; (nan, why) before the first evaluation, past the last, or without the axis."""
+    column = BUDGET_AXES[axis]
+    if key not in m.columns:
+        return math.nan, f"no {key} logged"
+    have = m[m[key].notna()]
+    if column in have.columns and have[column].notna().all():
+        xs = have[column].to_numpy(dtype=float)
+    elif axis == "flops" and "tokens" in have.columns and flops_per_token > 0:  # runs made before rows had flops
+        xs = have["tokens"].to_numpy(dtype=float) * flops_per_token
+    else:
+        return math.nan, f"its metrics.jsonl has no {column} (made before gptlab logged it)"
+    ys = have[key].to_numpy(dtype=float)
+    if not len(xs) or budget < xs[0]:
+        return math.nan, "the budget comes before its first evaluation"
+    if budget > xs[-1]:
+        return math.nan, "the budget is past its last evaluation"
+    i = int(np.searchsorted(xs, budget))
+    if xs[i] == budget or i == 0:
+        return float(ys[i]), None
+    t = (budget - xs[i - 1]) / (xs[i] - xs[i - 1])
+    return float(ys[i - 1] + t * (ys[i] - ys[i - 1])), None
+
+
+def budget_values(df: pd.DataFrame, metric: str, at: tuple[str, float]) -> tuple[pd.Series, pd.Series, str]:
+    """Per-run values of a logged ``metric`` at the budget ``at`` (axis, value), the reason for each
+    n/a, and the label (``val_loss@flops=3e+13``)."""
+    axis, budget = at
+    key = LOGGED_AS.get(ALIASES.get(metric, metric), metric)
+    fpt = pd.to_numeric(df["flops_per_token"], errors="coerce") if "flops_per_token" in df.columns else None
+    values, reasons = [], []
+    for i, run_dir in enumerate(df["run_dir"]):
+        per_token = float(fpt.iloc[i]) if fpt is not None and math.isfinite(fpt.iloc[i]) else 0.0
+        value, why = _at_budget(read_metrics(run_dir), key, axis, budget, per_token)
+        values.append(value)
+        reasons.append(why)
+    return (pd.Series(values, index=df.index, dtype=float), pd.Series(reasons, index=df.index, dtype=object),
+            f"{metric}@{axis}={budget:g}")
+
+
+def _budget_note(label: str, index: list, done: np.ndarray, reasons: pd.Series) -> str:
+    """'val_loss@flops=3e+13: 2 of 3 seeds reach this budget (1: ...)' for a row some seeds miss."""
+    missed = [reasons.iloc[i] for i in index if done[i] and reasons.iloc[i]]
+    runs = sum(1 for i in index if done[i])
+    if not missed:
+        return ""
+    why = "; ".join(f"{missed.count(r)}: {r}" for r in dict.fromkeys(missed)).replace("; ", ", ")
+    return f"{label}: {runs - len(missed)} of {runs} completed seeds reach this budget ({why})"
+
+
 def metric_values(df: pd.DataFrame, metric: str, at_step: Optional[int] = None) -> tuple[pd.Series, str]:
     """Per-run values of ``metric`` and the label to show for it.
 
@@ -181,7 +252,8 @@ def mean_curve(run_dirs: Iterable[str], key: str) -> pd.Series:
 
 # -- the table ---------------------------------------------------------------------------------
 def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = None, metric: str = "val_loss",
-                  at_step: Optional[int] = None, sort: Optional[str] = None) -> pd.DataFrame:
+                  at_step: Optional[int] = None, sort: Optional[str] = None,
+                  at: Optional[tuple[str, float]] = None) -> pd.DataFrame:
     """One row per group (default: per variant, seeds aggregated), the source of every format.
 
     Columns, in this order: the group keys; config keys that differ between runs (when constant
@@ -191,7 +263,9 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
     peak_memory and wall_time_s means; ``val_loss@Nx`` means; ``n_<status>`` counts; ``notes`` (why an
     extrapolation is missing); ``curve`` (sparkline of the mean val loss, or train loss when val
     was evaluated fewer than 3 times); ``defined`` (the experiment's file defines this config as
-    it stands now) and ``overrides`` (the command-line overrides its runs were made with).
+    it stands now) and ``overrides`` (the command-line overrides its runs were made with). ``at``
+    (axis, budget): the metric read off each run's curve at that many FLOPs, tokens or seconds of
+    training (``budget_values``); a row some seeds do not reach says so in ``notes``.
     ``table.attrs`` records the choices for the renderers.
     Default baseline: the experiment's ``compare.baseline``, else the first group.
     """
@@ -199,7 +273,13 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
         raise ConfigError("no runs to compare")
     df = df.reset_index(drop=True)
     by_keys = resolve_by(df, by)
-    values, label = metric_values(df, metric or "val_loss", at_step)
+    if at is not None and at_step is not None:
+        raise ConfigError("--at and --at-step both pick where to read the metric; give one")
+    reasons = None
+    if at is not None:
+        values, reasons, label = budget_values(df, metric or "val_loss", at)
+    else:
+        values, label = metric_values(df, metric or "val_loss", at_step)
     groups = group_runs(df, by_keys)
     base = _pick_baseline(df, groups, baseline)
     done = df["status"].eq(COMPLETED).to_numpy()
@@ -208,6 +288,8 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
     numeric = {c: pd.to_numeric(df[c], errors="coerce") if c in df.columns else pd.Series(math.nan, df.index)
                for c in MEANS + tuple(extrap)}
     samples = [_completed_sample(values, g.index, done) for g in groups]
+    numeric_threads = pd.to_numeric(df["threads"], errors="coerce") if "threads" in df.columns \
+        else pd.Series(math.nan, df.index)
     curves = {k: [mean_curve(df.loc[[i for i in g.index if done[i]], "run_dir"], k) for g in groups]
               for k in ("val_loss", "train_loss")}
     curve_key = "val_loss" if all(len(c) >= 3 for c in curves["val_loss"]) else "train_loss"
@@ -217,6 +299,13 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
         row.update({col: cell(df.at[g.index[0], col]) for col in diff_cols})
         row.update(_metric_cells(label, samples[gi], samples[base], gi == base, len(g.index)))
         row.update(_run_cells(df, g.index, [i for i in g.index if done[i]], numeric, extrap))
+        if reasons is not None:
+            note = _budget_note(label, g.index, done, reasons)
+            row["notes"] = "; ".join(filter(None, [row["notes"], note]))
+        threads = sorted({int(t) for t in numeric_threads.iloc[g.index].dropna()})
+        if len(threads) > 1:  # matmul reductions sum in another order: seeds are not like for like
+            row["notes"] = "; ".join(filter(None, [row["notes"], f"threads: its runs trained with "
+                                                   f"{' and '.join(map(str, threads))} CPU threads"]))
         row["curve"] = sparkline(curves[curve_key][gi].to_numpy())
         first = g.index[0]  # one config per group, so these hold for every run of it
         row["defined"] = bool(df.at[first, "defined"]) if "defined" in df.columns else True
@@ -228,7 +317,7 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
         table = table.sort_values(col, ascending=not descending, na_position="last", kind="stable")
         table = table.reset_index(drop=True)
     table.attrs.update(metric=label, baseline=groups[base].label, group_cols=list(groups[0].keys),
-                       config_cols=diff_cols, extrap_cols=extrap, curve=curve_key)
+                       config_cols=diff_cols, extrap_cols=extrap, curve=curve_key, budget=at is not None)
     return table
 
 
@@ -245,7 +334,25 @@ def _metric_cells(label: str, vals: np.ndarray, base_vals: np.ndarray, is_base: 
             f"{label}_mean": vals.mean() if len(vals) else math.nan,
             f"{label}_std": vals.std(ddof=1) if len(vals) > 1 else math.nan,
             "delta": delta, "delta_ci_low": lo, "delta_ci_high": hi,
-            "significant": bool(lo > 0 or hi < 0), "baseline": is_base}
+            "significant": bool(lo > 0 or hi < 0), "baseline": is_base,
+            "seeds_needed": seeds_needed(vals, base_vals, delta) if not is_base else math.nan}
+
+
+#: normal quantiles of a two-sided 95% test and 80% power
+Z_975, Z_80 = 1.959964, 0.841621
+
+
+def seeds_needed(vals: np.ndarray, base_vals: np.ndarray, delta: float) -> float:
+    """Seeds per arm that would resolve a difference the size of ``delta`` at 95% confidence with
+    80% power, given the pooled seed-to-seed standard deviation s: n = 2 ((z_0.975 + z_0.8) s / delta)^2,
+    rounded up (nan without two seeds per arm, a spread or a difference)."""
+    n1, n2 = len(vals), len(base_vals)
+    if n1 < 2 or n2 < 2 or not math.isfinite(delta) or delta == 0:
+        return math.nan
+    pooled = ((n1 - 1) * vals.var(ddof=1) + (n2 - 1) * base_vals.var(ddof=1)) / (n1 + n2 - 2)
+    if pooled <= 0:
+        return math.nan
+    return float(math.ceil(2 * ((Z_975 + Z_80) * math.sqrt(pooled) / abs(delta)) ** 2))
 
 
 def _run_cells(df: pd.DataFrame, index: list, ok: list, numeric: dict, extrap: list) -> dict:
@@ -347,7 +454,7 @@ def cell_text(v: Any) -> str:
 # -- loading and export ------------------------------------------------------------------------
 def compare_results(*paths: Any, results_dir: Any = "results", by: Any = None, baseline: Optional[str] = None,
                     metric: Optional[str] = None, at_step: Optional[int] = None, sort: Optional[str] = None,
-                    merge: bool = False, all_runs: bool = False,
+                    merge: bool = False, all_runs: bool = False, at: Optional[tuple[str, float]] = None,
                     defined_by: Optional[Callable[[Path], Optional[set]]] = None) -> list[pd.DataFrame]:
     """The comparison tables of the runs under ``paths``: one per experiment, or one for all with ``merge``.
 
@@ -378,7 +485,7 @@ def compare_results(*paths: Any, results_dir: Any = "results", by: Any = None, b
 
         table = compare_table(shown, by=by if by is not None else default("by"), baseline=baseline,
                               metric=metric or default("metric") or "val_loss", at_step=at_step,
-                              sort=sort or default("sort"))
+                              sort=sort or default("sort"), at=at)
         table.attrs.update(experiment=name, hidden=len(hidden))
         tables.append(table)
     return tables

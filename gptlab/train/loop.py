@@ -131,6 +131,7 @@ class _Run:
     group: Group
     optimizer: torch.optim.Optimizer
     schedule: Schedule
+    flops_per_token: float  # training FLOPs of one token (active parameters), for the rows' cumulative count
     log_groups: bool  # whether rows carry each param group's lr (groups whose rates differ)
     ctx: Callable
     batches: Batches
@@ -195,7 +196,7 @@ def _setup(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.device
     if t.compile:
         step_model, compile_note = compile_or_fallback(step_model, (t.batch_size // group.world, seq_len), device, ctx)
     return _Run(train=t, seq_len=seq_len, model=model, device=device, group=group, optimizer=optimizer,
-                schedule=schedule, log_groups=log_groups, ctx=ctx,
+                schedule=schedule, log_groups=log_groups, flops_per_token=model.flops_per_token(seq_len), ctx=ctx,
                 batches=batches, params=params, step_model=step_model, no_sync=no_sync, compile_note=compile_note,
                 generators=rng_generators(batches, device), loss_sum=torch.zeros((), device=device),
                 tokens_per_step=t.batch_size * t.grad_accum * seq_len)
@@ -285,7 +286,8 @@ def _log_step(run: _Run, step: int, rates: dict, data: TokenData, on_log: Callab
     if not math.isfinite(train_loss):
         raise Diverged(step, train_loss)
     state.last_train = train_loss
-    row = {"step": step, "tokens": state.tokens, "train_loss": train_loss, "lr": run.schedule.lr(step, t.lr),
+    row = {"step": step, "tokens": state.tokens, "flops": state.tokens * run.flops_per_token,
+           "train_time_s": state.train_time, "train_loss": train_loss, "lr": run.schedule.lr(step, t.lr),
            "tokens_per_s": run.interval_tokens / elapsed if run.interval_tokens and elapsed > 0 else None}
     if run.log_groups:
         row.update({f"lr/{name}": rate for name, rate in rates.items()})
