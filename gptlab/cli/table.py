@@ -100,11 +100,6 @@ def table_notes(table: pd.DataFrame) -> list[str]:
         if rows and n < SMALL_N:
             notes.append(f"note: n = {n} for {', '.join(rows)}: {why}"
                          + ("" if n == 0 else "; treat differences as anecdotes and add seeds (e.g. seeds: [0, 1, 2, 3, 4])"))
-    needed = [f"{_row_label(table, i)} {int(v)}" for i, v in enumerate(table.get("seeds_needed", []))
-              if isinstance(v, float) and math.isfinite(v)]
-    if needed:
-        notes.append("seeds per arm to resolve each Δ at 95% with 80% power, from the seed spread: "
-                     + ", ".join(needed))
     if table[[f"n_{s}" for s in TROUBLE]].to_numpy().sum():
         notes.append("diverged, failed, interrupted and running runs are counted in status and left out of "
                      "every mean")
@@ -113,11 +108,41 @@ def table_notes(table: pd.DataFrame) -> list[str]:
     if "defined" in table.columns and not table["defined"].all():
         notes.append("made with: rows whose config the experiment's file does not define as it stands now "
                      "(command-line overrides, or an earlier version of the file)")
+    notes += verdicts(table)
     if a.get("hidden"):
         notes.append(hidden_note(a["hidden"]))
     for reason, mark in _footnote_reasons(table).items():
         notes.append(f"{mark} {reason}")
     return notes
+
+
+#: metrics where a larger value is the better one (every loss, bits per byte and the like: smaller)
+HIGHER_IS_BETTER = ("tokens_per_s", "mfu", "accuracy", "acc")
+
+
+def verdicts(table: pd.DataFrame) -> list[str]:
+    """One sentence per compared row: better, worse or not distinguishable from the baseline at 95%,
+    with the seeds behind it (and, when not distinguishable, the seeds a difference this size needs)."""
+    a = table.attrs
+    metric, base = a["metric"], a["baseline"]
+    higher = any(metric.split("@")[0].endswith(h) for h in HIGHER_IS_BETTER)
+    base_n = next((int(n) for n, b in zip(table["n"], table["baseline"]) if b), 0)
+    out = []
+    for i in range(len(table)):
+        row = table.iloc[i]
+        if row["baseline"] or not math.isfinite(row["delta"]):
+            continue
+        label, n = _row_label(table, i), f"n = {int(row['n'])} vs {base_n}"
+        need = row.get("seeds_needed")  # 95% confidence, 80% power, from the pooled seed spread
+        need = (f"; {int(need)} seed{'s' if need > 1 else ''} per arm resolve{'' if need > 1 else 's'} a "
+                f"difference this size" if isinstance(need, float) and math.isfinite(need) else "")
+        if row["significant"]:
+            better = (row["delta"] > 0) == higher
+            out.append(f"{label}: {'better' if better else 'worse'} than {base} at 95% "
+                       f"({metric} {row['delta']:+.4f}, {n}{need})")
+        else:
+            out.append(f"{label}: not distinguishable from {base} at 95% ({n}{need})")
+    return out
 
 
 def _footnote_reasons(table: pd.DataFrame) -> dict[str, str]:
