@@ -46,11 +46,11 @@ STATUSES = (COMPLETED, DIVERGED, FAILED, INTERRUPTED, RUNNING)
 FINISHED = (COMPLETED, DIVERGED)
 
 #: numbers summary.json holds for a finished run, besides ``val_loss@Nx`` for each train.eval_lengths
-SUMMARY_METRICS = ("final_val_loss", "final_train_loss", "best_val_loss", "best_val_step", "tokens", "tokens_per_s",
+SUMMARY_METRICS = ("final_val_loss", "final_val_bpb", "final_train_loss", "best_val_loss", "best_val_step", "tokens", "tokens_per_s",
                    "train_time_s", "mfu", "flops_per_token", "parameters", "memory_estimate", "peak_memory",
                    "wall_time_s")
 #: short names tables accept for summary metrics
-METRIC_ALIASES = {"val_loss": "final_val_loss", "train_loss": "final_train_loss"}
+METRIC_ALIASES = {"val_loss": "final_val_loss", "val_bpb": "final_val_bpb", "train_loss": "final_train_loss"}
 
 _LENGTH_KEY = re.compile(r"^val_loss@([0-9.eE+-]+)x$")
 

@@ -14,6 +14,9 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids):
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
+    def token_bytes(self, ids):
+        return [1 for _ in ids]  # each token is one byte of the text
+
 
 @gptlab.hookimpl
 def gptlab_register(register):

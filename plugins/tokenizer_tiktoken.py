@@ -26,6 +26,9 @@ class TiktokenTokenizer(Tokenizer):
     def decode(self, ids):
         return self.enc.decode([int(i) for i in ids])
 
+    def token_bytes(self, ids):
+        return [len(self.enc.decode_single_token_bytes(int(i))) for i in ids]  # byte-level BPE pieces
+
 
 @gptlab.hookimpl
 def gptlab_register(register):

@@ -160,6 +160,12 @@ class Tokenizer:
         """Token ids -> text: every tokenizer plugin writes this."""
         raise NotImplementedError(f"tokenizer {type(self).__name__} must define decode(ids)")
 
+    def token_bytes(self, ids: "list[int]") -> "list[int]":
+        """UTF-8 bytes of the text each token id stands for (bits per byte divide by them). The
+        default decodes each id alone; a tokenizer whose tokens are pieces of characters (bytes,
+        byte-level BPE) overrides it."""
+        return [len(self.decode([i]).encode("utf-8")) for i in ids]
+
     def state_dict(self) -> dict:
         return {}
 

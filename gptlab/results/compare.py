@@ -32,7 +32,7 @@ __all__ = ["ALIASES", "EXPORTS", "MEANS", "SMALL_N", "Group", "cell", "cell_text
            "experiment_blocks", "export", "group_runs", "mean_curve", "metric_values", "resolve_by", "welch_ci"]
 
 ALIASES = METRIC_ALIASES
-LOGGED_AS = {"final_val_loss": "val_loss", "final_train_loss": "train_loss"}  # names in metrics.jsonl
+LOGGED_AS = {"final_val_loss": "val_loss", "final_val_bpb": "val_bpb", "final_train_loss": "train_loss"}  # names in metrics.jsonl
 MEANS = ("best_val_loss", "best_val_step", "final_train_loss", "tokens_per_s", "mfu", "parameters",
          "active_parameters", "peak_memory", "memory_estimate", "wall_time_s")
 SMALL_N = 3  # fewer completed seeds than this and a difference is an anecdote
@@ -275,6 +275,11 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
     by_keys = resolve_by(df, by)
     if at is not None and at_step is not None:
         raise ConfigError("--at and --at-step both pick where to read the metric; give one")
+    tokenizers = sorted(df["data.tokenizer"].dropna().astype(str).unique()) if "data.tokenizer" in df.columns else []
+    if "loss" in str(metric or "val_loss") and len(tokenizers) > 1:  # nats per token of different tokens
+        raise ConfigError(f"these runs use different tokenizers ({', '.join(tokenizers)}), so a unit of "
+                          f"{metric or 'val_loss'} differs between them; compare --metric val_bpb (bits per byte "
+                          f"of the same text)")
     reasons = None
     if at is not None:
         values, reasons, label = budget_values(df, metric or "val_loss", at)

@@ -43,6 +43,7 @@ class TrainState:
     best_val: float = math.inf
     best_val_step: Optional[int] = None
     last_val: Optional[float] = None
+    last_val_bpb: Optional[float] = None
     last_train: Optional[float] = None
     train_time: float = 0.0  # seconds spent in training steps (no eval, no checkpoints, no first-step warm-up)
     checkpoint_time: float = 0.0  # seconds spent writing resumable states
@@ -100,8 +101,10 @@ def autocast_for(t, device: torch.device):
 
 @torch.no_grad()
 def evaluate(model: GPTModel, tokens, seq_len: int, batches: int, batch_size: int, device: torch.device,
-             ctx: Callable) -> Optional[float]:
-    """Mean next-token loss on fixed, evenly spaced windows of the validation split."""
+             ctx: Callable, token_bytes: Optional[torch.Tensor] = None, extra: Optional[dict] = None) -> Optional[float]:
+    """Mean next-token loss on fixed, evenly spaced windows of the validation split. With
+    ``token_bytes`` (UTF-8 bytes per token id, on ``device``) it also puts the bits per byte of the
+    same windows in ``extra["val_bpb"]``: the summed loss in bits over the targets' bytes."""
     starts = eval_starts(len(tokens), seq_len, batches * batch_size)
     if not starts:
         return None
@@ -109,15 +112,20 @@ def evaluate(model: GPTModel, tokens, seq_len: int, batches: int, batch_size: in
     model.eval()
     # summed on the device, read once at the end (float64 where the device has it; MPS does not)
     total = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
-    count = 0
+    count, text_bytes = 0, torch.zeros((), dtype=torch.int64, device=device)
     for i in range(0, len(starts), batch_size):
         x, y = windows(tokens, starts[i:i + batch_size], seq_len, device)
         with ctx():
             loss = model(x, targets=y)  # the model's own (fused) loss: the mean over the batch
         total += loss.to(total.dtype) * y.numel()
         count += y.numel()
+        if token_bytes is not None:
+            text_bytes += token_bytes[y].sum()
     model.train(was_training)
-    return float(total) / count  # one host read for the whole evaluation
+    nats = float(total)  # one host read for the whole evaluation
+    if token_bytes is not None and extra is not None:
+        extra["val_bpb"] = nats / math.log(2) / int(text_bytes) if int(text_bytes) else None
+    return nats / count
 
 
 @dataclass
@@ -132,6 +140,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     schedule: Schedule
     flops_per_token: float  # training FLOPs of one token (active parameters), for the rows' cumulative count
+    token_bytes: Optional[torch.Tensor]  # UTF-8 bytes per token id (bits per byte); None: the tokenizer cannot say
     log_groups: bool  # whether rows carry each param group's lr (groups whose rates differ)
     ctx: Callable
     batches: Batches
@@ -196,10 +205,21 @@ def _setup(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.device
     if t.compile:
         step_model, compile_note = compile_or_fallback(step_model, (t.batch_size // group.world, seq_len), device, ctx)
     return _Run(train=t, seq_len=seq_len, model=model, device=device, group=group, optimizer=optimizer,
-                schedule=schedule, log_groups=log_groups, flops_per_token=model.flops_per_token(seq_len), ctx=ctx,
+                schedule=schedule, log_groups=log_groups, flops_per_token=model.flops_per_token(seq_len),
+                token_bytes=_token_bytes(data, device), ctx=ctx,
                 batches=batches, params=params, step_model=step_model, no_sync=no_sync, compile_note=compile_note,
                 generators=rng_generators(batches, device), loss_sum=torch.zeros((), device=device),
                 tokens_per_step=t.batch_size * t.grad_accum * seq_len)
+
+
+def _token_bytes(data: TokenData, device: torch.device) -> Optional[torch.Tensor]:
+    """UTF-8 bytes per token id of the run's tokenizer, for bits per byte (None if it cannot tell)."""
+    tokenizer = getattr(data, "tokenizer", None)
+    try:
+        counts = tokenizer.token_bytes(list(range(tokenizer.vocab_size)))
+    except Exception:  # a tokenizer plugin without decode for single ids: no bits per byte
+        return None
+    return torch.tensor(counts, dtype=torch.int64, device=device)
 
 
 def _ddp_wrap(model: GPTModel, device: torch.device) -> torch.nn.Module:
@@ -293,8 +313,12 @@ def _log_step(run: _Run, step: int, rates: dict, data: TokenData, on_log: Callab
         row.update({f"lr/{name}": rate for name, rate in rates.items()})
     row.update({f"aux/{name}": _finite(value) for name, value in run.last_aux.items()})
     if (step % t.eval_every == 0 or step == t.steps) and run.group.main:
-        val = evaluate(run.model, data.val, run.seq_len, t.eval_batches, t.batch_size, run.device, run.ctx)
+        extra: dict = {}
+        val = evaluate(run.model, data.val, run.seq_len, t.eval_batches, t.batch_size, run.device, run.ctx,
+                       run.token_bytes, extra)
         row["val_loss"] = val
+        if extra.get("val_bpb") is not None:
+            row["val_bpb"] = state.last_val_bpb = extra["val_bpb"]
         state.last_val = val
         if val is not None and val < state.best_val:
             state.best_val, state.best_val_step = val, step
@@ -328,6 +352,7 @@ def _summary(run: _Run, data: TokenData) -> dict:
     summary = {
         "final_train_loss": state.last_train,
         "final_val_loss": state.last_val,
+        "final_val_bpb": state.last_val_bpb,
         "best_val_loss": state.best_val if math.isfinite(state.best_val) else None,
         "best_val_step": state.best_val_step,
         "tokens": state.tokens,

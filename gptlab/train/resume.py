@@ -57,6 +57,9 @@ def _number(value: Any) -> bool:
 
 
 #: the training loop's counters a state carries (gptlab.train.loop.TrainState): field -> (check, what it must be)
+#: counters added after states existed: a state without them is still whole (they start empty)
+LATER_COUNTERS = {"last_val_bpb"}
+
 COUNTERS = {
     "step": (lambda v: _int(v) and v >= 0, "a whole number >= 0"),
     "tokens": (lambda v: _int(v) and v >= 0, "a whole number >= 0"),
@@ -64,6 +67,7 @@ COUNTERS = {
     "best_val_step": (lambda v: v is None or (_int(v) and v >= 0), "null or a whole number >= 0"),
     "last_val": (lambda v: v is None or _number(v), "null or a finite number"),
     "last_train": (lambda v: v is None or _number(v), "null or a finite number"),
+    "last_val_bpb": (lambda v: v is None or _number(v), "null or a finite number"),
     "train_time": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
     "checkpoint_time": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
     "timed_tokens": (lambda v: _int(v) and v >= 0, "a whole number >= 0"),
@@ -105,14 +109,14 @@ def check(info: Any, step: int, run_dir: Path, steps: Optional[int] = None,
     if not isinstance(loop, dict) or not isinstance(loop.get("state"), dict):
         raise bad("the loop's counters (loop.state) are missing")
     counters = loop["state"]
-    missing = sorted(set(COUNTERS) - set(counters))
+    missing = sorted(set(COUNTERS) - set(counters) - LATER_COUNTERS)
     if missing:
         raise bad(f"the loop's counters lack {', '.join(missing)}")
     unknown = sorted(set(counters) - set(COUNTERS))
     if unknown:
         raise bad(f"the loop's counters hold unknown {', '.join(map(str, unknown))}")
     for name, (ok, what) in COUNTERS.items():
-        if not ok(counters[name]):
+        if name in counters and not ok(counters[name]):
             raise bad(f"loop.state.{name} {counters[name]!r} is not {what}")
     if not _number(loop.get("loss_sum")):
         raise bad(f"loop.loss_sum {loop.get('loss_sum')!r} is not a finite number")
