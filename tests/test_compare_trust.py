@@ -170,12 +170,13 @@ def test_a_run_directory_named_on_the_command_line_is_always_shown(smoked):
     assert table["variant"].tolist() == ["a"] and table["n"].tolist() == [1]
 
 
-def test_nothing_defined_says_so_and_points_to_all(tmp_path):
+def test_when_nothing_is_defined_the_runs_there_are_shown_marked_rather_than_an_empty_table(tmp_path):
     exp = make_experiment(tmp_path, "exp", {"a": [2.0]}, defined={"hnew": "a"})
     out = io.StringIO()
     (table,) = print_compare([exp], file=out, width=200)
-    assert len(table) == 0 and table.attrs["hidden"] == 1
-    assert "no runs of the experiment as its file defines it now; 1 run(s) not shown" in " ".join(out.getvalue().split())
+    assert len(table) == 1 and table.attrs["hidden"] == 0 and not table["defined"].iloc[0]
+    text = out.getvalue()
+    assert "made with" in text.splitlines()[0] and "earlier version of the file" in text.splitlines()[2]
 
 
 def test_narrow_terminal_keeps_the_columns_that_tell_rows_apart(tmp_path):

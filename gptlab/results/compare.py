@@ -476,6 +476,8 @@ def compare_results(*paths: Any, results_dir: Any = "results", by: Any = None, b
     tables = []
     for part in parts:
         hidden = part[~part["defined"].astype(bool)] if not all_runs else part.iloc[:0]
+        if len(hidden) == len(part):  # nothing as the file defines it now: show them all, marked, not nothing
+            hidden = part.iloc[:0]
         shown = part.drop(hidden.index).reset_index(drop=True)
         name = None if merge else str(part["experiment"].iloc[0])
         if shown.empty:
