@@ -139,3 +139,27 @@ def test_compare_takes_the_experiment_file_and_training_records_its_cost(tmp_pat
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert f"{rows[1]['val_loss']:.4f}" in out.stdout and f"val_loss@flops={halfway:g}" in out.stdout
+
+
+def test_curves_can_be_drawn_against_tokens_flops_or_training_time(tmp_path):
+    from gptlab.results.plots import experiment_panels, run_panels
+    from gptlab.results.report import plot_spec, run_curves
+
+    exp = experiment(tmp_path, {"a": [CURVE, CURVE]})
+    run_dir = exp / "a__ha__s0"
+    assert dict((n, (xs, ys)) for n, xs, ys in run_panels(run_dir, "flops")[0][1])["val"] == \
+        ([1000.0, 2000.0, 3000.0], [3.0, 2.0, 1.5])
+    assert run_panels(run_dir, "time")[0][1][1][1] == [1.0, 2.0, 3.0]
+    (val_panel, _) = experiment_panels(load_results(exp), "tokens")
+    assert val_panel[1] == [("a (n=2)", [100.0, 200.0, 300.0], [3.0, 2.0, 1.5])]
+    spec = plot_spec(run_curves(load_results(exp)))
+    assert spec["x"]["flops"][0] == [1000.0, 2000.0, 3000.0] and spec["x"]["time"][0] == [1.0, 2.0, 3.0]
+    env = dict(os.environ, COLUMNS="100")
+    shown = subprocess.run([sys.executable, "-m", "gptlab", "show", str(exp), "--x", "time"], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0 and "(training time (s))" in shown.stdout
+    page = tmp_path / "r.html"
+    made = subprocess.run([sys.executable, "-m", "gptlab", "report", str(exp), "--html", str(page)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    assert 'value="flops" data-title="training FLOPs"' in page.read_text()

@@ -54,6 +54,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 
     s = sub.add_parser("show", parents=[common], help="a run's config, summary and loss curves; or an experiment's curves overlaid")
     s.add_argument("path", type=Path, help="run directory or experiment directory")
+    s.add_argument("--x", choices=("step", "tokens", "flops", "time"), default="step",
+                   help="what the curves are drawn against: step (default), tokens, training FLOPs or training "
+                        "time in seconds (evaluation and checkpoints excluded)")
     s.add_argument("--png", type=Path, metavar="FILE",
                    help="write the same curves as a PNG image instead of printing (needs the report extra: "
                         "pip install -e \".[report]\")")
@@ -107,22 +110,22 @@ def cmd_show(args: argparse.Namespace) -> int:
         if odd:  # shown as n/a: say why
             sys.stderr.write(f"gptlab: warning: run {path}: {SUMMARY} holds {'; '.join(odd)} (shown as n/a)\n")
         if png:
-            png_run(path, png, console)
+            png_run(path, png, console, args.x)
         else:
-            show_run(path, console)
+            show_run(path, console, args.x)
     elif path.is_dir() and ((path / EXPERIMENT).is_file() or any(
             is_run_dir(p) for p in path.iterdir() if p.is_dir())):
         if png:
-            png_experiment(path, png, console)
+            png_experiment(path, png, console, args.x)
         else:
-            show_experiment(path, console)
+            show_experiment(path, console, args.x)
     else:
         raise ConfigError(f"{path} is neither a run directory (config.yaml, summary.json) nor an experiment "
                           f"directory holding runs")
     return 0
 
 
-def show_run(run_dir: Path, console: Any) -> None:
+def show_run(run_dir: Path, console: Any, x: str = "step") -> None:
     """Header, config (keys differing from the experiment base marked), summary, loss curves."""
     from rich.columns import Columns
     from rich.table import Table
@@ -163,11 +166,11 @@ def show_run(run_dir: Path, console: Any) -> None:
     if row.get("error"):
         console.print(Text(f"error: {row['error']}", style="red"))
 
-    for title, series in run_panels(run_dir):
-        _print_plot(console, title, series)
+    for title, series in run_panels(run_dir, x):
+        _print_plot(console, title, series, x)
 
 
-def show_experiment(exp_dir: Path, console: Any) -> None:
+def show_experiment(exp_dir: Path, console: Any, x: str = "step") -> None:
     """Each variant's mean curve (over its completed seeds) overlaid, for val loss and train loss."""
     from rich.text import Text
 
@@ -182,22 +185,22 @@ def show_experiment(exp_dir: Path, console: Any) -> None:
                                 (str(exp_dir), "dim")))
     if meta.get("description"):
         console.print(Text(str(meta["description"])))
-    for title, series in experiment_panels(df):
-        _print_plot(console, title, series)
+    for title, series in experiment_panels(df, x):
+        _print_plot(console, title, series, x)
     console.print(Text(f"table: gptlab compare {exp_dir}", style="dim"))
 
 
-def png_run(run_dir: Path, png: Path, console: Any) -> None:
+def png_run(run_dir: Path, png: Path, console: Any, x: str = "step") -> None:
     """The run's loss curves as an image, titled with what show_run prints first."""
     from ..results.plots import run_panels
     from ..results.frame import read_run
 
     row, _ = read_run(run_dir)
     _write_png(console, png, f"{row['experiment']} / {row['variant']} / seed {row['seed']}  ({row['status']})",
-               run_panels(run_dir))
+               run_panels(run_dir, x), x=x)
 
 
-def png_experiment(exp_dir: Path, png: Path, console: Any) -> None:
+def png_experiment(exp_dir: Path, png: Path, console: Any, x: str = "step") -> None:
     """Every run's curves as an image: one line per variant/seed, a colour per variant."""
     from ..results.plots import run_by_run_panels
     from ..run.experiment import current_definition
@@ -205,26 +208,28 @@ def png_experiment(exp_dir: Path, png: Path, console: Any) -> None:
 
     df = load_results(exp_dir, defined_by=current_definition)
     name = str(read_experiment(exp_dir).get("name") or exp_dir.name)
-    panels, variant_of = run_by_run_panels(df)
-    _write_png(console, png, f"{name}  ({len(df)} runs)", panels, variant_of)
+    panels, variant_of = run_by_run_panels(df, x)
+    _write_png(console, png, f"{name}  ({len(df)} runs)", panels, variant_of, x)
 
 
-def _write_png(console: Any, png: Path, title: str, panels: list, colour_of: Optional[dict] = None) -> None:
-    from ..results.plots import figure, save_png
+def _write_png(console: Any, png: Path, title: str, panels: list, colour_of: Optional[dict] = None,
+               x: str = "step") -> None:
+    from ..results.plots import X_AXES, figure, save_png
 
-    fig = figure(title, panels, colour_of=colour_of)
+    fig = figure(title, panels, x_label=X_AXES[x][1], colour_of=colour_of)
     save_png(fig, png)
     drawn = sum(1 for _, series in panels for _, xs, _ in series if len(xs))
     print(f"wrote {png} ({drawn} curves)")  # one line, never wrapped: scripts read it
 
 
-def _print_plot(console: Any, title: str, series: list) -> None:
+def _print_plot(console: Any, title: str, series: list, x: str = "step") -> None:
     from rich.text import Text
 
+    from ..results.plots import X_AXES
     from ..results.termplot import line_plot
 
     console.print(Text("\n" + title, style="bold"))
-    plot = line_plot(series, colors=bool(console.is_terminal and console.color_system))
+    plot = line_plot(series, colors=bool(console.is_terminal and console.color_system), x_label=X_AXES[x][1])
     console.print(Text.from_ansi(plot) if plot else Text("(nothing logged yet)", style="dim"), crop=False)
 
 

@@ -15,6 +15,10 @@ from ..errors import ConfigError, import_extra
 from .. import rundir as rd
 from ..rundir import COMPLETED, INTERRUPTED, RUNNING, refuse_link
 
+#: what a curve can be drawn against: --x name -> (metrics.jsonl column, axis label)
+X_AXES = {"step": ("step", "step"), "tokens": ("tokens", "tokens"), "flops": ("flops", "training FLOPs"),
+          "time": ("train_time_s", "training time (s)")}
+
 # (label, xs, ys) and (title, [series]): what one plot holds
 Series = tuple[str, list, list]
 Panel = tuple[str, list[Series]]
@@ -27,18 +31,19 @@ _MARKERS_UP_TO = 40  # points per series; beyond this markers only blur the line
 
 
 # -- the curves --------------------------------------------------------------------------------
-def run_panels(run_dir: Path) -> list[Panel]:
-    """One panel: the run's train and val loss at every logged step."""
+def run_panels(run_dir: Path, x: str = "step") -> list[Panel]:
+    """One panel: the run's train and val loss at every logged step, against ``x`` (``X_AXES``)."""
     from .frame import read_metrics
 
     metrics = read_metrics(run_dir)
-    return [("loss curves", [(name, *_xy(metrics, key)) for name, key in (("train", "train_loss"),
-                                                                           ("val", "val_loss"))])]
+    return [("loss curves", [(name, *_xy(metrics, key, x)) for name, key in (("train", "train_loss"),
+                                                                              ("val", "val_loss"))])]
 
 
-def experiment_panels(df: Any) -> list[Panel]:
+def experiment_panels(df: Any, x: str = "step") -> list[Panel]:
     """Val and train loss, one mean curve per variant over its completed seeds (running or
-    interrupted seeds when none completed), labelled with how many runs it averages."""
+    interrupted seeds when none completed), labelled with how many runs it averages; against ``x``,
+    each step at the seeds' mean position on that axis (their tokens and FLOPs agree; times differ)."""
     from .compare import group_runs, mean_curve
 
     groups = group_runs(df, [])
@@ -49,12 +54,17 @@ def experiment_panels(df: Any) -> list[Panel]:
             done = [i for i in g.index if df["status"].iloc[i] == COMPLETED]
             idx = done or [i for i in g.index if df["status"].iloc[i] in (RUNNING, INTERRUPTED)]
             curve = mean_curve(df["run_dir"].iloc[idx], key)
-            series.append((f"{g.label} (n={len(idx)})", list(curve.index), list(curve.to_numpy())))
+            xs = list(curve.index)
+            if x != "step":
+                where = mean_curve(df["run_dir"].iloc[idx], X_AXES[x][0]).reindex(curve.index)
+                keep = where.notna().to_numpy()
+                xs, curve = list(where[keep]), curve[keep]
+            series.append((f"{g.label} (n={len(idx)})", xs, list(curve.to_numpy())))
         panels.append((title, series))
     return panels
 
 
-def run_by_run_panels(df: Any) -> tuple[list[Panel], dict]:
+def run_by_run_panels(df: Any, x: str = "step") -> tuple[list[Panel], dict]:
     """Val and train loss with one line per run (``variant/sSEED``), for the image, and each
     label's variant, which sets its colour (seeds of one variant differ by line style)."""
     from .compare import group_runs
@@ -68,15 +78,16 @@ def run_by_run_panels(df: Any) -> tuple[list[Panel], dict]:
             variant_of[label] = g.label
             metrics = read_metrics(Path(df["run_dir"].iloc[i]))
             for key in series:
-                series[key].append((label, *_xy(metrics, key)))
+                series[key].append((label, *_xy(metrics, key, x)))
     return [("validation loss", series["val_loss"]), ("training loss", series["train_loss"])], variant_of
 
 
-def _xy(metrics: Any, key: str) -> tuple[list, list]:
-    if key not in metrics.columns or "step" not in metrics.columns:
+def _xy(metrics: Any, key: str, x: str = "step") -> tuple[list, list]:
+    column = X_AXES[x][0]
+    if key not in metrics.columns or column not in metrics.columns:  # runs made before rows had it: no curve
         return [], []
-    rows = metrics[["step", key]].dropna()
-    return list(rows["step"]), list(rows[key])
+    rows = metrics[[column, key]].dropna()
+    return list(rows[column]), list(rows[key])
 
 
 # -- the image ---------------------------------------------------------------------------------

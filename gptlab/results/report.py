@@ -61,16 +61,24 @@ def run_curves(df: Any) -> list[dict]:
     return runs
 
 
+#: the x axes a reader can pick: name -> (metrics.jsonl column, axis title); step is always there
+X_AXES = {"step": ("step", "step"), "tokens": ("tokens", "tokens"), "flops": ("flops", "training FLOPs"),
+          "time": ("train_time_s", "training time (s)")}
+
+
 def _points(metrics: Any, key: str) -> dict:
-    """Finite values of ``key`` with their step and tokens (None where tokens were not logged)."""
-    out: dict = {"step": [], "tokens": [], "loss": []}
+    """Finite values of ``key`` with their position on every axis of ``X_AXES`` (None where a run
+    did not log it: runs made before rows carried flops and training time)."""
+    out: dict = {**{axis: [] for axis in X_AXES}, "loss": []}
     if key not in metrics.columns or "step" not in metrics.columns:
         return out
-    tokens = metrics["tokens"] if "tokens" in metrics.columns else [None] * len(metrics)
-    for step, tok, loss in zip(metrics["step"], tokens, metrics[key]):
-        if _finite(step) and _finite(loss):
-            out["step"].append(int(step))
-            out["tokens"].append(int(tok) if _finite(tok) else None)
+    columns = {axis: metrics[col] if col in metrics.columns else [None] * len(metrics)
+               for axis, (col, _) in X_AXES.items()}
+    for i, loss in enumerate(metrics[key]):
+        if _finite(metrics["step"].iloc[i]) and _finite(loss):
+            for axis, values in columns.items():
+                v = values[i] if isinstance(values, list) else values.iloc[i]
+                out[axis].append((int(v) if axis in ("step", "tokens") else float(v)) if _finite(v) else None)
             out["loss"].append(float(loss))
     return out
 
@@ -85,7 +93,7 @@ def _finite(v: Any) -> bool:
 def plot_spec(runs: list[dict]) -> dict:
     """Plotly traces (val left, train right; one legend entry per run toggling both), the layout,
     and the x values per trace for each axis choice (``tokens`` is None when no run logged them)."""
-    data, xs = [], {"step": [], "tokens": []}
+    data, xs = [], {axis: [] for axis in X_AXES}
     for r, run in enumerate(runs):
         shown = False
         for part, title, xaxis, yaxis in PANELS:
@@ -104,10 +112,11 @@ def plot_spec(runs: list[dict]) -> dict:
                                           + ("<br>tokens %{customdata[1]:,}" if any(t is not None for t in c["tokens"])
                                              else "") + f"<br>{title} %{{y:.4f}}<extra></extra>"})
             shown = True
-            xs["step"].append(c["step"])
-            xs["tokens"].append(c["tokens"])
-    if not any(t is not None for trace in xs["tokens"] for t in trace):
-        xs["tokens"] = None
+            for axis in X_AXES:
+                xs[axis].append(c[axis])
+    for axis in list(X_AXES)[1:]:  # an axis no run logged offers no choice
+        if not any(t is not None for trace in xs[axis] for t in trace):
+            xs[axis] = None
     layout: dict = {"height": 480, "margin": {"t": 30, "r": 10, "b": 50, "l": 60}, "hovermode": "closest",
                     "legend": {"orientation": "h", "y": -0.18}, "annotations": []}
     for k, (_, title, xaxis, yaxis) in enumerate(PANELS):
@@ -163,9 +172,12 @@ def _section(s: Section, i: int) -> str:
     if s.runs:
         spec = plot_spec(s.runs)
         plot_id = f"curves-{i}"
-        choice = ("" if spec["x"]["tokens"] is None else
-                  f"<div class=\"xsel\">x axis: <label><input type=\"radio\" name=\"{plot_id}-x\" value=\"step\" checked>"
-                  f" step</label> <label><input type=\"radio\" name=\"{plot_id}-x\" value=\"tokens\"> tokens</label>"
+        axes = [axis for axis in X_AXES if spec["x"][axis] is not None]
+        radios = " ".join(f"<label><input type=\"radio\" name=\"{plot_id}-x\" value=\"{axis}\" "
+                          f"data-title=\"{_e(X_AXES[axis][1])}\"{' checked' if axis == 'step' else ''}> {axis}</label>"
+                          for axis in axes)
+        choice = ("" if len(axes) < 2 else
+                  f"<div class=\"xsel\">x axis: {radios}"
                   f" <span class=\"meta\">click a legend entry to hide a run, double-click to show it alone</span>"
                   f"</div>")
         parts.append(f"<h3>loss curves, every run</h3>\n{choice}\n<div id=\"{plot_id}\" class=\"plot\"></div>\n"
@@ -219,7 +231,7 @@ ul.notes { color: #666; font-size: 0.88em; padding-left: 1.2em; } .note { color:
 .xsel { margin: 0.5em 0; } .plot { width: 100%; }
 """
 
-# Builds a section's plot; the radio buttons swap every trace's x between step and tokens. plotly.js
+# Builds a section's plot; the radio buttons swap every trace's x between step, tokens, FLOPs and time. plotly.js
 # 4 shows a "Share chart" button that uploads the data to plotly's cloud: it and every link are off.
 JS = """
 var gptlabConfig = {responsive: true, displaylogo: false, showSendToCloud: false, showLink: false,
@@ -229,8 +241,8 @@ function gptlabCurves(id, spec) {
   Plotly.newPlot(el, spec.data, spec.layout, gptlabConfig);
   document.querySelectorAll('input[name="' + id + '-x"]').forEach(function (input) {
     input.addEventListener("change", function () {
-      var key = input.value;
-      Plotly.update(el, {x: spec.x[key]}, {"xaxis.title.text": key, "xaxis2.title.text": key});
+      var key = input.value, title = input.getAttribute("data-title") || key;
+      Plotly.update(el, {x: spec.x[key]}, {"xaxis.title.text": title, "xaxis2.title.text": title});
     });
   });
 }

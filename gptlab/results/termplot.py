@@ -45,7 +45,7 @@ def line_plot(series: Sequence[tuple[str, Sequence[float], Sequence[float]]], wi
     fig.width, fig.height = width, height
     fig.origin, fig.with_colors = False, colors
     fig.x_label, fig.y_label = x_label, y_label
-    fig.x_ticks_fkt = lambda lo, hi: f"{lo:.0f}"
+    fig.x_ticks_fkt = lambda lo, hi: f"{lo:.0f}" if abs(lo) < 1e6 else f"{lo:.3g}"  # FLOPs: 1.2e+12
     fig.y_ticks_fkt = lambda lo, hi: f"{lo:.4g}"
     x0, x1 = min(xs_all), max(xs_all)
     y0, y1 = min(ys_all), max(ys_all)
