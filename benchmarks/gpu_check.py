@@ -143,13 +143,23 @@ def combos(training_on: Optional[str] = None) -> list[tuple[str, str]]:
     from gptlab.plugin.hookspecs import KINDS
     from gptlab.plugin.manager import default_plugins
 
+    from gptlab import ConfigError
+    from gptlab.config.model import ModelConfig
+
     reg = default_plugins().registry
 
     def trains(name: str) -> bool:
         devices = KINDS["attention"].attr(reg.get("attention", name).factory, "trains_on")
         return training_on is None or devices is None or training_on in devices
 
-    return [(a, p) for a in reg.names("attention") if trains(a) for p in reg.names("position")]
+    def builds_as_named(name: str) -> bool:  # one that needs an option (flex_document's separator) is left out
+        try:
+            reg.lookup("attention", name, {}, ModelConfig())
+            return True
+        except ConfigError:
+            return False
+
+    return [(a, p) for a in reg.names("attention") if trains(a) and builds_as_named(a) for p in reg.names("position")]
 
 
 def release(device: torch.device) -> None:

@@ -6,8 +6,8 @@ softmax or sigmoid gate, and gets their outputs weighted by the gate (renormalis
 experts when k > 1 or the gate is a sigmoid). Routing is dropless: every expert takes every token
 sent to it, however many. Balance: ``aux`` adds the Switch/GShard loss E * sum_e f_e P_e (f: share
 of assignments, P: mean gate) as the auxiliary loss ``moe_balance``; ``bias`` keeps a per-expert
-bias that only steers the choice, nudged after each training forward toward the less loaded
-experts (DeepSeek-V3); ``none`` neither. ``router_z_loss`` adds mean(logsumexp(router logits)^2)
+bias that only steers the choice, nudged after each optimizer step (counts summed over DDP ranks)
+toward the less loaded experts (DeepSeek-V3); ``none`` neither. ``router_z_loss`` adds mean(logsumexp(router logits)^2)
 (ST-MoE) as ``router_z``. The default expert width, 4 x emb_dim / top_k (/ (top_k + 1) with the
 shared expert), gives a token the FLOPs of the dense 4x MLP, so a comparison at equal active
 compute is the default; ``inactive_parameters`` tells gptlab's FLOP count and MFU which weights a
@@ -43,8 +43,10 @@ class MoE(nn.Module):
         self.gate, self.balance, self.act = gate, balance, ACTIVATIONS[activation]
         self.balance_weight, self.bias_rate, self.router_z_loss = balance_weight, bias_rate, router_z_loss
         self.router = nn.Linear(d, n_experts, bias=False)
-        self.w_in = nn.Parameter(torch.randn(n_experts, d, h) * 0.02)  # (E, d, h): one matrix per expert
-        self.w_out = nn.Parameter(torch.randn(n_experts, h, d) * (0.02 / (2 * cfg.n_layers) ** 0.5))
+        # one (out, in) matrix per expert, as nn.Linear lays its weight out (Muon's step scale reads it so)
+        self.w_in = nn.Parameter(torch.randn(n_experts, h, d) * 0.02)
+        self.w_out = nn.Parameter(torch.randn(n_experts, d, h) * (0.02 / (2 * cfg.n_layers) ** 0.5))
+        self._load = None  # the last training forward's assignments per expert (balance: bias)
         self.register_buffer("load_bias", torch.zeros(n_experts))  # steers the choice only (balance: bias)
         self.shared = gptlab.MLP(cfg, self.act, h) if shared_expert else None
         self.hidden_dim = h * (top_k + shared_expert)  # activations one token keeps (memory estimate)
@@ -72,7 +74,7 @@ class MoE(nn.Module):
         order = slots.argsort(stable=True)  # assignments grouped by expert
         counts = torch.bincount(slots, minlength=self.n_experts)
         inputs = flat[order // self.k].split(counts.tolist())
-        outs = [self.act(chunk @ self.w_in[e]) @ self.w_out[e] for e, chunk in enumerate(inputs)]
+        outs = [self.act(chunk @ self.w_in[e].mT) @ self.w_out[e].mT for e, chunk in enumerate(inputs)]
         y = torch.cat(outs) * weights.reshape(-1)[order, None].to(flat.dtype)
         out = torch.zeros_like(flat).index_add_(0, order // self.k, y)
         if self.shared is not None:
@@ -86,15 +88,26 @@ class MoE(nn.Module):
             share = counts.float() / counts.sum()
             mean_gate = (probs / probs.sum(-1, keepdim=True)).mean(0)
             gptlab.aux_loss(self, "moe_balance", self.n_experts * (share * mean_gate).sum(), self.balance_weight)
-        if self.balance == "bias":
-            with torch.no_grad():
-                load = counts.float()
-                self.load_bias += self.bias_rate * torch.sign(load.mean() - load)
+        if self.balance == "bias":  # applied after the optimizer step: a recomputed forward routes the same
+            self._load = counts.detach()
         if self.router_z_loss > 0:
             gptlab.aux_loss(self, "router_z", torch.logsumexp(logits, -1).pow(2).mean(), self.router_z_loss)
         load = counts.float()  # router health, averaged over layers: 1.0 is perfectly even, 0 dead is best
         gptlab.aux_metric(self, "moe_max_load", load.max() / load.mean())
         gptlab.aux_metric(self, "moe_dead_experts", (load == 0).float().mean())
+
+
+    def gptlab_after_step(self) -> None:
+        """The auxiliary-loss-free update, once per optimizer step from the last micro-batch's load
+        (summed over ranks, so every rank keeps the same bias): each expert's bias moves by bias_rate
+        toward the less loaded side."""
+        if self._load is None:
+            return
+        load, self._load = self._load.float(), None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)
+        with torch.no_grad():
+            self.load_bias += self.bias_rate * torch.sign(load.mean() - load)
 
 
 def moe(cfg, n_experts: Annotated[int, Range(ge=1)] = 8, top_k: Annotated[int, Range(ge=1)] = 2,

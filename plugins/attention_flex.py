@@ -62,11 +62,20 @@ class FlexDocument(FlexAttention):
     """A document mask as a mask_mod: a query sees only its own document's keys; the separator
     token (the tokenizer's end-of-text id) ends a document, so packed documents never see each other."""
 
-    def __init__(self, cfg, separator: Annotated[int, Range(ge=0)] = 0, n_kv_heads: Heads = None,
+    def __init__(self, cfg, separator: Annotated[Optional[int], Range(ge=0)] = None, n_kv_heads: Heads = None,
                  qk_norm: Optional[str] = None, qk_norm_scale: bool = True,
                  softcap: Annotated[Optional[float], Range(gt=0)] = None, window: Window = None):
         super().__init__(cfg, n_kv_heads, qk_norm, qk_norm_scale, softcap, window)
+        self.check(cfg, n_kv_heads, qk_norm, separator)
         self.separator = separator
+
+    @classmethod
+    def check(cls, cfg, n_kv_heads=None, qk_norm=None, separator=None):
+        super().check(cfg, n_kv_heads, qk_norm)
+        if separator is None or separator >= cfg.vocab_size:
+            raise gptlab.ConfigError(f"option separator must be the tokenizer's end-of-text id, below vocab_size "
+                                     f"{cfg.vocab_size} (char: its <|endoftext|> id; tiktoken gpt2: 50256), "
+                                     f"got {separator!r}")
 
     def mask_mod(self, b, h, q, kv):
         ends = (self.ctx.seen_tokens == self.separator).int()

@@ -38,6 +38,11 @@ class ValueEmbedAttention(SDPAAttention):
             raise gptlab.ConfigError(f"option mix must be two numbers (the weights of v and of its embedding), "
                                      f"got {list(mix)!r}")
 
+    @classmethod
+    def parameter_count(cls, cfg, n_kv_heads=None, **options):
+        table = cfg.padded_vocab * (n_kv_heads or cfg.n_heads) * cfg.head_size
+        return super().parameter_count(cfg, n_kv_heads, **options) + table + 2  # + the embedding and mix
+
     def transform_qkv(self, q, k, v, ctx):
         q, k, v = super().transform_qkv(q, k, v, ctx)
         extra = split_heads(self.value_emb(ctx.tokens), self.n_kv_heads).to(v.dtype)

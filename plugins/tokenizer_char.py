@@ -35,6 +35,10 @@ class CharTokenizer(Tokenizer):
     def decode(self, ids):
         return "".join(self.itos[int(i)] for i in ids)
 
+    def token_bytes(self, ids):
+        # the specials stand for no text (<|unk|> for a character of unknown size: counted as none)
+        return [0 if self.itos[int(i)] in (EOT, UNK) else len(self.itos[int(i)].encode("utf-8")) for i in ids]
+
     def state_dict(self):
         return {"chars": self.itos[:-2]}
 

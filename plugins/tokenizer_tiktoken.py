@@ -27,7 +27,8 @@ class TiktokenTokenizer(Tokenizer):
         return self.enc.decode([int(i) for i in ids])
 
     def token_bytes(self, ids):
-        return [len(self.enc.decode_single_token_bytes(int(i))) for i in ids]  # byte-level BPE pieces
+        special = self.enc.eot_token  # stands for no text
+        return [0 if int(i) == special else len(self.enc.decode_single_token_bytes(int(i))) for i in ids]
 
 
 @gptlab.hookimpl

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, did_you_mean
+from ..errors import ConfigError, did_you_mean, one_line
 from ..plugin.hookspecs import KINDS
 from . import FORCEABLE_KERNELS
 from .timing import (autocast, environment, is_oom, median, milliseconds, peak_memory, quoted, rerun_command,
@@ -62,9 +62,20 @@ def bench_attention(*, attention: Optional[Sequence[str]] = None, position: Opti
         C = heads * head_dim
         ctx_factory = autocast(dev, dtype)
 
-        # resolve every pair before allocating anything, so a bad name fails at once
-        built = {name: _resolve_pair(name, position, max(seq_lens), heads, C, plugins) for name in names}
-        settings = {"attention": names, "position": position, "seq_lens": seq_lens, "batch": batch,
+        # resolve every pair before allocating anything, so a bad name fails at once; of the registered
+        # ones (no --attention), those that need an option to be built (flex_document's separator)
+        # or another position are left out and named
+        built, left_out = {}, {}
+        for name in names:
+            try:
+                built[name] = _resolve_pair(name, position, max(seq_lens), heads, C, plugins)
+            except ConfigError as exc:
+                if attention:
+                    raise
+                left_out[name] = one_line(exc, 200)
+        names = [n for n in names if n in built]
+        settings = {"attention": names, "left_out": left_out, "position": position, "seq_lens": seq_lens,
+                    "batch": batch,
                     "heads": heads, "head_dim": head_dim, "emb_dim": C, "kernels": kernels,
                     "repeats": repeats, "warmup": warmup, "causal": True, "pass": "forward+backward"}
         rows = _time_rows(built, settings, ctx_factory, dev)

@@ -5,8 +5,6 @@ torch nor anything that does; matplotlib loads only for --png.
 """
 from __future__ import annotations
 
-import json
-
 import argparse
 import sys
 from pathlib import Path

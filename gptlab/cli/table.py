@@ -136,7 +136,9 @@ def verdicts(table: pd.DataFrame) -> list[str]:
         need = row.get("seeds_needed")  # 95% confidence, 80% power, from the pooled seed spread
         need = (f"; {int(need)} seed{'s' if need > 1 else ''} per arm resolve{'' if need > 1 else 's'} a "
                 f"difference this size" if isinstance(need, float) and math.isfinite(need) else "")
-        if row["significant"]:
+        if int(row["n"]) < 2 or base_n < 2:
+            out.append(f"{label}: no interval with one seed in an arm ({n}); add seeds to compare it with {base}")
+        elif row["significant"]:
             better = (row["delta"] > 0) == higher
             out.append(f"{label}: {'better' if better else 'worse'} than {base} at 95% "
                        f"({metric} {row['delta']:+.4f}, {n}{need})")

@@ -251,7 +251,8 @@ def parameter_parts(cfg: ModelConfig, plugins: Any) -> dict[str, int]:
     with defaults for a component that says nothing: an activation's ``gated`` (False) or its own
     ``parameter_count(cfg, **options)`` (one layer's feed-forward), a norm's
     ``parameter_count(cfg, dim)`` (dim), a block's ``norm_count(options)`` (2) and ``final_norm``
-    (True), a position's ``parameter_count(cfg)`` (0), a wiring's ``parameter_count(cfg, **options)`` (0). Exact for the built-ins; the meta build then
+    (True), a position's ``parameter_count(cfg)`` (0), a wiring's and an attention's
+    ``parameter_count(cfg, **options)`` (0; the base attention counts its projections and QK-norm). Exact for the built-ins; the meta build then
     gives the exact figure for any model."""
     d, heads, head, vocab = cfg.emb_dim, cfg.n_heads, cfg.head_size, cfg.padded_vocab
     layers = cfg.layer_specs() if cfg.layers else [{kind: getattr(cfg, kind) for kind in LAYER_KINDS}]
@@ -290,6 +291,9 @@ def _block_parameters(cfg: ModelConfig, layer: Mapping[str, "ComponentSpec"], pl
     hidden = _positive_int(act.options.get("hidden_dim")) or cfg.ff_dim or (int(round(8 * d / 3)) if gated else 4 * d)
     norm = _declared(plugins, "norm", layer["norm"].name, "parameter_count", lambda cfg, dim: dim)(cfg, d)
     attention = d * (q + 2 * kv) + (q + 2 * kv) * cfg.qkv_bias + q * d + d * cfg.uses_bias("attn_out")
+    counted = _declared(plugins, "attention", attn.name, "parameter_count", None)
+    if callable(counted):  # the attention counts itself (QK-norm gains, value embeddings)
+        attention = int(counted(cfg, **attn.options))
     fc = hidden * (2 if gated else 1)
     mlp = d * fc + hidden * d + (fc + d) * cfg.uses_bias("mlp")
     declared = _declared(plugins, "activation", act.name, "parameter_count", None)

@@ -74,6 +74,9 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be a finite number > 0, got {self.lr}")
         if self.min_lr is not None and not (math.isfinite(self.min_lr) and self.min_lr >= 0):
             raise ConfigError(f"train.min_lr must be a finite number >= 0 or null (lr / 10), got {self.min_lr}")
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr {self.min_lr} is above train.lr {self.lr}: the schedule would decay "
+                              f"upward; set min_lr <= lr")
         for key in ("beta1", "beta2"):
             value = getattr(self, key)
             if not 0.0 <= value < 1.0:

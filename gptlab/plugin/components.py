@@ -142,6 +142,17 @@ def pop_aux_losses(model: nn.Module) -> dict:
             for name, (value, weight) in out.items()}
 
 
+def after_step(model: nn.Module) -> None:
+    """Call ``gptlab_after_step()`` on every module of ``model`` that has one: state a component
+    updates once per optimizer step, outside the forward pass (MoE's balancing bias), so that
+    gradient checkpointing's recomputed forward sees exactly what the first forward saw."""
+    if isinstance(model, nn.Module):
+        for module in model.modules():
+            hook = getattr(module, "gptlab_after_step", None)
+            if callable(hook):
+                hook()
+
+
 def mark_residual(module: nn.Module) -> nn.Module:
     """Flag a projection that writes into the residual stream (scaled down at init, GPT-2 style)."""
     module._gptlab_residual = True  # type: ignore[attr-defined]

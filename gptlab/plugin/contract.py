@@ -31,7 +31,7 @@ attribute name (dotted, relative to the component): a block declares the roles `
 ``out_proj``, an MLP ``fc`` and ``proj``, the learned position ``emb``. Every declared module
 holds its parameters as ``weight`` and, when it has one, ``bias`` (as torch's Linear, Embedding
 and norms do). ``declared_modules(model)`` lists them for a built model; a component that renames
-an attribute updates its ``param_names``, and ``tests/test_contract.py`` fails when a declared
+an attribute updates its ``param_names``, and ``tests/plugin/test_contract.py`` fails when a declared
 name is missing from a built model or an importer writes a name no component declares.
 
 Layering: ``gptlab.plugin`` imports only ``gptlab.errors``, ``fmt``, ``rundir`` and itself, so the
@@ -305,7 +305,7 @@ _RANGE = "gptlab.plugin.hookspecs.Range"  # option bounds, for any kind's factor
 
 #: kind -> dotted paths of the values its plugins receive and the helpers they may call. Those in
 #: higher layers (config, hf, run) are strings because gptlab.plugin imports nothing above it;
-#: tests/test_contract.py resolves every path and checks that gptlab exports it under its name.
+#: tests/plugin/test_contract.py resolves every path and checks that gptlab exports it under its name.
 _AUX = "gptlab.plugin.components.aux_loss"  # any module's forward may add a named auxiliary loss
 _METRIC = "gptlab.plugin.components.aux_metric"  # ... or log a named diagnostic
 

@@ -46,7 +46,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg, n_kv_heads: Positive = None, qk_norm: Optional[str] = None, qk_norm_scale: bool = True,
                  softcap: Cap = None, window: Positive = None) -> None:
         super().__init__()
-        self.check(cfg, n_kv_heads, qk_norm)
+        CausalSelfAttention.check(cfg, n_kv_heads, qk_norm)  # a subclass's own check runs at lookup, with its options
         self.n_heads = cfg.n_heads
         self.n_kv_heads = n_kv_heads or cfg.n_heads
         self.head_dim = cfg.head_size
@@ -60,6 +60,17 @@ class CausalSelfAttention(nn.Module):
             self.q_norm, self.k_norm = (_head_norm(qk_norm, self.head_dim, qk_norm_scale) for _ in range(2))
             if qk_norm_scale:  # learned gains an importer could fill: declare them
                 self.param_names = {**type(self).param_names, "q_norm": "q_norm", "k_norm": "k_norm"}
+
+    @classmethod
+    def parameter_count(cls, cfg, n_kv_heads: Optional[int] = None, qk_norm: Optional[str] = None,
+                        qk_norm_scale: bool = True, **options) -> int:
+        """Parameters of one such attention, for the size check before anything is built (a subclass
+        with parameters of its own adds them)."""
+        q = cfg.n_heads * cfg.head_size
+        kv = (n_kv_heads or cfg.n_heads) * cfg.head_size
+        count = cfg.emb_dim * (q + 2 * kv) + (q + 2 * kv) * cfg.qkv_bias + q * cfg.emb_dim
+        count += cfg.emb_dim * cfg.uses_bias("attn_out")
+        return count + (2 * cfg.head_size if qk_norm and qk_norm_scale else 0)
 
     @classmethod
     def check(cls, cfg, n_kv_heads: Optional[int] = None, qk_norm: Optional[str] = None) -> None:

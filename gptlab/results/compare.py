@@ -120,7 +120,7 @@ def split_keys(df: pd.DataFrame, by_keys: list[str]) -> list[str]:
 
 
 #: what ``--at AXIS=VALUE`` reads a validation curve against: axis -> metrics.jsonl column
-BUDGET_AXES = {"flops": "flops", "tokens": "tokens", "time": "train_time_s"}
+BUDGET_AXES = {"flops": "flops", "tokens": "tokens", "time": "time_s"}
 
 
 def parse_budget(text: str) -> tuple[str, float]:
@@ -170,12 +170,18 @@ def budget_values(df: pd.DataFrame, metric: str, at: tuple[str, float]) -> tuple
     axis, budget = at
     key = LOGGED_AS.get(ALIASES.get(metric, metric), metric)
     fpt = pd.to_numeric(df["flops_per_token"], errors="coerce") if "flops_per_token" in df.columns else None
-    values, reasons = [], []
+    values, reasons, logged = [], [], set()
     for i, run_dir in enumerate(df["run_dir"]):
         per_token = float(fpt.iloc[i]) if fpt is not None and math.isfinite(fpt.iloc[i]) else 0.0
-        value, why = _at_budget(read_metrics(run_dir), key, axis, budget, per_token)
+        metrics = read_metrics(run_dir)
+        logged |= set(metrics.columns)
+        value, why = _at_budget(metrics, key, axis, budget, per_token)
         values.append(value)
         reasons.append(why)
+    if key not in logged:  # a summary-only number (best_val_loss) has no curve to read
+        curves = sorted(logged - {"step", "tokens", "flops", "time_s", "tokens_per_s", "lr"})
+        raise ConfigError(f"--at reads a curve from metrics.jsonl, and no run logged '{metric}' there; "
+                          f"curves: {', '.join(curves) or 'none'}")
     return (pd.Series(values, index=df.index, dtype=float), pd.Series(reasons, index=df.index, dtype=object),
             f"{metric}@{axis}={budget:g}")
 

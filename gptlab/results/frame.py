@@ -24,7 +24,7 @@ from ..rundir import (CONFIG, EXPERIMENT, METRICS, SUMMARY, damage, finished_at,
 
 META = ("experiment", "variant", "seed", "status", "run_dir", "config_hash", "defined", "overrides", "finished_at")
 # The keys every metrics row has; any other key in metrics.jsonl was logged by a plugin.
-STANDARD_LOG_KEYS = ("step", "tokens", "flops", "train_time_s", "train_loss", "val_loss", "val_bpb", "lr",
+STANDARD_LOG_KEYS = ("step", "tokens", "flops", "time_s", "train_loss", "val_loss", "val_bpb", "lr",
                      "tokens_per_s")
 _SKIP_SUMMARY = {"changes", "plugins", "pid", "overrides"}  # config columns already say what changed
 

@@ -17,7 +17,7 @@ from ..rundir import COMPLETED, INTERRUPTED, RUNNING, refuse_link
 
 #: what a curve can be drawn against: --x name -> (metrics.jsonl column, axis label)
 X_AXES = {"step": ("step", "step"), "tokens": ("tokens", "tokens"), "flops": ("flops", "training FLOPs"),
-          "time": ("train_time_s", "training time (s)")}
+          "time": ("time_s", "training time (s)")}
 
 # (label, xs, ys) and (title, [series]): what one plot holds
 Series = tuple[str, list, list]

@@ -63,7 +63,7 @@ def run_curves(df: Any) -> list[dict]:
 
 #: the x axes a reader can pick: name -> (metrics.jsonl column, axis title); step is always there
 X_AXES = {"step": ("step", "step"), "tokens": ("tokens", "tokens"), "flops": ("flops", "training FLOPs"),
-          "time": ("train_time_s", "training time (s)")}
+          "time": ("time_s", "training time (s)")}
 
 
 def _points(metrics: Any, key: str) -> dict:

@@ -410,7 +410,8 @@ class ExperimentRunner:
         if spec.model.from_hf and found is None:  # a resumed run's state already holds the weights
             load_hf_weights(model, spec.model.from_hf, self.plugins)
         summary["parameters"] = model.num_parameters()
-        summary["threads"] = torch.get_num_threads()  # CPU sums in another order with another count
+        if self.device.type == "cpu":  # CPU matmuls sum in another order with another thread count
+            summary["threads"] = torch.get_num_threads()
         active = model.active_parameters() + (summary["parameters"] - model.num_parameters(exclude_position=True))
         if active != summary["parameters"]:  # experts a token skips: FLOPs and MFU count the active ones
             summary["active_parameters"] = active

@@ -22,7 +22,7 @@ from ..model.gpt import GPTModel
 from .distributed import Group, any_rank, mean
 from .recipe import make_optimizer, make_schedule, set_rates
 from .resume import Resumable, restore, save
-from ..plugin.components import pop_aux_losses
+from ..plugin.components import after_step, pop_aux_losses
 from ..plugin.contract import Schedule
 from ..plugin.manager import PluginSystem
 from ..rundir import length_key
@@ -82,6 +82,7 @@ def train_step(step_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     part = value.detach().float() / grad_accum
                     aux[name] = part if name not in aux else aux[name] + part
             (objective / grad_accum).backward()
+            pop_aux_losses(step_model)  # gradient checkpointing's recomputed forward added them again
         total = loss.detach() if total is None else total + loss.detach()
     if inspect is not None:
         inspect()
@@ -89,6 +90,7 @@ def train_step(step_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    after_step(step_model)
     return total / grad_accum
 
 
@@ -307,7 +309,7 @@ def _log_step(run: _Run, step: int, rates: dict, data: TokenData, on_log: Callab
         raise Diverged(step, train_loss)
     state.last_train = train_loss
     row = {"step": step, "tokens": state.tokens, "flops": state.tokens * run.flops_per_token,
-           "train_time_s": state.train_time, "train_loss": train_loss, "lr": run.schedule.lr(step, t.lr),
+           "time_s": state.train_time, "train_loss": train_loss, "lr": run.schedule.lr(step, t.lr),
            "tokens_per_s": run.interval_tokens / elapsed if run.interval_tokens and elapsed > 0 else None}
     if run.log_groups:
         row.update({f"lr/{name}": rate for name, rate in rates.items()})
@@ -424,9 +426,11 @@ def compile_or_fallback(model: GPTModel, shape: tuple, device: torch.device,
             with ctx():
                 loss = compiled(window[:, :-1], targets=window[:, 1:])
             loss.backward()
+            pop_aux_losses(model)  # the probe's auxiliary terms are not the first step's
         model.zero_grad(set_to_none=True)
     except Exception as exc:  # dynamo/inductor errors come in many types
         model.zero_grad(set_to_none=True)
+        pop_aux_losses(model)
         reason = one_line(exc, 300)
         return model, f"fell back to eager: {type(exc).__name__}: {reason}"
     breaks = counters.get("graph_break", {})

@@ -95,7 +95,14 @@ def param_groups(params: list[ParamInfo], lr: float, **extra: Any) -> list[dict]
             groups[key] = {"params": [], "lr": lr * info.lr_mult, "weight_decay": info.weight_decay,
                            "name": info.group, **extra}
         groups[key]["params"].append(info.param)
-    return list(groups.values())
+    out = list(groups.values())
+    rates: dict = {}
+    for group in out:  # one name, one rate: a glob that sets only weight_decay can span two lr_mults
+        rates.setdefault(group["name"], set()).add(group["lr"])
+    for group in out:
+        if len(rates[group["name"]]) > 1:
+            group["name"] = f"{group['name']}@x{group['lr'] / lr:g}" if lr else group["name"]
+    return out
 
 
 def _lookup(plugins: PluginSystem, kind: str, spec: Any, t: Optional[TrainConfig]) -> Any:
