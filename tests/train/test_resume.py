@@ -56,9 +56,9 @@ def run_dir(root: Path) -> Path:
 
 
 def rows(root: Path) -> list[dict]:
-    """Every metrics row without its timing (tokens/s is the one number a resume may change)."""
+    """Every metrics row without its timings (tokens/s and time_s are what a resume may change)."""
     lines = (run_dir(root) / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "time_s")}  # timings for line in lines]
+    return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "time_s")} for line in lines]
 
 
 def last_step(root: Path) -> int:
