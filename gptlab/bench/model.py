@@ -119,6 +119,7 @@ def bench_model(config: str, overrides: Iterable[str] = (), *, batch: int = 8, s
     env, settings, model, command, argv, train and generate rows, failed. A mode that fails or
     runs out of memory is a row with that status, not an exception.
     """
+    # long, but one straight assembly of the report (settings, model facts, timed rows): no seam worth a function
     from ..train.devices import peak_flops, resolve_device
     from ..plugin.manager import build_plugin_system
 

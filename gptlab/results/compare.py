@@ -281,11 +281,7 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
     by_keys = resolve_by(df, by)
     if at is not None and at_step is not None:
         raise ConfigError("--at and --at-step both pick where to read the metric; give one")
-    tokenizers = sorted(df["data.tokenizer"].dropna().astype(str).unique()) if "data.tokenizer" in df.columns else []
-    if "loss" in str(metric or "val_loss") and len(tokenizers) > 1:  # nats per token of different tokens
-        raise ConfigError(f"these runs use different tokenizers ({', '.join(tokenizers)}), so a unit of "
-                          f"{metric or 'val_loss'} differs between them; compare --metric val_bpb (bits per byte "
-                          f"of the same text)")
+    _check_units(df, metric or "val_loss")
     reasons = None
     if at is not None:
         values, reasons, label = budget_values(df, metric or "val_loss", at)
@@ -310,13 +306,7 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
         row.update({col: cell(df.at[g.index[0], col]) for col in diff_cols})
         row.update(_metric_cells(label, samples[gi], samples[base], gi == base, len(g.index)))
         row.update(_run_cells(df, g.index, [i for i in g.index if done[i]], numeric, extrap))
-        if reasons is not None:
-            note = _budget_note(label, g.index, done, reasons)
-            row["notes"] = "; ".join(filter(None, [row["notes"], note]))
-        threads = sorted({int(t) for t in numeric_threads.iloc[g.index].dropna()})
-        if len(threads) > 1:  # matmul reductions sum in another order: seeds are not like for like
-            row["notes"] = "; ".join(filter(None, [row["notes"], f"threads: its runs trained with "
-                                                   f"{' and '.join(map(str, threads))} CPU threads"]))
+        row["notes"] = _row_notes(row["notes"], label, g.index, done, reasons, numeric_threads)
         row["curve"] = sparkline(curves[curve_key][gi].to_numpy())
         first = g.index[0]  # one config per group, so these hold for every run of it
         row["defined"] = bool(df.at[first, "defined"]) if "defined" in df.columns else True
@@ -330,6 +320,26 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
     table.attrs.update(metric=label, baseline=groups[base].label, group_cols=list(groups[0].keys),
                        config_cols=diff_cols, extrap_cols=extrap, curve=curve_key, budget=at is not None)
     return table
+
+
+def _check_units(df: pd.DataFrame, metric: str) -> None:
+    """A loss is nats per token: refuse to compare it across runs whose tokens differ."""
+    tokenizers = sorted(df["data.tokenizer"].dropna().astype(str).unique()) if "data.tokenizer" in df.columns else []
+    if "loss" in str(metric) and len(tokenizers) > 1:
+        raise ConfigError(f"these runs use different tokenizers ({', '.join(tokenizers)}), so a unit of "
+                          f"{metric} differs between them; compare --metric val_bpb (bits per byte of the same text)")
+
+
+def _row_notes(notes: str, label: str, index: list, done: np.ndarray, reasons: Optional[pd.Series],
+               threads: pd.Series) -> str:
+    """A row's footnotes: seeds that miss a budget, runs trained with different CPU thread counts."""
+    parts = [notes]
+    if reasons is not None:
+        parts.append(_budget_note(label, index, done, reasons))
+    counts = sorted({int(t) for t in threads.iloc[index].dropna()})
+    if len(counts) > 1:  # matmul reductions sum in another order: seeds are not like for like
+        parts.append(f"threads: its runs trained with {' and '.join(map(str, counts))} CPU threads")
+    return "; ".join(filter(None, parts))
 
 
 def _completed_sample(values: pd.Series, index: list, done: np.ndarray) -> np.ndarray:
