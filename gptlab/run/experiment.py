@@ -42,7 +42,7 @@ class Experiment:
     name: str
     description: str
     path: Optional[Path]
-    plugins: list
+    plugin_modules: list  #: the ``plugins:`` list as written: module names and .py paths (a list of names, not a system)
     runs: list
     base: dict  # resolved base config as the file defines it (no variant, no command-line override)
     compare: dict
@@ -192,7 +192,7 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
     ov, section_ov = _split_overrides(overrides)
     cfg = _merge(where, source, ov)
     head = _head(cfg, where)
-    importers = _LazyPlugins(plugins, head.plugins, path)
+    importers = _LazyPlugins(plugins, head.plugin_modules, path)
     shape = _shape(cfg, len(head.seeds), where)
     runs, labels = _expand(shape, head.seeds, section_ov, where, importers)
     _check_compare(head.compare, runs, where)
@@ -202,7 +202,7 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
     base = _resolved_base(shape.base, section_ov, where, importers)
     defined, base = _file_definition(shape, head, runs, base, bool(section_ov), where, importers)
     return Experiment(name=head.name, description=head.description, path=Path(path) if path else None,
-                      plugins=head.plugins, runs=runs, base=base, compare=head.compare, variants=labels,
+                      plugin_modules=head.plugin_modules, runs=runs, base=base, compare=head.compare, variants=labels,
                       overrides=list(overrides), defined=defined, warnings=warnings, slurm=head.slurm,
                       track=list(dict.fromkeys([*head.track, *parse_track(track, "--track")])),
                       allow_large=bool(allow_large))
@@ -235,7 +235,7 @@ class _Head(NamedTuple):
 
     name: str
     description: str
-    plugins: list
+    plugin_modules: list
     seeds: list
     compare: dict
     slurm: SlurmConfig
@@ -250,8 +250,8 @@ def _head(cfg: DictConfig, where: str) -> _Head:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ConfigError(f"{where}: 'name' must be a folder-safe string (letters, digits, _ . -), got {name!r}")
     description = cfg.get("description") or ""
-    plugin_specs = _plain(cfg.get("plugins"), where) or []
-    if not isinstance(plugin_specs, list) or not all(isinstance(p, str) for p in plugin_specs):
+    plugin_modules = _plain(cfg.get("plugins"), where) or []
+    if not isinstance(plugin_modules, list) or not all(isinstance(p, str) for p in plugin_modules):
         raise ConfigError(f"{where}: 'plugins' must be a list of module names or .py paths")
     seeds = _plain(cfg.get("seeds", [0]), where)
     if not isinstance(seeds, list) or not seeds or not all(
@@ -271,7 +271,7 @@ def _head(cfg: DictConfig, where: str) -> _Head:
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     track = parse_track(_plain(cfg.get("track"), where), where)
-    return _Head(name, str(description), plugin_specs, seeds, compare, slurm, track)
+    return _Head(name, str(description), plugin_modules, seeds, compare, slurm, track)
 
 
 class _Shape(NamedTuple):

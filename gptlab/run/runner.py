@@ -132,7 +132,7 @@ class ExperimentRunner:
             return built[0]
 
         exp = load_experiment(path, overrides, plugins=plugin_system, track=track, allow_large=allow_large)
-        plugins = plugin_system(exp.plugins)
+        plugins = plugin_system(exp.plugin_modules)
         return cls(exp, plugins, results_dir, resolve_device(device) if isinstance(device, str) else device, **kwargs)
 
     def check_inside(self, path: Path) -> None:

@@ -39,7 +39,7 @@ class Job:
     """What a child process needs to train one run as the parent would (pickled to it)."""
 
     exp: "Experiment"  #: the experiment reduced to this one run
-    plugins: dict  #: how to build the parent's plugin system again (build_plugin_system's arguments, cwd)
+    system_args: dict  #: how to build the parent's plugin system again (build_plugin_system's arguments, cwd)
     results_dir: Path
     device: str  #: resolved in the child: a worker's own device, or --device as given for a task
     force: bool
@@ -64,7 +64,7 @@ def run_job(job: Job, should_stop: Callable[[], bool], on_progress: Optional[Cal
     from ..train.devices import cpu_threads, resolve_device
     from .runner import ExperimentRunner, RunOutcome
 
-    args = dict(job.plugins)  # empty for a plugin system not made by build_plugin_system: the defaults
+    args = dict(job.system_args)  # empty for a plugin system not made by build_plugin_system: the defaults
     cwd = args.pop("cwd", None)
     if cwd is not None:  # relative paths (results dir, plugins) mean what they meant where gptlab ran
         os.chdir(cwd)
