@@ -26,7 +26,13 @@ EXP = {
     # c: Muon orthogonalises the gradient after the all-reduce, so each rank takes the same step
     "variants": {"a": {}, "b": {"model": {"norm": "rmsnorm"}},
                  "c": {"train": {"optimizer": {"name": "muon", "momentum_warmup": 4}, "lr": 0.02,
-                                 "schedule": "wsd"}}},
+                                 "schedule": "wsd"}},
+                 # d: a per-layer layout whose second layer is an MoE balanced by the bias update, which
+                 # sums the expert load over ranks, and a windowed attention in the first
+                 "d": {"model": {"n_layers": 2, "layers": [
+                     {"at": 0, "attention": {"name": "sdpa", "window": 8}},
+                     {"at": 1, "activation": {"name": "moe", "n_experts": 4, "top_k": 2, "balance": "bias",
+                                              "bias_rate": 0.01}}]}}},
     "seeds": [0],
 }
 DIES = '''
@@ -92,7 +98,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(reference, tmp_path)
     proc = torchrun(root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ours, theirs = curves(root), curves(reference)
-    assert ours.keys() == theirs.keys() and len(ours) == 3  # one copy of each run
+    assert ours.keys() == theirs.keys() and len(ours) == 4  # one copy of each run
     for name in ours:
         assert [r[:2] for r in ours[name]] == [r[:2] for r in theirs[name]]  # same steps, same global tokens
         for mine, ref in zip(ours[name], theirs[name]):
