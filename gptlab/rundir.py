@@ -75,6 +75,17 @@ def run_dir_name(variant: str, config_hash: str, seed: int) -> str:
     return f"{safe_name(variant)}__{config_hash}__s{seed}"
 
 
+def run_key(config_hash: str, seed: int) -> str:
+    """One run of a config, as a definition names it when a config's seeds play different roles
+    (a ``tune:`` block's tuning seeds beside its comparison seeds): ``<hash>:s<seed>``."""
+    return f"{config_hash}:s{seed}"
+
+
+#: a definition's mark on a tuning run's key (``TUNING + run_key(...)``): the file defines the run,
+#: but as a means of choosing a value, not as a row of the comparison
+TUNING = "tune:"
+
+
 def seed_from_name(name: str) -> Optional[int]:
     m = re.search(r"__s(-?\d+)$", name)
     return int(m[1]) if m else None
@@ -116,7 +127,7 @@ def read_summary(run_dir: Path) -> Optional[dict]:
 
 #: experiment.json: the type of each key gptlab writes there
 _EXPERIMENT_TYPES = {"name": str, "description": str, "source": str, "variants": list, "compare": dict,
-                     "base": dict, "defined": dict}
+                     "base": dict, "defined": dict, "tuning": dict}
 
 
 def experiment_damage(meta: Any) -> Optional[str]:

@@ -40,6 +40,17 @@ class Reporter:
         self.done = self.failed = 0
         self.started = time.perf_counter()
 
+    def extend(self, added: list) -> None:
+        """More runs to train (the comparison runs a ``tune:`` block decides after its tuning runs)."""
+        todo = [planned.spec for planned in added if planned.action != "skip"]
+        self.n_runs += len(added)
+        self.kept += len(added) - len(todo)
+        self.total_steps += sum(spec.train.steps for spec in todo)
+        self.on_extend()
+
+    def on_extend(self) -> None:
+        pass
+
     def __enter__(self) -> "Reporter":
         return self
 
@@ -147,6 +158,10 @@ class RichReporter(Reporter):
 
     def __exit__(self, *exc: Any) -> None:
         self.progress_bar.__exit__(*exc)
+
+    def on_extend(self) -> None:
+        self.progress_bar.update(self.overall, total=max(1, self.total_steps))
+        self._update_overall()
 
     def _update_overall(self) -> None:
         eta = self.experiment_eta()

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple, Optional
 from ..errors import ConfigError, GptlabError
 from ..fmt import num, yaml_value
 from ..config.run import SLURM_FLAGS, SlurmConfig
-from ..rundir import FAILED, INTERRUPTED
+from ..rundir import FAILED, INTERRUPTED, run_key
 from .progress import make_reporter
 
 LAUNCHERS = ("inprocess", "local", "slurm")
@@ -28,6 +28,8 @@ experiment format (YAML; every key is checked, a typo is an error with a suggest
     post_ln: {model: {norm_placement: post}}
   grid: {model.activation: [gelu, swiglu]}   # optional cross product with every variant
   seeds: [0, 1, 2]
+  tune: {key: train.lr, values: [1e-3, 3e-3, 1e-2], seeds: [100], metric: val_loss}   # optional: each
+                                 # variant trains at each value on the tuning seeds, then its seeds at its best
   compare: {baseline: pre_ln, metric: val_loss}
   slurm: {partition: gpu, gpus_per_run: 1, time: 60, mem: 32, array_parallelism: 8}   # --launcher slurm
   track: [tensorboard, mlflow]   # tracking sinks (pip install -e ".[tensorboard]" etc.); --track adds more
@@ -157,13 +159,16 @@ def _train_here(args: argparse.Namespace, runner, plan: list, here: _Here, stop:
     reporter = make_reporter(exp, plan, args.quiet, err)
     with stop, reporter:
         outcomes = runner.run(on_progress=reporter.progress, on_finish=reporter.finish, jobs=jobs, threads=threads,
-                              signals=lambda: stop.count, parallel=run_parallel)
-    return _finish(outcomes, exp, out, err)
+                              signals=lambda: stop.count, parallel=run_parallel, on_plan=reporter.extend)
+    return _finish(outcomes, runner.exp, out, err)
 
 
 def _finish(outcomes: list, exp, out, err) -> int:
     """The end of every gptlab run: the table, what was left to others or failed, the exit status."""
     shown = [o for o in outcomes if o.exists]  # a task may have died before making its run's directory
+    compared = [o for o in shown if run_key(o.spec.config_hash, o.spec.seed) in exp.defined]
+    if exp.tune is not None and compared:  # the tuning runs stay out of the table (compare --all shows them)
+        shown = compared
     if shown:
         _print_compare(shown, exp, out, err)
     else:
@@ -223,20 +228,30 @@ def _launch(args: argparse.Namespace, runner, plan: list, cfg: SlurmConfig, out,
             + (f"  ({resumed} resume from their last state)" if resumed else ""))
     elif not args.quiet:
         err.print(f"[bold]{_escape(exp.name)}[/]: nothing to train ({kept} finished runs kept)")
+    if exp.tune is not None and not args.quiet:
+        err.print(f"tune: the comparison runs are submitted once the tuning runs they wait for have finished"
+                  + (" (run the same command again then)" if args.no_wait else ""))
     if args.no_wait:
         if sub.tasks:
             out.print(f"follow them with: gptlab status {_escape(str(runner.exp_dir))}")
         return 0
     reporter = make_reporter(exp, plan, args.quiet, err)
+    done: dict = {}
     try:
         with reporter:
-            done = launch.wait(sub, reporter.progress, reporter.finish)
+            while True:
+                done.update(launch.wait(sub, reporter.progress, reporter.finish))
+                added = runner.next_phase()  # tune: the comparison runs of the variants just decided
+                if not [p for p in added if p.action != "skip"]:
+                    break
+                reporter.extend(added)
+                sub = launch.submit(runner, added, args.launcher, parameters, args.device, threads)
     except KeyboardInterrupt:
         follow = f"gptlab status {runner.exp_dir}"
         err.print(_escape(f"gptlab: stopped waiting; submitted runs are not cancelled ({follow} shows them"
                           + (f", scancel {sub.array_id} cancels them)" if args.launcher == "slurm" else ")")))
         return 130
-    return _finish(runner.outcomes(done), exp, out, err)
+    return _finish(runner.outcomes(done), runner.exp, out, err)
 
 
 def _resources(parameters: dict, threads, time_limit: bool) -> str:
@@ -299,7 +314,27 @@ def _dry_run(runner, plan: list, out, overrides: list[str]) -> int:
         diff = ", ".join(f"{k}={yaml_value(v)}" for k, v in spec.changes.items()) or "-"
         table.add_row(*(Text(cell) for cell in (spec.variant, str(spec.seed), spec.config_hash, planned.action, diff)))
     out.print(table)
+    if runner.exp.tune is not None:
+        _dry_run_tuning(runner, out)
     return 0
+
+
+def _dry_run_tuning(runner, out) -> None:
+    """What the tuning runs have decided so far, and the comparison runs still to be planned."""
+    from ..run.tuning import describe
+
+    exp = runner.exp
+    tune, choices = exp.tune, runner.choices or {}
+    out.print(_escape(f"tune: each variant trains at {tune.key} = {', '.join(yaml_value(v) for v in tune.values)} "
+                      f"on seed(s) {', '.join(map(str, tune.seeds))}; the value with the lowest {tune.metric} "
+                      f"is the one its seeds {', '.join(str(s) for s in sorted({s.seed for c in exp.candidates.values() for s in c[0].comparison}))} train at"))
+    for line in describe(tune, choices):
+        out.print(_escape(f"  {line}"))
+    waiting = [v for v, c in choices.items() if not c.decided]
+    if waiting:
+        per = len(next(iter(exp.candidates.values()))[0].comparison)
+        out.print(_escape(f"then {per * len(waiting)} comparison run(s) ({per} per variant: "
+                          f"{', '.join(waiting)}), planned once their tuning runs have finished"))
 
 
 def _print_compare(outcomes: list, exp, out, err) -> None:

@@ -61,6 +61,8 @@ def _runs(paths: list, results_dir: Path):
 
 
 def _made_with(row: Any) -> str:
+    if row.get("tuning") and not row["defined"]:
+        return "the file's tune: block"
     if row["defined"]:
         return "the file" + (f" ({row['overrides']})" if row["overrides"] else "")
     return row["overrides"] or "an earlier version of the file"

@@ -44,8 +44,9 @@ def display_columns(table: pd.DataFrame) -> list[Column]:
     # the keys that tell rows apart are never dropped
     cols += [Column(short[k], [cell_text(v) for v in table[k]], 0, "left") for k in a["config_cols"]]
     if "defined" in table.columns and not table["defined"].all():
-        made = [("" if d else (o if o and o != "-" else "earlier version of the file"))
-                for d, o in zip(table["defined"], table["overrides"])]
+        tuning = table["tuning"] if "tuning" in table.columns else [False] * len(table)
+        made = [("" if d else "tune: block" if t else (o if o and o != "-" else "earlier version of the file"))
+                for d, t, o in zip(table["defined"], tuning, table["overrides"])]
         cols.append(Column("made with", made, 0, "left"))
     cols.append(Column("n", [f"{n}/{t}" for n, t in zip(table["n"], table["n_total"])], 1))
     trouble = table[[f"n_{s}" for s in TROUBLE]].to_numpy().sum() > 0
@@ -106,9 +107,15 @@ def table_notes(table: pd.DataFrame) -> list[str]:
     if a["extrap_cols"]:
         notes.append("@Nx: validation loss at N times the training length")
     if "defined" in table.columns and not table["defined"].all():
+        tuning = "tuning" in table.columns and table["tuning"].any()
         notes.append("made with: rows whose config the experiment's file does not define as it stands now "
-                     "(command-line overrides, or an earlier version of the file)")
+                     "(command-line overrides, or an earlier version of the file)" if not tuning else
+                     "made with: rows that are not the comparison the file defines (tune: block: the tuning "
+                     "runs of each value; else command-line overrides or an earlier version of the file)")
     notes += verdicts(table)
+    if a.get("tuning"):
+        notes.append("tuned per variant (the lowest tuning metric wins; tuning runs: gptlab compare --all):")
+        notes += [f"  {line}" for line in a["tuning"]]
     if a.get("hidden"):
         notes.append(hidden_note(a["hidden"]))
     for reason, mark in _footnote_reasons(table).items():

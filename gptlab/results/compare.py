@@ -259,7 +259,7 @@ def mean_curve(run_dirs: Iterable[str], key: str) -> pd.Series:
 # -- the table ---------------------------------------------------------------------------------
 def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = None, metric: str = "val_loss",
                   at_step: Optional[int] = None, sort: Optional[str] = None,
-                  at: Optional[tuple[str, float]] = None) -> pd.DataFrame:
+                  at: Optional[tuple[str, float]] = None, show_keys: Iterable[str] = ()) -> pd.DataFrame:
     """One row per group (default: per variant, seeds aggregated), the source of every format.
 
     Columns, in this order: the group keys; config keys that differ between runs (when constant
@@ -271,7 +271,8 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
     was evaluated fewer than 3 times); ``defined`` (the experiment's file defines this config as
     it stands now) and ``overrides`` (the command-line overrides its runs were made with). ``at``
     (axis, budget): the metric read off each run's curve at that many FLOPs, tokens or seconds of
-    training (``budget_values``); a row some seeds do not reach says so in ``notes``.
+    training (``budget_values``); a row some seeds do not reach says so in ``notes``. ``show_keys``:
+    config keys shown as columns even when every row has the same value (a tuned key).
     ``table.attrs`` records the choices for the renderers.
     Default baseline: the experiment's ``compare.baseline``, else the first group.
     """
@@ -291,6 +292,8 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
     base = _pick_baseline(df, groups, baseline)
     done = df["status"].eq(COMPLETED).to_numpy()
     diff_cols = _differing(df, groups, by_keys)
+    diff_cols += [k for k in show_keys if k in df.columns and k not in diff_cols and k not in by_keys
+                  and all(df[k].map(cell_text).iloc[g.index].nunique() == 1 for g in groups)]
     extrap = sorted((c for c in df.columns if length_multiple(c) is not None), key=length_multiple)
     numeric = {c: pd.to_numeric(df[c], errors="coerce") if c in df.columns else pd.Series(math.nan, df.index)
                for c in MEANS + tuple(extrap)}
@@ -311,6 +314,7 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
         first = g.index[0]  # one config per group, so these hold for every run of it
         row["defined"] = bool(df.at[first, "defined"]) if "defined" in df.columns else True
         row["overrides"] = cell_text(df.at[first, "overrides"]) if "overrides" in df.columns else ""
+        row["tuning"] = bool(df.at[first, "tuning"]) if "tuning" in df.columns else False
         rows.append(row)
     table = pd.DataFrame(rows)
     if sort:
@@ -424,6 +428,13 @@ def _pick_baseline(df: pd.DataFrame, groups: list[Group], baseline: Optional[str
     return next((i for i, d in enumerate(defined) if d), 0)
 
 
+def _tuning_record(df: pd.DataFrame) -> list[dict]:
+    """What experiment.json says of the experiment's ``tune:`` block (key, values, the lines that
+    say what each variant chose), when it has one."""
+    dirs = dict.fromkeys(str(Path(d).parent) for d in df["run_dir"])
+    return [t for t in (read_experiment(Path(d)).get("tuning") for d in dirs) if isinstance(t, dict)]
+
+
 def experiment_blocks(df: pd.DataFrame) -> list[dict]:
     """The ``compare`` block of each experiment the runs came from, in order of appearance."""
     dirs = dict.fromkeys(str(Path(d).parent) for d in df["run_dir"])
@@ -502,14 +513,17 @@ def compare_results(*paths: Any, results_dir: Any = "results", by: Any = None, b
             tables.append(table)
             continue
         blocks = experiment_blocks(shown)
+        tuning = [] if merge else _tuning_record(shown)
 
         def default(key: str) -> Any:
             return next((b[key] for b in blocks if b.get(key) is not None), None)
 
         table = compare_table(shown, by=by if by is not None else default("by"), baseline=baseline,
                               metric=metric or default("metric") or "val_loss", at_step=at_step,
-                              sort=sort or default("sort"), at=at)
-        table.attrs.update(experiment=name, hidden=len(hidden))
+                              sort=sort or default("sort"), at=at,
+                              show_keys=[t["key"] for t in tuning if isinstance(t.get("key"), str)])
+        table.attrs.update(experiment=name, hidden=len(hidden),
+                           tuning=[str(line) for t in tuning for line in t.get("lines") or [] if isinstance(line, str)])
         tables.append(table)
     return tables
 

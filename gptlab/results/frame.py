@@ -19,10 +19,11 @@ import pandas as pd
 from ..errors import ConfigError
 from ..config.model import describe_layers
 from ..config.run import SECTIONS, flatten_config
-from ..rundir import (CONFIG, EXPERIMENT, METRICS, SUMMARY, damage, finished_at, is_run_dir, load_yaml, metric_rows,
+from ..rundir import (CONFIG, TUNING, run_key, EXPERIMENT, METRICS, SUMMARY, damage, finished_at, is_run_dir, load_yaml, metric_rows,
                       read_config, read_experiment, read_summary, run_status, seed_from_name, summary_oddities)
 
-META = ("experiment", "variant", "seed", "status", "run_dir", "config_hash", "defined", "overrides", "finished_at")
+META = ("experiment", "variant", "seed", "status", "run_dir", "config_hash", "defined", "tuning", "overrides",
+        "finished_at")
 # The keys every metrics row has; any other key in metrics.jsonl was logged by a plugin.
 STANDARD_LOG_KEYS = ("step", "tokens", "flops", "time_s", "train_loss", "val_loss", "val_bpb", "lr",
                      "tokens_per_s")
@@ -78,7 +79,9 @@ def load_results(*paths: Any, results_dir: Any = "results",
             defined[exp_dir] = defined_by(run_dir.parent)
         row, config = read_run(run_dir)
         known = defined[exp_dir]
-        row["defined"] = known is None or row["config_hash"] in known or run_dir.resolve() in named
+        row["defined"] = (known is None or row["config_hash"] in known or run_dir.resolve() in named
+                          or run_key(row["config_hash"], row["seed"]) in known)
+        row["tuning"] = known is not None and TUNING + run_key(row["config_hash"], row["seed"]) in known
         declared = experiments[exp_dir].get("variants") or []
         rank = declared.index(row["variant"]) if row["variant"] in declared else len(declared)
         rows.append((list(experiments).index(exp_dir), rank, str(row["variant"]), not row["defined"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import dataclasses
 import itertools
 import math
 import re
@@ -23,10 +24,12 @@ from ..errors import ConfigError, did_you_mean, one_line
 from ..hf.checkpoint import hf_model_config
 from ..config.presets import apply_preset
 from ..config.run import SECTIONS, DataConfig, RunSpec, SlurmConfig, TrainConfig, config_hash
+from ..rundir import TUNING, run_key
 from .tracking import parse_track
+from .tuning import Candidate, TuneConfig, chosen_runs, overlap_warning, parse_tune, tuning_label
 
-TOP_KEYS = ("name", "description", "plugins", "model", "data", "train", "variants", "grid", "seeds", "compare",
-            "slurm", "track")
+TOP_KEYS = ("name", "description", "plugins", "model", "data", "train", "variants", "grid", "seeds", "tune",
+            "compare", "slurm", "track")
 COMPARE_KEYS = ("baseline", "metric", "by", "sort")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 #: the most runs one experiment may expand to (variants x grid points x seeds), counted before any is
@@ -59,6 +62,35 @@ class Experiment:
     track: list = field(default_factory=list)
     #: ``--allow-large``: train models too large for this machine (preflight's memory check is skipped)
     allow_large: bool = False
+    #: the ``tune:`` block, or None; with one, ``runs`` are the tuning runs until ``tuned`` adds the
+    #: comparison runs of the variants whose value is chosen
+    tune: Optional[TuneConfig] = None
+    #: variant label -> [Candidate per tune value] (empty without ``tune:``)
+    candidates: dict = field(default_factory=dict)
+    #: variant label -> the chosen value, for the variants ``tuned`` decided
+    chosen: dict = field(default_factory=dict)
+
+    @property
+    def tuning_runs(self) -> list:
+        return [spec for cands in self.candidates.values() for cand in cands for spec in cand.tuning]
+
+    def tuned(self, choices: dict) -> "Experiment":
+        """This experiment with the comparison runs of every variant ``choices`` decides added to
+        its runs (after the tuning runs) and defined as the file's (``tuning.choose``)."""
+        tuning = self.tuning_runs
+        have = {(spec.config_hash, spec.seed) for spec in tuning}
+        compared = chosen_runs(self.candidates, choices)
+        runs = tuning + [spec for spec in compared if (spec.config_hash, spec.seed) not in have]
+        # by config hash and seed: a tuning run at the chosen value shares its config, not its role
+        defined = {} if self.overrides_sections else {**tuning_definition(tuning), **{
+            run_key(spec.config_hash, spec.seed): spec.variant for spec in compared}}
+        return dataclasses.replace(self, runs=runs, defined=defined,
+                                   chosen={v: c.value for v, c in choices.items() if c.decided})
+
+    @property
+    def overrides_sections(self) -> bool:
+        """Whether the command line overrides model, data or train keys (its runs are not the file's)."""
+        return any(o.partition("=")[0].split(".")[0] in SECTIONS for o in self.overrides)
 
 
 def current_definition(exp_dir: Path) -> Optional[set]:
@@ -83,6 +115,10 @@ def current_definition(exp_dir: Path) -> Optional[set]:
         except (GptlabError, OSError):
             exp = None
         if exp is not None and exp.name == meta.get("name"):
+            if exp.tune is not None:  # the comparison runs at each variant's value as its tuning runs say now
+                from .tuning import choose
+
+                exp = exp.tuned(choose(exp.candidates, exp_dir, exp.tune))
             return set(exp.defined)
     return recorded_definition(exp_dir)
 
@@ -194,18 +230,35 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
     head = _head(cfg, where)
     importers = _LazyPlugins(plugins, head.plugin_modules, path)
     shape = _shape(cfg, len(head.seeds), where)
-    runs, labels = _expand(shape, head.seeds, section_ov, where, importers)
+    tune = parse_tune(_plain(cfg.get("tune"), where), head.seeds, [k for point in shape.points[:1] for k in point],
+                      SECTIONS, where)
+    runs, labels, candidates = _expand(shape, head.seeds, section_ov, where, importers, tune)
     _check_compare(head.compare, runs, where)
+    checked = runs if tune is None else [c.comparison[0] for cands in candidates.values() for c in cands]
     warnings = [f"{where}: variant '{spec.variant}': train.warmup_steps ({spec.train.warmup_steps}) is not shorter than "
                 f"train.steps ({spec.train.steps}): the learning rate never leaves the warmup"
-                for spec in runs[::len(head.seeds)] if spec.train.warmup_steps >= spec.train.steps > 0]
+                for spec in (checked[::len(head.seeds)] if tune is None else checked)
+                if spec.train.warmup_steps >= spec.train.steps > 0]
+    if tune is not None and overlap_warning(tune, head.seeds, where):
+        warnings.append(overlap_warning(tune, head.seeds, where))
     base = _resolved_base(shape.base, section_ov, where, importers)
-    defined, base = _file_definition(shape, head, runs, base, bool(section_ov), where, importers)
+    if tune is None:
+        defined, base = _file_definition(shape, head, runs, base, bool(section_ov), where, importers)
+    else:  # only the tuning runs, until a value is chosen (Experiment.tuned)
+        base = _resolved_base(shape.base, {}, where, importers) if section_ov else base
+        defined = {} if section_ov else tuning_definition(
+            [spec for cands in candidates.values() for c in cands for spec in c.tuning])
+    runs = runs if tune is None else [spec for cands in candidates.values() for c in cands for spec in c.tuning]
     return Experiment(name=head.name, description=head.description, path=Path(path) if path else None,
                       plugin_modules=head.plugin_modules, runs=runs, base=base, compare=head.compare, variants=labels,
                       overrides=list(overrides), defined=defined, warnings=warnings, slurm=head.slurm,
                       track=list(dict.fromkeys([*head.track, *parse_track(track, "--track")])),
-                      allow_large=bool(allow_large))
+                      allow_large=bool(allow_large), tune=tune, candidates=candidates)
+
+
+def tuning_definition(tuning: list) -> dict:
+    """The definition's entries of tuning runs: marked, so tables keep them out of the comparison."""
+    return {TUNING + run_key(spec.config_hash, spec.seed): spec.variant for spec in tuning}
 
 
 def _check_sections(cfg: DictConfig, where: str) -> None:
@@ -298,26 +351,39 @@ def _shape(cfg: DictConfig, n_seeds: int, where: str) -> _Shape:
     return _Shape(base, items, bool(len(variants)), points)
 
 
-def _expand(shape: _Shape, seeds: list, section_ov: dict, where: str, importers: Any) -> tuple[list, list]:
-    """(runs, variant labels): every variant at every grid point, with ``section_ov`` over each, per seed."""
-    runs, labels, seen = [], [], {}
+def _expand(shape: _Shape, seeds: list, section_ov: dict, where: str, importers: Any,
+            tune: Optional[TuneConfig] = None) -> tuple[list, list, dict]:
+    """(runs, variant labels, tuning candidates): every variant at every grid point, with
+    ``section_ov`` over each, per seed. With ``tune``, each variant is resolved at every tune value
+    (a ``Candidate`` of tuning and comparison runs) and ``runs`` lists every comparison run."""
+    runs, labels, seen, candidates = [], [], {}, {}
     for vname, vcfg in shape.variants:
         vcfg = _variant_cfg(vname, vcfg, where)
         for point in shape.points:
             suffix = ",".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in point.items())
             label = (f"{vname},{suffix}" if shape.named else suffix) if point else vname
-            merged = _merge(f"{where}: variant '{vname}'", shape.base, vcfg, _point_cfg(point), section_ov)
             ctx = f"{where}: variant '{label}'" if (shape.named or point) else where
-            model, data, train = _resolve(merged, ctx, importers)
-            changes = _changes(vcfg, point)
-            h = config_hash({"model": model.to_dict(), "data": to_plain(data), "train": to_plain(train)})
-            if h in seen:
-                raise ConfigError(f"{where}: variants '{seen[h]}' and '{label}' resolve to the same config; "
-                                  f"remove one or make them differ")
-            seen[h] = label
             labels.append(label)
-            runs.extend(RunSpec(label, s, model, data, train, changes) for s in seeds)
-    return runs, labels
+            for value in ([None] if tune is None else tune.values):
+                at = {} if tune is None else {tune.key: value}
+                merged = _merge(f"{where}: variant '{vname}'", shape.base, vcfg, _point_cfg(point), section_ov,
+                                _point_cfg(at))
+                model, data, train = _resolve(merged, ctx + (f" at {tune.key}={_short(value)}" if at else ""),
+                                              importers)
+                changes = {**_changes(vcfg, point), **at}
+                h = config_hash({"model": model.to_dict(), "data": to_plain(data), "train": to_plain(train)})
+                name = label if not at else f"{label} at {tune.key}={_short(value)}"
+                if h in seen:
+                    raise ConfigError(f"{where}: variants '{seen[h]}' and '{name}' resolve to the same config; "
+                                      f"remove one or make them differ")
+                seen[h] = name
+                compared = [RunSpec(label, s, model, data, train, changes) for s in seeds]
+                runs.extend(compared)
+                if tune is not None:
+                    tuning = [RunSpec(tuning_label(label, tune.key, value), s, model, data, train, changes)
+                              for s in tune.seeds]
+                    candidates.setdefault(label, []).append(Candidate(label, value, tuning, compared))
+    return runs, labels, candidates
 
 
 def _variant_cfg(name: str, vcfg: Any, where: str) -> DictConfig:
@@ -347,7 +413,7 @@ def _file_definition(shape: _Shape, head: _Head, runs: list, base: dict, overrid
     if not overridden:
         return {config_hash(spec.resolved()): spec.variant for spec in runs}, base
     try:
-        plain, _ = _expand(shape, head.seeds, {}, where, importers)
+        plain, _, _ = _expand(shape, head.seeds, {}, where, importers)
         _check_compare(head.compare, plain, where)
         return ({config_hash(spec.resolved()): spec.variant for spec in plain},
                 _resolved_base(shape.base, {}, where, importers))

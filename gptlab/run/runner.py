@@ -38,6 +38,7 @@ from ..plugin.manager import PluginSystem
 from ..rundir import read_summary, write_json_atomic
 from .preflight import check_writable, data_key, preflight
 from .tracking import RunHooks
+from .tuning import choose, record
 from ..train.loop import Diverged, train_run
 from ..train.recipe import make_optimizer
 
@@ -110,6 +111,7 @@ class ExperimentRunner:
         self.cache_dir = self.results_dir / ".cache" / "tokens"
         self.should_stop, self.warn = should_stop, warn
         self.plan: Optional[list[PlannedRun]] = None  # made by prepare(), once; run() trains it
+        self.choices: Optional[dict] = None  # with a tune: block, what the tuning runs say (decide())
         self._data: Optional[dict[str, TokenData]] = None
 
     @classmethod
@@ -186,8 +188,34 @@ class ExperimentRunner:
         distributed.barrier(self.group)  # rank 0 has written the token cache: the others read it
         if not self.group.main:
             self._data = preflight(self.exp, self.plugins, self.cache_dir, write=False, device_type=self.device.type)
+        self.decide()  # tuning runs over from an earlier command: their variants' comparison runs join the plan
         self.plan = distributed.share(self.make_plan() if self.group.main else None, self.group)
         return self.plan
+
+    def decide(self) -> Optional[dict]:
+        """With a ``tune:`` block: each variant's value as its tuning runs stand now (rank 0 reads them,
+        every rank gets its answer); the experiment becomes the one with the decided variants'
+        comparison runs (``Experiment.tuned``). The preflight of the tuning runs covers those: they
+        differ from them only in seed. None without a ``tune:`` block."""
+        if self.exp.tune is None:
+            return None
+        self.choices = distributed.share(choose(self.exp.candidates, self.exp_dir, self.exp.tune)
+                                         if self.group.main else None, self.group)
+        self.exp = self.exp.tuned(self.choices)
+        return self.choices
+
+    def next_phase(self) -> list[PlannedRun]:
+        """After the tuning runs have trained: decide again and plan again; returns the planned runs
+        that were not in the plan before (the newly decided variants' comparison runs), which the
+        caller trains. Empty without a ``tune:`` block or when no new variant was decided."""
+        if self.exp.tune is None or self.plan is None:
+            return []
+        known = {(p.spec.config_hash, p.spec.seed) for p in self.plan}
+        self.decide()
+        self.plan = distributed.share(self.make_plan() if self.group.main else None, self.group)
+        if self.group.main:
+            self.start()  # experiment.json: the comparison runs are now the file's definition
+        return [p for p in self.plan if (p.spec.config_hash, p.spec.seed) not in known]
 
     def start(self) -> None:
         """Create results/<experiment>/ and record the experiment as its file defines it (experiment.json)."""
@@ -200,17 +228,20 @@ class ExperimentRunner:
             "name": self.exp.name, "description": self.exp.description,
             "source": str(self.exp.path.resolve()) if self.exp.path else None, "base": self.exp.base,
             "variants": list(dict.fromkeys(self.exp.defined.values())) or self.exp.variants,
-            "defined": self.exp.defined, "compare": self.exp.compare})
+            "defined": self.exp.defined, "compare": self.exp.compare,
+            **({"tuning": record(self.exp.tune, self.choices or {})} if self.exp.tune is not None else {})})
 
     def run(self, on_progress: Callable[..., Any] = None, jobs: int = 1, threads: Optional[int] = None,
             signals: Optional[Callable[[], int]] = None,
             on_finish: Callable[[RunSpec, dict], None] = lambda spec, summary: None,
-            parallel: Optional[Callable[..., dict]] = None) -> list[RunOutcome]:
+            parallel: Optional[Callable[..., dict]] = None,
+            on_plan: Callable[[list], None] = lambda added: None) -> list[RunOutcome]:
         """Train every pending run of the plan (``prepare`` first, if it has not been called), with
         ``threads`` CPU threads each; with ``jobs`` > 1, that many at once through ``parallel`` (the
         executor above this layer, e.g. ``workers.run_parallel``). ``on_progress(spec, state, row)`` is
-        called at each log step, ``on_finish(spec, summary)`` as each run ends. Returns one outcome
-        per run, in the experiment's order."""
+        called at each log step, ``on_finish(spec, summary)`` as each run ends. With a ``tune:``
+        block the tuning runs train first, then the comparison runs of the variants they decide
+        (``on_plan(added)`` hears of those). Returns one outcome per run, in the experiment's order."""
         if self.plan is None:
             self.prepare()
         if self.group.active and jobs > 1:
@@ -221,17 +252,27 @@ class ExperimentRunner:
         if self.group.main:
             self.start()
         todo = [planned for planned in self.plan if planned.action != "skip"]
+        done: dict[int, RunOutcome] = {}
+        while todo:
+            done.update(self._train_todo(todo, jobs, threads, on_progress, on_finish, signals, parallel))
+            todo = [planned for planned in self.next_phase() if planned.action != "skip"]
+            if todo:
+                on_plan(todo)
+        if self.group.active:  # the job's runs are done on every rank: leave the group, as torch asks
+            distributed.barrier(self.group)
+            distributed.leave()
+        return self.outcomes(done)
+
+    def _train_todo(self, todo: list[PlannedRun], jobs: int, threads: Optional[int], on_progress: Optional[Callable],
+               on_finish: Callable, signals: Optional[Callable[[], int]], parallel: Optional[Callable]) -> dict:
+        """Train ``todo`` here, or ``jobs`` at a time through ``parallel``: outcomes by plan index."""
         if jobs > 1 and len(todo) > 1:
             done = parallel(self, todo, jobs, threads, on_progress, on_finish,
                             signals or (lambda: int(self.should_stop())))
             if any(outcome.action == "interrupted" for outcome in done.values()) or self.should_stop():
                 raise KeyboardInterrupt
-        else:
-            done = self._run_here(todo, threads, on_progress, on_finish)
-        if self.group.active:  # the job's runs are done on every rank: leave the group, as torch asks
-            distributed.barrier(self.group)
-            distributed.leave()
-        return self.outcomes(done)
+            return done
+        return self._run_here(todo, threads, on_progress, on_finish)
 
     def _run_here(self, todo: list[PlannedRun], threads: Optional[int], on_progress: Optional[Callable],
                   on_finish: Callable[[RunSpec, dict], None]) -> dict[int, RunOutcome]:
