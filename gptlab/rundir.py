@@ -127,7 +127,7 @@ def read_summary(run_dir: Path) -> Optional[dict]:
 
 #: experiment.json: the type of each key gptlab writes there
 _EXPERIMENT_TYPES = {"name": str, "description": str, "source": str, "variants": list, "compare": dict,
-                     "base": dict, "defined": dict, "tuning": dict}
+                     "base": dict, "defined": dict, "tuning": dict, "scale": dict}
 
 
 def experiment_damage(meta: Any) -> Optional[str]:

@@ -205,16 +205,26 @@ def png_experiment(exp_dir: Path, png: Path, console: Any, x: str = "step") -> N
     from ..results.frame import load_results
 
     df = load_results(exp_dir, defined_by=current_definition)
-    name = str(read_experiment(exp_dir).get("name") or exp_dir.name)
+    meta = read_experiment(exp_dir)
+    name = str(meta.get("name") or exp_dir.name)
     panels, variant_of = run_by_run_panels(df, x)
+    scale = meta.get("scale")
+    if isinstance(scale, dict) and isinstance(scale.get("runs"), dict) and isinstance(scale.get("baseline"), str):
+        from ..results.plots import ladder_panel  # a ladder: loss against compute with the fits, first
+
+        panel, colours = ladder_panel(df, scale, (meta.get("compare") or {}).get("metric") or "val_loss")
+        panels, variant_of = [panel, *panels], {**colours, **variant_of}
+        _write_png(console, png, f"{name}  ({len(df)} runs)", panels, variant_of, x, log_x=(0,),
+                   x_labels={0: "training FLOPs"})
+        return
     _write_png(console, png, f"{name}  ({len(df)} runs)", panels, variant_of, x)
 
 
 def _write_png(console: Any, png: Path, title: str, panels: list, colour_of: Optional[dict] = None,
-               x: str = "step") -> None:
+               x: str = "step", log_x: tuple = (), x_labels: Optional[dict] = None) -> None:
     from ..results.plots import X_AXES, figure, save_png
 
-    fig = figure(title, panels, x_label=X_AXES[x][1], colour_of=colour_of)
+    fig = figure(title, panels, x_label=X_AXES[x][1], colour_of=colour_of, log_x=log_x, x_labels=x_labels)
     save_png(fig, png)
     drawn = sum(1 for _, series in panels for _, xs, _ in series if len(xs))
     print(f"wrote {png} ({drawn} curves)")  # one line, never wrapped: scripts read it

@@ -113,6 +113,8 @@ def table_notes(table: pd.DataFrame) -> list[str]:
                      "made with: rows that are not the comparison the file defines (tune: block: the tuning "
                      "runs of each value; else command-line overrides or an earlier version of the file)")
     notes += verdicts(table)
+    if a.get("scaling"):
+        notes += list(a["scaling"])
     if a.get("tuning"):
         notes.append("tuned per variant (the lowest tuning metric wins; tuning runs: gptlab compare --all):")
         notes += [f"  {line}" for line in a["tuning"]]

@@ -92,11 +92,12 @@ def _xy(metrics: Any, key: str, x: str = "step") -> tuple[list, list]:
 
 # -- the image ---------------------------------------------------------------------------------
 def figure(title: str, panels: Sequence[Panel], x_label: str = "step", y_label: str = "loss",
-           colour_of: Optional[dict] = None) -> Any:
+           colour_of: Optional[dict] = None, log_x: Sequence[int] = (), x_labels: Optional[dict] = None) -> Any:
     """A matplotlib Figure with one axes per panel, side by side; a label keeps its colour in
     every panel. ``colour_of`` maps labels to groups that share a colour (a variant's seeds),
     told apart by line style. Names are drawn literally (no mathtext, and a leading '_' still
-    gets a legend entry)."""
+    gets a legend entry). Panels whose index is in ``log_x`` get a logarithmic x axis; ``x_labels``
+    (index -> label) overrides ``x_label`` for a panel."""
     matplotlib = import_extra("matplotlib", "--png", "report")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -116,9 +117,11 @@ def figure(title: str, panels: Sequence[Panel], x_label: str = "step", y_label: 
         fig = Figure(figsize=(6.4 * max(1, len(panels)), 4.8), layout="constrained")
         FigureCanvasAgg(fig)
         axes = fig.subplots(1, max(1, len(panels)), squeeze=False)[0]
-        for ax, (panel_title, series) in zip(axes, panels):
+        for i, (ax, (panel_title, series)) in enumerate(zip(axes, panels)):
             ax.set_title(panel_title)
-            ax.set_xlabel(x_label)
+            ax.set_xlabel((x_labels or {}).get(i, x_label))
+            if i in log_x:
+                ax.set_xscale("log")
             ax.set_ylabel(y_label)
             ax.grid(True, alpha=0.3)
             lines = []
@@ -136,6 +139,27 @@ def figure(title: str, panels: Sequence[Panel], x_label: str = "step", y_label: 
                         color="gray")
         fig.suptitle(title)
     return fig
+
+
+def ladder_panel(df: Any, scale: dict, metric: str = "val_loss") -> tuple[Panel, dict]:
+    """A scaling ladder as one panel: each variant's mean loss per size against training FLOPs
+    (markers) and its fitted E + A C^-alpha (a smooth line), a colour per variant; with the map
+    from series label to variant for ``figure``'s ``colour_of``."""
+    import numpy as np
+
+    from .compare import ALIASES
+    from .ladder import ladder
+
+    runs = {h: tuple(w) for h, w in scale["runs"].items() if isinstance(w, list) and len(w) == 2}
+    series, colour_of = [], {}
+    for lad in ladder(df, runs, scale["baseline"], ALIASES.get(metric, metric), resamples=0):
+        series.append((f"{lad.variant} (mean per size)", lad.compute, lad.loss))
+        colour_of[series[-1][0]] = lad.variant
+        if lad.fit is not None and lad.compute:
+            xs = list(np.geomspace(min(lad.compute) / 1.5, max(lad.compute) * 1.5, 60))
+            series.append((f"{lad.variant} fit: alpha {lad.fit.alpha:.3f}", xs, [lad.fit.loss(x) for x in xs]))
+            colour_of[series[-1][0]] = lad.variant
+    return (f"{metric} against training compute (scaling ladder)", series), colour_of
 
 
 def save_png(fig: Any, path: Path) -> None:

@@ -26,10 +26,11 @@ from ..config.presets import apply_preset
 from ..config.run import SECTIONS, DataConfig, RunSpec, SlurmConfig, TrainConfig, config_hash
 from ..rundir import TUNING, run_key
 from .tracking import parse_track
+from .scaling import ScaleConfig, parse_scale, size_label
 from .tuning import Candidate, TuneConfig, chosen_runs, overlap_warning, parse_tune, tuning_label
 
 TOP_KEYS = ("name", "description", "plugins", "model", "data", "train", "variants", "grid", "seeds", "tune",
-            "compare", "slurm", "track")
+            "scale", "compare", "slurm", "track")
 COMPARE_KEYS = ("baseline", "metric", "by", "sort")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 #: the most runs one experiment may expand to (variants x grid points x seeds), counted before any is
@@ -69,6 +70,10 @@ class Experiment:
     candidates: dict = field(default_factory=dict)
     #: variant label -> the chosen value, for the variants ``tuned`` decided
     chosen: dict = field(default_factory=dict)
+    #: the ``scale:`` block (its ``resolved`` sizes filled in), or None
+    scale: Optional[ScaleConfig] = None
+    #: config hash -> (variant, size name) of every run of a ``scale:`` ladder
+    ladder: dict = field(default_factory=dict)
 
     @property
     def tuning_runs(self) -> list:
@@ -232,7 +237,10 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
     shape = _shape(cfg, len(head.seeds), where)
     tune = parse_tune(_plain(cfg.get("tune"), where), head.seeds, [k for point in shape.points[:1] for k in point],
                       SECTIONS, where)
-    runs, labels, candidates = _expand(shape, head.seeds, section_ov, where, importers, tune)
+    scale = parse_scale(_plain(cfg.get("scale"), where), where)
+    if scale is not None:
+        scale = _scale_sizes(shape, scale, tune, head.compare, section_ov, where, importers)
+    runs, labels, candidates = _expand(shape, head.seeds, section_ov, where, importers, tune, scale)
     _check_compare(head.compare, runs, where)
     checked = runs if tune is None else [c.comparison[0] for cands in candidates.values() for c in cands]
     warnings = [f"{where}: variant '{spec.variant}': train.warmup_steps ({spec.train.warmup_steps}) is not shorter than "
@@ -243,7 +251,7 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
         warnings.append(overlap_warning(tune, head.seeds, where))
     base = _resolved_base(shape.base, section_ov, where, importers)
     if tune is None:
-        defined, base = _file_definition(shape, head, runs, base, bool(section_ov), where, importers)
+        defined, base = _file_definition(shape, head, runs, base, bool(section_ov), where, importers, scale)
     else:  # only the tuning runs, until a value is chosen (Experiment.tuned)
         base = _resolved_base(shape.base, {}, where, importers) if section_ov else base
         defined = {} if section_ov else tuning_definition(
@@ -253,7 +261,10 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
                       plugin_modules=head.plugin_modules, runs=runs, base=base, compare=head.compare, variants=labels,
                       overrides=list(overrides), defined=defined, warnings=warnings, slurm=head.slurm,
                       track=list(dict.fromkeys([*head.track, *parse_track(track, "--track")])),
-                      allow_large=bool(allow_large), tune=tune, candidates=candidates)
+                      allow_large=bool(allow_large), tune=tune, candidates=candidates, scale=scale,
+                      ladder={} if scale is None else {spec.config_hash: (spec.variant.rpartition(",size=")[0],
+                                                                          spec.variant.rpartition(",size=")[2])
+                                                       for spec in runs})
 
 
 def tuning_definition(tuning: list) -> dict:
@@ -352,22 +363,23 @@ def _shape(cfg: DictConfig, n_seeds: int, where: str) -> _Shape:
 
 
 def _expand(shape: _Shape, seeds: list, section_ov: dict, where: str, importers: Any,
-            tune: Optional[TuneConfig] = None) -> tuple[list, list, dict]:
-    """(runs, variant labels, tuning candidates): every variant at every grid point, with
-    ``section_ov`` over each, per seed. With ``tune``, each variant is resolved at every tune value
-    (a ``Candidate`` of tuning and comparison runs) and ``runs`` lists every comparison run."""
+            tune: Optional[TuneConfig] = None, scale: Optional[ScaleConfig] = None) -> tuple[list, list, dict]:
+    """(runs, variant labels, tuning candidates): every variant at every grid point (or ladder
+    size), with ``section_ov`` over each, per seed. With ``tune``, each variant is resolved at every
+    tune value (a ``Candidate`` of tuning and comparison runs) and ``runs`` lists every comparison run."""
     runs, labels, seen, candidates = [], [], {}, {}
     for vname, vcfg in shape.variants:
         vcfg = _variant_cfg(vname, vcfg, where)
-        for point in shape.points:
+        for point, size in _points(shape, scale):
             suffix = ",".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in point.items())
             label = (f"{vname},{suffix}" if shape.named else suffix) if point else vname
-            ctx = f"{where}: variant '{label}'" if (shape.named or point) else where
+            label = size_label(label, size["name"]) if size else label
+            ctx = f"{where}: variant '{label}'" if (shape.named or point or size) else where
             labels.append(label)
             for value in ([None] if tune is None else tune.values):
                 at = {} if tune is None else {tune.key: value}
-                merged = _merge(f"{where}: variant '{vname}'", shape.base, vcfg, _point_cfg(point), section_ov,
-                                _point_cfg(at))
+                merged = _merge(f"{where}: variant '{vname}'", shape.base, vcfg, _size_cfg(size), _point_cfg(point),
+                                section_ov, _point_cfg(at))
                 model, data, train = _resolve(merged, ctx + (f" at {tune.key}={_short(value)}" if at else ""),
                                               importers)
                 changes = {**_changes(vcfg, point), **at}
@@ -384,6 +396,55 @@ def _expand(shape: _Shape, seeds: list, section_ov: dict, where: str, importers:
                               for s in tune.seeds]
                     candidates.setdefault(label, []).append(Candidate(label, value, tuning, compared))
     return runs, labels, candidates
+
+
+def _points(shape: _Shape, scale: Optional[ScaleConfig]) -> list[tuple[dict, Optional[dict]]]:
+    """(grid point, ladder size) pairs: the grid's points, or the ladder's sizes."""
+    if scale is None:
+        return [(point, None) for point in shape.points]
+    return [({}, size) for size in scale.resolved]
+
+
+def _size_cfg(size: Optional[dict]) -> DictConfig:
+    """A ladder size as config: its model keys and its step budget."""
+    if size is None:
+        return OmegaConf.create({})
+    return OmegaConf.create({"model": size["model"], "train": {"steps": size["steps"]}})
+
+
+def _scale_sizes(shape: _Shape, scale: ScaleConfig, tune: Optional[TuneConfig], compare: dict, section_ov: dict,
+                 where: str, importers: Any) -> ScaleConfig:
+    """The ladder with each size resolved on its baseline variant: parameters, token budget, steps
+    (tokens / (batch_size x seq_len x grad_accum), at least 1)."""
+    from ..config.model import parameter_parts
+
+    if shape.points != [{}]:
+        raise ConfigError(f"{where}: scale: and grid: cannot be combined; make the grid's values variants")
+    if tune is not None:
+        raise ConfigError(f"{where}: scale: and tune: cannot be combined yet; tune at one size, then fix the "
+                          f"value in the ladder")
+    names = [name for name, _ in shape.variants]
+    baseline = scale.baseline or compare.get("baseline") or names[0]
+    if baseline not in names:
+        raise ConfigError(f"{where}: scale.baseline '{baseline}' is not a variant{did_you_mean(str(baseline), names)}; "
+                          f"variants: {', '.join(names)}")
+    vcfg = _variant_cfg(baseline, dict(shape.variants)[baseline], where)
+    resolved, seen = [], {}
+    for i, (name, keys) in enumerate(scale.sizes):
+        merged = _merge(f"{where}: scale size '{name}'", shape.base, vcfg, OmegaConf.create({"model": keys}),
+                        section_ov)
+        model, _, train = _resolve(merged, f"{where}: scale size '{name}' of variant '{baseline}'", importers)
+        parameters = sum(parameter_parts(model, importers()).values())
+        if parameters in seen:
+            raise ConfigError(f"{where}: scale sizes '{seen[parameters]}' and '{name}' give {baseline} the same "
+                              f"{parameters:,} parameters; a size must change the model (keys the base model sets "
+                              f"explicitly win over a preset's: give sizes as mappings of those keys)")
+        seen[parameters] = name
+        tokens = scale.budget(i, parameters)
+        per_step = train.batch_size * (train.seq_len or model.context_length) * train.grad_accum
+        resolved.append({"name": name, "model": keys, "parameters": parameters, "tokens": tokens,
+                         "steps": max(1, round(tokens / per_step))})
+    return dataclasses.replace(scale, baseline=baseline, resolved=resolved)
 
 
 def _variant_cfg(name: str, vcfg: Any, where: str) -> DictConfig:
@@ -405,7 +466,7 @@ def _resolved_base(base: DictConfig, section_ov: dict, where: str, importers: An
 
 
 def _file_definition(shape: _Shape, head: _Head, runs: list, base: dict, overridden: bool, where: str,
-                     importers: Any) -> tuple[dict, dict]:
+                     importers: Any, scale: Optional[ScaleConfig] = None) -> tuple[dict, dict]:
     """(config hash -> variant label, resolved base) of what the file defines without the command
     line's model/data/train overrides, so runs made with them are set apart in tables. With such
     overrides this is a second pass over the same parse (the same plugins: list, the same system);
@@ -413,7 +474,7 @@ def _file_definition(shape: _Shape, head: _Head, runs: list, base: dict, overrid
     if not overridden:
         return {config_hash(spec.resolved()): spec.variant for spec in runs}, base
     try:
-        plain, _, _ = _expand(shape, head.seeds, {}, where, importers)
+        plain, _, _ = _expand(shape, head.seeds, {}, where, importers, None, scale)
         _check_compare(head.compare, plain, where)
         return ({config_hash(spec.resolved()): spec.variant for spec in plain},
                 _resolved_base(shape.base, {}, where, importers))

@@ -229,7 +229,11 @@ class ExperimentRunner:
             "source": str(self.exp.path.resolve()) if self.exp.path else None, "base": self.exp.base,
             "variants": list(dict.fromkeys(self.exp.defined.values())) or self.exp.variants,
             "defined": self.exp.defined, "compare": self.exp.compare,
-            **({"tuning": record(self.exp.tune, self.choices or {})} if self.exp.tune is not None else {})})
+            **({"tuning": record(self.exp.tune, self.choices or {})} if self.exp.tune is not None else {}),
+            **({"scale": {"baseline": self.exp.scale.baseline,
+                          "sizes": [{k: v for k, v in size.items() if k != "model"} for size in self.exp.scale.resolved],
+                          "runs": {h: list(where) for h, where in self.exp.ladder.items()}}}
+               if self.exp.scale is not None else {})})
 
     def run(self, on_progress: Callable[..., Any] = None, jobs: int = 1, threads: Optional[int] = None,
             signals: Optional[Callable[[], int]] = None,
