@@ -511,6 +511,7 @@ def _check_compare(compare: dict, runs: list, where: str) -> None:
     if baseline is not None:
         rows = list(dict.fromkeys(",".join("-" if f.get(k) is None else str(f.get(k)) for k in keys) for f in flat)
                     if keys else dict.fromkeys(spec.variant for spec in runs))
+        rows += [r.rpartition(",size=")[0] for r in rows if ",size=" in r]  # a ladder's table per size
         if str(baseline) not in rows:
             raise ConfigError(f"{where}: compare.baseline '{baseline}' is not a row of the table"
                               f"{did_you_mean(str(baseline), rows)}; rows: {', '.join(rows)}")
