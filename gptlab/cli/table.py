@@ -32,17 +32,19 @@ class Column:
     priority: int  # 0-2 are never dropped; higher numbers go first when the terminal is narrow
     justify: str = "right"
     styles: Optional[list] = None
-    wrap_at: Optional[int] = None  # set on a name column when even the essential columns overflow
+    wrap_at: Optional[int] = None  # set on a config column when even the essential columns overflow
+    #: "label": a row label, never dropped, cut or wrapped; "config": a config key, wrapped and then
+    #: dropped (right to left) only when the labels and the essential numbers do not fit otherwise
+    role: Optional[str] = None
 
 
 def display_columns(table: pd.DataFrame) -> list[Column]:
     """The human-readable columns in display order, each with its drop priority."""
     a = table.attrs
     label = a["metric"]
-    cols = [Column(k, [cell_text(v) for v in table[k]], 0, "left") for k in a["group_cols"]]
+    cols = [Column(k, [cell_text(v) for v in table[k]], 0, "left", role="label") for k in a["group_cols"]]
     short = _short_names(a["config_cols"])
-    # the keys that tell rows apart are never dropped
-    cols += [Column(short[k], [cell_text(v) for v in table[k]], 0, "left") for k in a["config_cols"]]
+    cols += [Column(short[k], [cell_text(v) for v in table[k]], 0, "left", role="config") for k in a["config_cols"]]
     if "defined" in table.columns and not table["defined"].all():
         tuning = table["tuning"] if "tuning" in table.columns else [False] * len(table)
         made = [("" if d else "tune: block" if t else (o if o and o != "-" else "earlier version of the file"))
@@ -274,11 +276,7 @@ def _print_rich(table: pd.DataFrame, console: Any, width: Optional[int]) -> None
         trial = [c for c in cols if c in kept or c is col]
         if _natural_width(trial, len(table)) <= width:
             kept = trial
-    excess = _natural_width(kept, len(table)) - width
-    labels = [c for c in kept if c.priority == 0]
-    if excess > 0 and labels:  # only names and essential numbers left: wrap the longest name
-        longest = max(labels, key=lambda c: max(len(str(x)) for x in [c.header, *c.cells]))
-        longest.wrap_at = max(8, max(len(str(x)) for x in [longest.header, *longest.cells]) - excess)
+    kept = _fit_config_columns(kept, len(table), width)
     console.print(_rich_table(kept, len(table)))
     notes = table_notes(table)
     hidden = [c.header for c in cols if c not in kept]
@@ -288,6 +286,25 @@ def _print_rich(table: pd.DataFrame, console: Any, width: Optional[int]) -> None
         console.print(Text(line, style="yellow" if line.startswith("note:") else "dim"))
 
 
+def _fit_config_columns(kept: list[Column], nrows: int, width: int) -> list[Column]:
+    """Only labels, config keys and essential numbers left and still too wide: fold the config
+    columns' headers to their longest value (widest first), then drop config columns right to left.
+    Row labels and values are never cut or wrapped."""
+    configs = [c for c in kept if c.role == "config"]
+    for col in sorted(configs, key=lambda c: -len(c.header)):
+        excess = _natural_width(kept, nrows) - width
+        if excess <= 0:
+            return kept
+        longest = max([len(str(x)) for x in col.cells] + [4])
+        if len(col.header) > longest:
+            col.wrap_at = max(longest, len(col.header) - excess)
+    for col in reversed(configs):
+        if _natural_width(kept, nrows) <= width:
+            break
+        kept = [c for c in kept if c is not col]
+    return kept
+
+
 def _rich_table(cols: list[Column], nrows: int):
     from rich import box
     from rich.table import Table
@@ -295,8 +312,9 @@ def _rich_table(cols: list[Column], nrows: int):
 
     t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0), header_style="bold")
     for c in cols:
-        t.add_column(Text(c.header), justify=c.justify, no_wrap=not c.wrap_at, overflow="fold" if c.wrap_at else "ellipsis",
-                     min_width=c.wrap_at, max_width=c.wrap_at)
+        full = max(len(str(x)) for x in [c.header, *c.cells]) if c.role == "label" else None
+        t.add_column(Text(c.header), justify=c.justify, no_wrap=not c.wrap_at,
+                     overflow="fold" if c.wrap_at else "ellipsis", min_width=c.wrap_at or full, max_width=c.wrap_at)
     for i in range(nrows):
         t.add_row(*[Text(str(c.cells[i]), style=(c.styles[i] if c.styles else "")) for c in cols])
     return t

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from functools import lru_cache
 from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
@@ -288,6 +289,7 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
         values, reasons, label = budget_values(df, metric or "val_loss", at)
     else:
         values, label = metric_values(df, metric or "val_loss", at_step)
+    df = fill_option_defaults(df)
     groups = group_runs(df, by_keys)
     base = _pick_baseline(df, groups, baseline)
     done = df["status"].eq(COMPLETED).to_numpy()
@@ -426,6 +428,44 @@ def _pick_baseline(df: pd.DataFrame, groups: list[Group], baseline: Optional[str
             if found is not None:
                 return found
     return next((i for i, d in enumerate(defined) if d), 0)
+
+
+@lru_cache(maxsize=1)
+def builtin_option_defaults() -> dict:
+    """(kind, component name) -> {option: default} of every built-in, from the built-ins' manifest
+    (read, never imported: tables load no torch)."""
+    from .. import builtin_plugins
+    from ..plugin.manager import read_manifest
+
+    out: dict = {}
+    for module in read_manifest(Path(builtin_plugins.__file__).parent).values():
+        for reg in (module.get("registers") or []) if isinstance(module, dict) else []:
+            if isinstance(reg, list) and len(reg) == 4 and isinstance(reg[3], list):
+                out[(reg[0], reg[1])] = {o["name"]: o.get("default") for o in reg[3]
+                                         if isinstance(o, dict) and not o.get("required") and "name" in o}
+    return out
+
+
+def fill_option_defaults(df: pd.DataFrame) -> pd.DataFrame:
+    """Option columns (``model.position.base``) where a run left the option at its default hold
+    that default (a built-in's, from the manifest), not a blank: a table then shows rope's base
+    10000 beside another variant's 500."""
+    defaults = builtin_option_defaults()
+    out = df
+    for col in config_columns(df):
+        component, _, option = col.rpartition(".")
+        if component not in df.columns or component.count(".") != 1:
+            continue
+        kind = component.split(".")[1]
+        missing = df[col].isna() & df[component].notna()
+        if not missing.any():
+            continue
+        values = [defaults.get((kind, str(name)), {}).get(option) if miss else value
+                  for name, value, miss in zip(df[component], df[col], missing)]
+        if out is df:
+            out = df.copy()
+        out[col] = pd.Series(values, index=df.index, dtype=object)
+    return out
 
 
 def _tuning_record(df: pd.DataFrame) -> list[dict]:
