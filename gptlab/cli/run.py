@@ -166,7 +166,8 @@ def _train_here(args: argparse.Namespace, runner, plan: list, here: _Here, stop:
 def _finish(outcomes: list, exp, out, err) -> int:
     """The end of every gptlab run: the table, what was left to others or failed, the exit status."""
     shown = [o for o in outcomes if o.exists]  # a task may have died before making its run's directory
-    compared = [o for o in shown if run_key(o.spec.config_hash, o.spec.seed) in exp.defined]
+    keys = {run_key(spec.config_hash, spec.seed) for spec in exp.comparison_runs}
+    compared = [o for o in shown if run_key(o.spec.config_hash, o.spec.seed) in keys]
     if exp.tune is not None and compared:  # the tuning runs stay out of the table (compare --all shows them)
         shown = compared
     if shown:

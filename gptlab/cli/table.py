@@ -121,7 +121,7 @@ def table_notes(table: pd.DataFrame) -> list[str]:
         notes.append("tuned per variant (the lowest tuning metric wins; tuning runs: gptlab compare --all):")
         notes += [f"  {line}" for line in a["tuning"]]
     if a.get("hidden"):
-        notes.append(hidden_note(a["hidden"]))
+        notes.append(hidden_note(a["hidden"], a.get("hidden_tuning", 0)))
     for reason, mark in _footnote_reasons(table).items():
         notes.append(f"{mark} {reason}")
     return notes
@@ -225,9 +225,14 @@ def print_compare(paths: Iterable[Any] = (), *, by: Any = None, baseline: Option
     return tables
 
 
-def hidden_note(n: int) -> str:
-    return (f"{n} run(s) not shown: made with command-line overrides or by an earlier version of the "
-            f"experiment file; --all shows them, `gptlab runs` lists them, `gptlab clean` removes them")
+def hidden_note(n: int, tuning: int = 0) -> str:
+    """Why runs are missing from a table: the tune: block's tuning runs, and runs of overrides or of
+    an earlier version of the file."""
+    parts = [f"{tuning} tuning run(s) of the tune: block not shown (--all shows them)"] if tuning else []
+    if n - tuning:
+        parts.append(f"{n - tuning} run(s) not shown: made with command-line overrides or by an earlier version "
+                     f"of the experiment file; --all shows them, `gptlab runs` lists them, `gptlab clean` removes them")
+    return "; ".join(parts)
 
 
 def _empty_note(table: pd.DataFrame) -> str:

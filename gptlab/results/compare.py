@@ -565,6 +565,7 @@ def compare_results(*paths: Any, results_dir: Any = "results", by: Any = None, b
                                   metric=chosen_metric, at_step=at_step, sort=sort or default("sort"), at=at,
                                   show_keys=[t["key"] for t in tuning if isinstance(t.get("key"), str)])
             table.attrs.update(experiment=name if size is None else f"{name}, size {size}", hidden=len(hidden),
+                               hidden_tuning=int(hidden["tuning"].astype(bool).sum()) if "tuning" in hidden else 0,
                                tuning=[str(line) for t in tuning for line in t.get("lines") or []
                                        if isinstance(line, str)])
             tables.append(table)

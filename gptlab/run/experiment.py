@@ -76,6 +76,12 @@ class Experiment:
     ladder: dict = field(default_factory=dict)
 
     @property
+    def comparison_runs(self) -> list:
+        """With ``tune:``, the comparison runs of the variants whose value is chosen (``tuned``)."""
+        return [spec for variant, cands in self.candidates.items() if variant in self.chosen
+                for cand in cands if cand.value == self.chosen[variant] for spec in cand.comparison]
+
+    @property
     def tuning_runs(self) -> list:
         return [spec for cands in self.candidates.values() for cand in cands for spec in cand.tuning]
 
@@ -247,6 +253,7 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
                 f"train.steps ({spec.train.steps}): the learning rate never leaves the warmup"
                 for spec in (checked[::len(head.seeds)] if tune is None else checked)
                 if spec.train.warmup_steps >= spec.train.steps > 0]
+    warnings = list(dict.fromkeys(warnings))  # with tune: one line per variant, not per value
     if tune is not None and overlap_warning(tune, head.seeds, where):
         warnings.append(overlap_warning(tune, head.seeds, where))
     base = _resolved_base(shape.base, section_ov, where, importers)

@@ -63,8 +63,14 @@ class Choice:
     def decided(self) -> bool:
         return self.index is not None
 
-    def at_edge(self, n_values: int) -> bool:
-        return self.decided and (self.index == 0 or self.index == n_values - 1)
+    def edge(self, values: list) -> Optional[str]:
+        """'smallest' or 'largest' when the chosen value is at that end of the grid (by value when
+        the values are numbers, else by their order), else None."""
+        if not self.decided:
+            return None
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        order = sorted(range(len(values)), key=lambda i: values[i]) if numbers else list(range(len(values)))
+        return "smallest" if self.index == order[0] else "largest" if self.index == order[-1] else None
 
 
 def parse_tune(raw: Any, seeds: list, grid_keys: list, sections: tuple, where: str) -> Optional[TuneConfig]:
@@ -158,7 +164,7 @@ def chosen_runs(candidates: dict, choices: dict) -> list:
 def describe(tune: TuneConfig, choices: dict) -> list[str]:
     """One line per variant for tables and --dry-run: the value chosen and the metric at each
     value, or what the choice still waits for; a best value at the grid's edge is flagged."""
-    key, n = tune.key, len(tune.values)
+    key = tune.key
     lines = []
     for variant, choice in choices.items():
         scores = ", ".join(f"{yaml_value(v)}: " + ("diverged" if s == math.inf else "-" if math.isnan(s) else f"{s:.4f}")
@@ -169,9 +175,8 @@ def describe(tune: TuneConfig, choices: dict) -> list[str]:
         elif not choice.decided:
             lines.append(f"{variant}: {key} not chosen yet: {choice.waiting} tuning run(s) to finish")
         else:
-            edge = ""
-            if choice.at_edge(n):
-                side = "smallest" if choice.index == 0 else "largest"
+            side, edge = choice.edge(tune.values), ""
+            if side:
                 edge = (f"; warning: the best value is the {side} tried, so a better one may lie beyond it: "
                         f"extend tune.values")
             lines.append(f"{variant}: {key} = {yaml_value(choice.value)} (tuning {tune.metric} {scores}){edge}")
