@@ -30,6 +30,7 @@ experiment format (YAML; every key is checked, a typo is an error with a suggest
   seeds: [0, 1, 2]
   tune: {key: train.lr, values: [1e-3, 3e-3, 1e-2], seeds: [100], metric: val_loss}   # optional: each
                                  # variant trains at each value on the tuning seeds, then its seeds at its best
+  scale: {sizes: [nano, micro, mini], tokens_per_param: 20}   # optional: a scaling ladder (3+ sizes)
   compare: {baseline: pre_ln, metric: val_loss}
   slurm: {partition: gpu, gpus_per_run: 1, time: 60, mem: 32, array_parallelism: 8}   # --launcher slurm
   track: [tensorboard, mlflow]   # tracking sinks (pip install -e ".[tensorboard]" etc.); --track adds more
