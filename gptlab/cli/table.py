@@ -23,6 +23,8 @@ from ..rundir import COMPLETED, DIVERGED, FAILED, STATUSES, length_multiple
 FORMATS = ("table", "csv", "md", "json")
 TROUBLE = tuple(s for s in STATUSES if s != COMPLETED)  # statuses whose runs stay out of the means
 MARKS = "¹²³⁴⁵⁶⁷⁸⁹"
+#: the drop priority of a column that is n/a in every row: the first to go when the terminal is narrow
+NOTHING_MEASURED = 20
 
 
 @dataclass
@@ -84,7 +86,7 @@ def display_columns(table: pd.DataFrame) -> list[Column]:
     cols.append(Column("wall", [fmt.duration(v) for v in table["wall_time_s"]], 12))
     for c in cols:  # a column with nothing measured (MFU on CPU) is the first to go when narrow
         if c.priority > 2 and all(str(x).startswith(fmt.NA) for x in c.cells):
-            c.priority = 20
+            c.priority = NOTHING_MEASURED
     return cols
 
 
@@ -278,6 +280,8 @@ def _print_rich(table: pd.DataFrame, console: Any, width: Optional[int]) -> None
             break
         kept.remove(max(droppable, key=lambda c: (c.priority, cols.index(c))))
     for col in sorted((c for c in cols if c not in kept), key=lambda c: c.priority):
+        if col.priority == NOTHING_MEASURED and any(c.priority != NOTHING_MEASURED for c in cols if c not in kept):
+            continue  # an all-n/a column never takes the place of one with numbers
         trial = [c for c in cols if c in kept or c is col]
         if _natural_width(trial, len(table)) <= width:
             kept = trial

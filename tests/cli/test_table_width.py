@@ -63,6 +63,12 @@ def test_an_all_na_column_goes_before_a_column_with_numbers(tmp_path):
     assert "MFU" in hidden and "MFU" not in header  # nothing measured (CPU runs): dropped
     header = next(line for line in rendered(exp, 400) if line.startswith("variant"))
     assert "MFU" in header and "tok/s" in header  # with room, every column
+    for width in range(70, 200, 2):  # at no width does the n/a column stand while one with numbers is hidden
+        lines = rendered(exp, width)
+        header = next(line for line in lines if line.startswith("variant"))
+        hidden = notes(lines).partition(f"hidden at width {width}: ")[2].partition(" (see them")[0]
+        with_numbers = [c for c in hidden.split(", ") if c and c not in ("MFU", "peak mem")]  # these two: n/a here
+        assert not ("MFU" in header and with_numbers), (width, header, hidden)
 
 
 def test_config_columns_fold_their_headers_then_go_before_any_label(tmp_path):
