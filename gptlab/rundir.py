@@ -372,6 +372,34 @@ def clean_stale_temporaries(directory: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+def remove_orphaned_temporaries(directory: Path) -> list[Path]:
+    """Remove the ``.NAME.tmpPID`` files in ``directory`` whose writer is no longer a process on
+    this machine (a crash mid-write: a token cache, experiment.json, a summary under --force); a
+    live writer's are left alone. Links are removed, never followed. Returns what was removed."""
+    removed = []
+    try:
+        candidates = list(Path(directory).glob(".*.tmp*"))
+    except OSError:
+        return removed
+    for stale in candidates:
+        m = re.search(r"\.tmp(\d+)$", stale.name)
+        if not m or not (stale.is_symlink() or stale.is_file()) or _alive(int(m.group(1))):
+            continue
+        stale.unlink(missing_ok=True)
+        removed.append(stale)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process, or a number no process has: leave its file
+    return pid > 0
+
+
 def keep_metric_rows(run_dir: Path, n: int) -> None:
     """Cut metrics.jsonl back to its first ``n`` complete rows (the ones a resumable state saw),
     atomically, so a resumed run neither repeats nor skips a step."""

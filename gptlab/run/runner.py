@@ -180,6 +180,8 @@ class ExperimentRunner:
                 if folder.exists():  # already there: each must be writable, and not a planted link
                     self.check_inside(folder)
                     check_writable(folder)
+            if write:
+                self.remove_orphans()
             self._data = preflight(self.exp, self.plugins, self.cache_dir, write=write, device_type=self.device.type)
         for spec in self.exp.runs:
             if spec.train.batch_size % self.group.world:
@@ -191,6 +193,16 @@ class ExperimentRunner:
         self.decide()  # tuning runs over from an earlier command: their variants' comparison runs join the plan
         self.plan = distributed.share(self.make_plan() if self.group.main else None, self.group)
         return self.plan
+
+    def remove_orphans(self) -> None:
+        """What a crashed writer left in the token cache, the experiment folder and its run folders
+        (``rundir.remove_orphaned_temporaries``), before anything is written again."""
+        folders = [self.cache_dir, self.exp_dir]
+        if self.exp_dir.is_dir() and not self.exp_dir.is_symlink():
+            folders += [p for p in self.exp_dir.iterdir() if p.is_dir() and not p.is_symlink()]
+        for folder in folders:
+            if folder.is_dir() and not folder.is_symlink():
+                rd.remove_orphaned_temporaries(folder)
 
     def decide(self) -> Optional[dict]:
         """With a ``tune:`` block: each variant's value as its tuning runs stand now (rank 0 reads them,
