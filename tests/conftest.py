@@ -66,6 +66,7 @@ SLOW = {
     "run/test_launch.py": {"test_a_task_signalled_before_its_time_limit_is_requeued_and_resumes_bit_for_bit"},
     "project/test_tutorial.py": {"test_the_tutorial_commands_run_as_written",
                                  "test_the_optimizer_plugin_runs_as_written_and_gives_the_table_shown"},
+    "project/test_tutorial_aux.py": {"test_the_aux_loss_tutorial_runs_as_written"},  # a subprocess run (~18 s)
     # the script's whole CPU run (~20 s); its GPU-only logic stays in the fast lane
     "benchmarks/test_gpu_check.py": {"test_cpu_run_exits_zero", "test_report_says_no_gpu_was_found",
                                      "test_every_check_passes", "test_logits_differences_are_numbers_below_tolerance"},
