@@ -12,7 +12,7 @@ BUILTINS = (
     "placement_pre", "placement_post", "placement_sandwich", "placement_parallel",
     "activation_mlp", "activation_gated", "activation_moe",
     "wiring_sequential", "wiring_unet", "wiring_x0_mix",
-    "dataset_python_docs", "dataset_text",
+    "dataset_python_docs", "dataset_text", "dataset_tokens",
     "tokenizer_bytes", "tokenizer_char", "tokenizer_tiktoken",
     "import_gpt2", "import_openai_gpt", "import_llama", "import_gpt_neox", "import_bloom",
     "track_tensorboard", "track_wandb", "track_mlflow",

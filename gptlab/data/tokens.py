@@ -51,6 +51,8 @@ def prepare_tokens(data: DataConfig, plugins: PluginSystem, cache_dir: Path, wri
     except ConfigError as exc:
         raise ConfigError(f"data.dataset '{data.dataset.name}': {exc}") from None
     tokenizer = build_tokenizer(data.tokenizer, plugins)
+    if getattr(corpus, "tokens", None) is not None:
+        return _ready_tokens(data, corpus, tokenizer)
     key = hashlib.sha256(json.dumps(
         [data.dataset.name, data.dataset.options, data.tokenizer.name, data.tokenizer.options, corpus.fingerprint],
         sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -86,6 +88,73 @@ def prepare_tokens(data: DataConfig, plugins: PluginSystem, cache_dir: Path, wri
     tokens = np.memmap(bin_path, dtype=np.dtype(meta["dtype"]), mode="r")
     n_val = int(len(tokens) * data.val_fraction)
     return TokenData(tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:], tokenizer)
+
+
+def _ready_tokens(data: DataConfig, corpus: Any, tokenizer: Any) -> TokenData:
+    """A source of token ids made elsewhere, used in place: no text, no cache, no copy. The ids
+    must fit the tokenizer they were made with (checked over every token, in blocks)."""
+    where = f"data.dataset '{data.dataset.name}'"
+    if not tokenizer.vocab_size:
+        raise ConfigError(f"{where} holds token ids, and tokenizer '{data.tokenizer.name}' learns its vocabulary "
+                          f"from text; name the tokenizer the files were made with (bytes, tiktoken, ...)")
+    try:
+        train, val = corpus.tokens()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    train, val = TokenShards.of(train), TokenShards.of(val)
+    for split, tokens in (("train", train), ("val", val)):
+        top = _max_id(tokens)
+        if top >= tokenizer.vocab_size:
+            raise ConfigError(f"{where}: the {split} tokens hold id {top}, beyond tokenizer "
+                              f"'{data.tokenizer.name}' ({tokenizer.vocab_size} ids); name the tokenizer they "
+                              f"were made with")
+    return TokenData(train, val, tokenizer)
+
+
+class TokenShards:
+    """Several token arrays (memory-mapped shards) read as one sequence: ``len`` and slices that
+    may cross a shard's end, which is all batches and evaluation ask of a token array."""
+
+    BLOCK = 1 << 24  # tokens per block when scanning for the largest id
+
+    def __init__(self, shards: list) -> None:
+        self.shards = [s for s in shards if len(s)]
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])
+
+    @classmethod
+    def of(cls, tokens: Any) -> Any:
+        """One array stays itself; a list of arrays becomes a TokenShards."""
+        if isinstance(tokens, (list, tuple)):
+            return tokens[0] if len(tokens) == 1 else cls(list(tokens))
+        return tokens
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, item: slice) -> np.ndarray:
+        if not isinstance(item, slice) or item.step not in (None, 1):
+            raise TypeError("TokenShards takes plain slices")
+        start, stop, _ = item.indices(len(self))
+        parts = []
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < stop and i < len(self.shards):
+            lo = start - int(self.starts[i])
+            take = min(stop, int(self.starts[i + 1])) - start
+            parts.append(np.asarray(self.shards[i][lo: lo + take]))
+            start += take
+            i += 1
+        if not parts:
+            return np.zeros(0, dtype=self.shards[0].dtype if self.shards else np.uint16)
+        return np.concatenate(parts) if len(parts) != 1 else parts[0]
+
+    def max_id(self) -> int:
+        return max(_max_id(s, self.BLOCK) for s in self.shards)
+
+
+def _max_id(tokens: Any, block: int = TokenShards.BLOCK) -> int:
+    if isinstance(tokens, TokenShards):
+        return tokens.max_id()
+    return max((int(np.max(tokens[i: i + block])) for i in range(0, len(tokens), block)), default=-1)
 
 
 def _verified_cache(bin_path: Path, meta_path: Path) -> Optional[dict]:

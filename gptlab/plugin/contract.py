@@ -138,10 +138,14 @@ class Tracker(Protocol):
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Corpus:
-    """A text source: ``fingerprint`` changes whenever the text would."""
+    """A text source: ``fingerprint`` changes whenever the text would. A source of ready token ids
+    (files another tool wrote) sets ``tokens`` instead: a function returning the (train,
+    validation) token sequences, each an array or a list of arrays (shards), read in place; gptlab
+    then neither reads text nor tokenizes, and the named tokenizer is the one they were made with."""
 
     fingerprint: str
     read: Callable[[], str]
+    tokens: Optional[Callable[[], tuple]] = None
 
 
 class Tokenizer:
