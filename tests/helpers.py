@@ -119,6 +119,21 @@ def check_model(cfg, plugins, idx, targets, t, prefill, chunk) -> None:
                                msg=lambda m: f"cached decoding differs from the full forward: {m}")
 
 
+def count_checkpoints(monkeypatch) -> list:
+    """Count the model's activation-checkpoint calls: returns the list each call appends to."""
+    import gptlab.model.gpt as gptlab_model
+
+    calls: list = []
+    real = gptlab_model.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gptlab_model, "checkpoint", counting_checkpoint)
+    return calls
+
+
 def sweep(plugins, cases) -> list[str]:
     """``check_model`` for each (label, tiny config) of ``cases`` on 12 tokens (the second row differs
     after position 5; prefill 4, chunk 3): every failure, one line each, not just the first."""

@@ -224,6 +224,27 @@ class RunSpec:
         return run_dir_name(self.variant, self.config_hash, self.seed)
 
 
+def check_block(raw: Any, name: str, keys: tuple, example: str, where: str) -> None:
+    """A top-level block of an experiment (``tune:``, ``scale:``) is a mapping of known keys."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: '{name}' must be a mapping, e.g. {example}")
+    for k in raw:
+        if k not in keys:
+            raise ConfigError(f"{where}: {name}: unknown key '{k}'{did_you_mean(str(k), keys)}; keys: {', '.join(keys)}")
+
+
+def check_seeds(seeds: Any, key: str, example: str, where: str) -> list:
+    """A list of seeds: non-empty, distinct integers that torch accepts (0 to 2**63-1). ``key`` is
+    the name as messages show it (``'seeds'``, ``tune.seeds``)."""
+    if not isinstance(seeds, list) or not seeds or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 63 for s in seeds):
+        raise ConfigError(f"{where}: {key} must be a non-empty list of integers from 0 to 2**63-1, "
+                          f"e.g. {example}, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}: {key} lists a seed twice: {seeds}")
+    return seeds
+
+
 def config_hash(resolved: dict) -> str:
     """The run's identity: a hash of every key that can change what it computes."""
     train = {k: v for k, v in (resolved.get("train") or {}).items() if k not in OPERATIONAL_TRAIN_KEYS

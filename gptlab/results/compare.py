@@ -269,8 +269,7 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
     best_val_loss and best_val_step (median); final_train_loss; tokens_per_s, mfu, parameters,
     peak_memory and wall_time_s means; ``val_loss@Nx`` means; ``n_<status>`` counts; ``notes`` (why an
     extrapolation is missing); ``curve`` (sparkline of the mean val loss, or train loss when val
-    was evaluated fewer than 3 times); ``defined`` (the experiment's file defines this config as
-    it stands now) and ``overrides`` (the command-line overrides its runs were made with). ``at``
+    was evaluated fewer than 3 times); ``defined``, ``overrides``, ``tuning`` (``_made_with``). ``at``
     (axis, budget): the metric read off each run's curve at that many FLOPs, tokens or seconds of
     training (``budget_values``); a row some seeds do not reach says so in ``notes``. ``show_keys``:
     config keys shown as columns even when every row has the same value (a tuned key).
@@ -293,15 +292,11 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
     groups = group_runs(df, by_keys)
     base = _pick_baseline(df, groups, baseline)
     done = df["status"].eq(COMPLETED).to_numpy()
-    diff_cols = _differing(df, groups, by_keys)
-    diff_cols += [k for k in show_keys if k in df.columns and k not in diff_cols and k not in by_keys
-                  and all(df[k].map(cell_text).iloc[g.index].nunique() == 1 for g in groups)]
+    diff_cols = _differing(df, groups, by_keys, show_keys)
     extrap = sorted((c for c in df.columns if length_multiple(c) is not None), key=length_multiple)
-    numeric = {c: pd.to_numeric(df[c], errors="coerce") if c in df.columns else pd.Series(math.nan, df.index)
-               for c in MEANS + tuple(extrap)}
+    numeric = {c: _numbers(df, c) for c in MEANS + tuple(extrap)}
     samples = [_completed_sample(values, g.index, done) for g in groups]
-    numeric_threads = pd.to_numeric(df["threads"], errors="coerce") if "threads" in df.columns \
-        else pd.Series(math.nan, df.index)
+    numeric_threads = _numbers(df, "threads")
     curves = {k: [mean_curve(df.loc[[i for i in g.index if done[i]], "run_dir"], k) for g in groups]
               for k in ("val_loss", "train_loss")}
     curve_key = "val_loss" if all(len(c) >= 3 for c in curves["val_loss"]) else "train_loss"
@@ -313,11 +308,7 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
         row.update(_run_cells(df, g.index, [i for i in g.index if done[i]], numeric, extrap))
         row["notes"] = _row_notes(row["notes"], label, g.index, done, reasons, numeric_threads)
         row["curve"] = sparkline(curves[curve_key][gi].to_numpy())
-        first = g.index[0]  # one config per group, so these hold for every run of it
-        row["defined"] = bool(df.at[first, "defined"]) if "defined" in df.columns else True
-        row["overrides"] = cell_text(df.at[first, "overrides"]) if "overrides" in df.columns else ""
-        row["tuning"] = bool(df.at[first, "tuning"]) if "tuning" in df.columns else False
-        rows.append(row)
+        rows.append({**row, **_made_with(df, g.index[0])})
     table = pd.DataFrame(rows)
     if sort:
         col, descending = _resolve_sort(table, sort, label)
@@ -326,6 +317,19 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
     table.attrs.update(metric=label, baseline=groups[base].label, group_cols=list(groups[0].keys),
                        config_cols=diff_cols, extrap_cols=extrap, curve=curve_key, budget=at is not None)
     return table
+
+
+def _numbers(df: pd.DataFrame, col: str) -> pd.Series:
+    """A column as numbers (text where a number belongs: NaN); all NaN when no run has it."""
+    return pd.to_numeric(df[col], errors="coerce") if col in df.columns else pd.Series(math.nan, df.index)
+
+
+def _made_with(df: pd.DataFrame, first: int) -> dict:
+    """How a group's runs were made (one config per group, so its first run speaks for all):
+    ``defined`` by the file as it stands, the command-line ``overrides``, a ``tuning`` run."""
+    return {"defined": bool(df.at[first, "defined"]) if "defined" in df.columns else True,
+            "overrides": cell_text(df.at[first, "overrides"]) if "overrides" in df.columns else "",
+            "tuning": bool(df.at[first, "tuning"]) if "tuning" in df.columns else False}
 
 
 def _check_units(df: pd.DataFrame, metric: str) -> None:
@@ -481,14 +485,16 @@ def experiment_blocks(df: pd.DataFrame) -> list[dict]:
     return [read_experiment(Path(d)).get("compare") or {} for d in dirs]
 
 
-def _differing(df: pd.DataFrame, groups: list[Group], by_keys: list[str]) -> list[str]:
-    """Config keys whose value differs between runs but is constant inside every group."""
+def _differing(df: pd.DataFrame, groups: list[Group], by_keys: list[str], show_keys: Iterable[str] = ()) -> list[str]:
+    """Config keys whose value differs between runs but is constant inside every group; the keys of
+    ``show_keys`` (a tuned key) whenever they are constant inside every group, differing or not."""
     out = []
+    shown = set(show_keys)
     for col in config_columns(df):
         if col in by_keys:
             continue
         text = df[col].map(cell_text)
-        if text.nunique() > 1 and all(text.iloc[g.index].nunique() == 1 for g in groups):
+        if (text.nunique() > 1 or col in shown) and all(text.iloc[g.index].nunique() == 1 for g in groups):
             out.append(col)
     return out
 

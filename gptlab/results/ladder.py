@@ -106,8 +106,9 @@ def ladder(df: pd.DataFrame, runs: dict, baseline: str, metric: str = "final_val
     observed = _fits(cells, variants)
     if all(len(pts) == 1 for pts in cells.values()):
         resamples = 0  # one seed per cell: resampling changes nothing, so no interval is given
-    draws = [_fits({k: [pts[i] for i in rng.integers(0, len(pts), len(pts))] for k, pts in cells.items()}, variants)
-             for _ in range(resamples)]
+    samples = [{k: [pts[i] for i in rng.integers(0, len(pts), len(pts))] for k, pts in cells.items()}
+               for _ in range(resamples)]
+    draws = [_fits(sample, variants) for sample in samples]
     out = []
     for v in variants:
         sizes = sorted((s for (vv, s) in cells if vv == v), key=lambda s: np.mean([c for c, _ in cells[(v, s)]]))
@@ -115,7 +116,8 @@ def ladder(df: pd.DataFrame, runs: dict, baseline: str, metric: str = "final_val
         loss = [float(np.mean([l for _, l in cells[(v, s)]])) for s in sizes]
         fit, base = observed.get(v), observed.get(baseline)
         mult = [_multiplier(base, l, c) for l, c in zip(loss, comp)]
-        per_size = [[_multiplier(d.get(baseline), *_cell_mean(d, v, s)) for d in draws] for s in sizes]
+        per_size = [[_multiplier(d.get(baseline), *_cell_mean(sample, v, s)) for d, sample in zip(draws, samples)]
+                    for s in sizes]
         top = max(comp) if comp else math.nan
         fitted = _multiplier(base, fit.loss(top), top) if fit and base else math.nan
         boot = [_multiplier(d.get(baseline), d[v].loss(top), top) if d.get(v) and d.get(baseline) else math.nan
@@ -127,9 +129,8 @@ def ladder(df: pd.DataFrame, runs: dict, baseline: str, metric: str = "final_val
 
 
 def _fits(cells: dict, variants: list) -> dict:
-    """Variant -> PowerLaw fitted to all its points (None where fewer than 3 sizes have runs); the
-    per-cell means are kept beside them for the bootstrap's per-size multipliers."""
-    out: dict = {"_cells": cells}
+    """Variant -> PowerLaw fitted to all its points (None where fewer than 3 sizes have runs)."""
+    out: dict = {}
     for v in variants:
         points = [p for (vv, _), pts in cells.items() if vv == v for p in pts]
         sizes = {s for (vv, s) in cells if vv == v}
@@ -140,8 +141,9 @@ def _fits(cells: dict, variants: list) -> dict:
     return out
 
 
-def _cell_mean(fits: dict, variant: str, size: str) -> tuple[float, float]:
-    pts = fits["_cells"][(variant, size)]
+def _cell_mean(cells: dict, variant: str, size: str) -> tuple[float, float]:
+    """(mean loss, mean compute) of one (variant, size) cell."""
+    pts = cells[(variant, size)]
     return float(np.mean([l for _, l in pts])), float(np.mean([c for c, _ in pts]))
 
 

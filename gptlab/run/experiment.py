@@ -23,7 +23,7 @@ from ..config.model import ModelConfig, parse_section, to_plain
 from ..errors import ConfigError, did_you_mean, one_line
 from ..hf.checkpoint import hf_model_config
 from ..config.presets import apply_preset
-from ..config.run import SECTIONS, DataConfig, RunSpec, SlurmConfig, TrainConfig, config_hash
+from ..config.run import SECTIONS, DataConfig, RunSpec, SlurmConfig, TrainConfig, check_seeds, config_hash
 from ..rundir import TUNING, run_key
 from .tracking import parse_track
 from .scaling import ScaleConfig, parse_scale, size_label
@@ -324,13 +324,7 @@ def _head(cfg: DictConfig, where: str) -> _Head:
     plugin_modules = _plain(cfg.get("plugins"), where) or []
     if not isinstance(plugin_modules, list) or not all(isinstance(p, str) for p in plugin_modules):
         raise ConfigError(f"{where}: 'plugins' must be a list of module names or .py paths")
-    seeds = _plain(cfg.get("seeds", [0]), where)
-    if not isinstance(seeds, list) or not seeds or not all(
-            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 63 for s in seeds):
-        raise ConfigError(f"{where}: 'seeds' must be a non-empty list of integers from 0 to 2**63-1, "
-                          f"e.g. [0, 1, 2], got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"{where}: 'seeds' lists a seed twice: {seeds}")
+    seeds = check_seeds(_plain(cfg.get("seeds", [0]), where), "'seeds'", "[0, 1, 2]", where)
     compare = _plain(cfg.get("compare"), where) or {}
     if not isinstance(compare, dict):
         raise ConfigError(f"{where}: 'compare' must be a mapping with {', '.join(COMPARE_KEYS)}")

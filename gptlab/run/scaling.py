@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from ..errors import ConfigError, did_you_mean
 from ..config.presets import PRESETS
+from ..config.run import check_block
 
 SCALE_KEYS = ("sizes", "tokens_per_param", "tokens", "baseline")
 #: a power law with an irreducible term, E + A C^-alpha, has three parameters
@@ -42,12 +43,7 @@ def parse_scale(raw: Any, where: str) -> Optional[ScaleConfig]:
     if raw is None:
         return None
     example = "scale: {sizes: [nano, micro, mini], tokens_per_param: 20}"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: 'scale' must be a mapping, e.g. {example}")
-    for k in raw:
-        if k not in SCALE_KEYS:
-            raise ConfigError(f"{where}: scale: unknown key '{k}'{did_you_mean(str(k), SCALE_KEYS)}; "
-                              f"keys: {', '.join(SCALE_KEYS)}")
+    check_block(raw, "scale", SCALE_KEYS, example, where)
     sizes = raw.get("sizes")
     if not isinstance(sizes, list):
         raise ConfigError(f"{where}: scale.sizes must list model sizes (preset names or mappings of model keys "

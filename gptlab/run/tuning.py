@@ -16,6 +16,7 @@ from typing import Any, Optional
 from ..errors import ConfigError, did_you_mean
 from ..fmt import yaml_value
 from .. import rundir as rd
+from ..config.run import check_block, check_seeds
 
 TUNE_KEYS = ("key", "values", "seeds", "metric")
 #: what a tuning run is judged by (lower is better) -> the summary.json number it reads
@@ -78,12 +79,7 @@ def parse_tune(raw: Any, seeds: list, grid_keys: list, sections: tuple, where: s
     if raw is None:
         return None
     example = "tune: {key: train.lr, values: [1e-3, 2e-3, 4e-3], seeds: [100], metric: val_loss}"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: 'tune' must be a mapping, e.g. {example}")
-    for k in raw:
-        if k not in TUNE_KEYS:
-            raise ConfigError(f"{where}: tune: unknown key '{k}'{did_you_mean(str(k), TUNE_KEYS)}; "
-                              f"keys: {', '.join(TUNE_KEYS)}")
+    check_block(raw, "tune", TUNE_KEYS, example, where)
     key = raw.get("key")
     if not isinstance(key, str) or "." not in key or key.split(".")[0] not in sections:
         raise ConfigError(f"{where}: tune.key must be a dotted config key such as train.lr, got {key!r}")
@@ -94,13 +90,7 @@ def parse_tune(raw: Any, seeds: list, grid_keys: list, sections: tuple, where: s
         raise ConfigError(f"{where}: tune.values must list at least 2 values of {key} to choose from, got {values!r}")
     if len({yaml_value(v) for v in values}) != len(values):
         raise ConfigError(f"{where}: tune.values lists a value twice: {values}")
-    tune_seeds = raw.get("seeds", [max(seeds) + 1])
-    if not isinstance(tune_seeds, list) or not tune_seeds or not all(
-            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 63 for s in tune_seeds):
-        raise ConfigError(f"{where}: tune.seeds must be a non-empty list of integers from 0 to 2**63-1, "
-                          f"e.g. [100], got {tune_seeds!r}")
-    if len(set(tune_seeds)) != len(tune_seeds):
-        raise ConfigError(f"{where}: tune.seeds lists a seed twice: {tune_seeds}")
+    tune_seeds = check_seeds(raw.get("seeds", [max(seeds) + 1]), "tune.seeds", "[100]", where)
     metric = raw.get("metric", "val_loss")
     if metric not in TUNE_METRICS:
         raise ConfigError(f"{where}: tune.metric '{metric}' cannot choose a value{did_you_mean(str(metric), TUNE_METRICS)}; "

@@ -11,12 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import gptlab
-import gptlab.model.gpt as gptlab_model
 from gptlab import GPT_CONFIG_124M, PRESETS, GPTModel
 from gptlab.model.gpt import sample_next
 
 from helpers import (ACTIVATIONS, ATTENTIONS, NORMS, PLACEMENTS, POSITIONS, TINY, build, clone_into,
-                     randomize_, sweep, tiny_cfg)
+                     count_checkpoints, randomize_, sweep, tiny_cfg)
 from reference_gpt import RefGPT, gptlab_state_dict
 
 V = TINY["vocab_size"]
@@ -404,14 +403,7 @@ def test_memory_estimate_counts_the_real_query_and_key_widths():
 
 @pytest.mark.parametrize("position", ["learned", "rope", "alibi"])
 def test_gradient_checkpointing_matches(position, monkeypatch):
-    calls = []
-    real = gptlab_model.checkpoint
-
-    def counting_checkpoint(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(gptlab_model, "checkpoint", counting_checkpoint)
+    calls = count_checkpoints(monkeypatch)
     plain = randomize_(build(position=position, n_layers=3), seed=3)
     ckpt = clone_into(plain, build(position=position, n_layers=3, gradient_checkpointing=True, seed=9))
     idx = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(0))

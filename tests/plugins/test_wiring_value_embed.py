@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import gptlab.model.gpt as gptlab_model
 import gptlab.train.loop as gtrain
 from gptlab import ConfigError, GPTModel
 from gptlab.config.model import ModelConfig, parameter_parts
@@ -21,7 +20,7 @@ from gptlab.config.run import TrainConfig
 from gptlab.data.tokens import Batches
 from gptlab.plugin.manager import default_plugins
 
-from helpers import TINY, clone_into, randomize_, sweep, tiny_cfg
+from helpers import TINY, clone_into, count_checkpoints, randomize_, sweep, tiny_cfg
 
 V = TINY["vocab_size"]
 CPU = torch.device("cpu")
@@ -256,14 +255,7 @@ def test_the_causality_gradient_and_cache_sweep_covers_the_wirings_and_value_emb
 
 @pytest.mark.parametrize("label", ["unet", "x0_mix", "value_embed"])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(label, monkeypatch):
-    calls = []
-    real = gptlab_model.checkpoint
-
-    def counting_checkpoint(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(gptlab_model, "checkpoint", counting_checkpoint)
+    calls = count_checkpoints(monkeypatch)
     overrides = {**variants()[label], "position": "rope"}
     plain = randomize_(GPTModel(tiny_cfg(**overrides)), seed=8)
     ckpt = clone_into(plain, GPTModel(tiny_cfg(**overrides, gradient_checkpointing=True)))
