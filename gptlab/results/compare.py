@@ -24,6 +24,7 @@ import pandas as pd
 
 from ..errors import ConfigError, did_you_mean
 from .frame import META, load_results, read_metrics
+from .ladder import ladder_lines, ladder_parts, scale_record
 from ..config.run import SECTIONS
 from ..rundir import COMPLETED, METRIC_ALIASES, STATUSES, SUMMARY_METRICS, length_multiple, read_experiment
 from .stats import welch_ci
@@ -564,9 +565,9 @@ def compare_results(*paths: Any, results_dir: Any = "results", by: Any = None, b
         def default(key: str) -> Any:
             return next((b[key] for b in blocks if b.get(key) is not None), None)
 
-        scale = None if merge else _scale_record(shown)
+        scale = None if merge else scale_record(shown)
         chosen_metric = metric or default("metric") or "val_loss"
-        for size, rows, base in _ladder_parts(shown, scale, baseline):
+        for size, rows, base in ladder_parts(shown, scale, baseline):
             table = compare_table(rows, by=by if by is not None else default("by"), baseline=base,
                                   metric=chosen_metric, at_step=at_step, sort=sort or default("sort"), at=at,
                                   show_keys=[t["key"] for t in tuning if isinstance(t.get("key"), str)])
@@ -578,43 +579,6 @@ def compare_results(*paths: Any, results_dir: Any = "results", by: Any = None, b
         if scale is not None:
             tables[-1].attrs["scaling"] = ladder_lines(shown, scale, chosen_metric, baseline)
     return tables
-
-
-def _scale_record(df: pd.DataFrame) -> Optional[dict]:
-    """What experiment.json says of the experiment's ``scale:`` ladder, when it has one."""
-    dirs = list(dict.fromkeys(str(Path(d).parent) for d in df["run_dir"]))
-    record = read_experiment(Path(dirs[0])).get("scale") if len(dirs) == 1 else None
-    ok = isinstance(record, dict) and isinstance(record.get("runs"), dict) and isinstance(record.get("baseline"), str)
-    return record if ok else None
-
-
-def _ladder_parts(df: pd.DataFrame, scale: Optional[dict], baseline: Optional[str]) -> list[tuple]:
-    """(size, its runs, its baseline label) per ladder size, smallest first; one part without a ladder."""
-    if scale is None:
-        return [(None, df, baseline)]
-    where = [scale["runs"].get(h) for h in df["config_hash"]]
-    size_of = [w[1] if isinstance(w, list) and len(w) == 2 else None for w in where]
-    order = [s.get("name") for s in scale.get("sizes") or [] if isinstance(s, dict)]
-    sizes = sorted({s for s in size_of if s is not None}, key=lambda s: order.index(s) if s in order else len(order))
-    parts = []
-    for size in sizes:
-        rows = df[[s == size for s in size_of]]
-        label = f"{baseline or scale['baseline']},size={size}"
-        parts.append((size, rows, label if label in set(rows["variant"]) else baseline))
-    rest = df[[s is None for s in size_of]]
-    if len(rest):
-        parts.append(("not in the ladder", rest, baseline))
-    return parts
-
-
-def ladder_lines(df: pd.DataFrame, scale: dict, metric: str, baseline: Optional[str] = None) -> list[str]:
-    """The ladder's fit and multipliers in words (``gptlab.results.ladder``), for the last table."""
-    from .ladder import describe, ladder
-
-    column = ALIASES.get(metric, metric)
-    runs = {h: tuple(w) for h, w in scale["runs"].items() if isinstance(w, list) and len(w) == 2}
-    base = baseline if baseline in {v for v, _ in runs.values()} else scale["baseline"]
-    return describe(ladder(df, runs, base, column), base, metric)
 
 
 def export(table: Any, fmt: str) -> str:

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import pandas as pd
+
+from ..rundir import METRIC_ALIASES, read_experiment
 
 #: bootstrap resamples, and the generator seed that makes every table reproducible
 BOOTSTRAP = 1000
@@ -187,3 +190,39 @@ def _ci(ci: tuple, spec: str = "{:.2f}x") -> str:
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return "[no interval: needs 2+ seeds per size]"
     return f"[{spec.format(lo)}, {spec.format(hi)}]"
+
+
+# -- the ladder in an experiment's tables ------------------------------------------------------
+def scale_record(df: pd.DataFrame) -> Optional[dict]:
+    """What experiment.json says of the experiment's ``scale:`` ladder, when it has one."""
+    dirs = list(dict.fromkeys(str(Path(d).parent) for d in df["run_dir"]))
+    record = read_experiment(Path(dirs[0])).get("scale") if len(dirs) == 1 else None
+    ok = isinstance(record, dict) and isinstance(record.get("runs"), dict) and isinstance(record.get("baseline"), str)
+    return record if ok else None
+
+
+def ladder_parts(df: pd.DataFrame, scale: Optional[dict], baseline: Optional[str]) -> list[tuple]:
+    """(size, its runs, its baseline label) per ladder size, smallest first; one part without a ladder."""
+    if scale is None:
+        return [(None, df, baseline)]
+    where = [scale["runs"].get(h) for h in df["config_hash"]]
+    size_of = [w[1] if isinstance(w, list) and len(w) == 2 else None for w in where]
+    order = [s.get("name") for s in scale.get("sizes") or [] if isinstance(s, dict)]
+    sizes = sorted({s for s in size_of if s is not None}, key=lambda s: order.index(s) if s in order else len(order))
+    parts = []
+    for size in sizes:
+        rows = df[[s == size for s in size_of]]
+        label = f"{baseline or scale['baseline']},size={size}"
+        parts.append((size, rows, label if label in set(rows["variant"]) else baseline))
+    rest = df[[s is None for s in size_of]]
+    if len(rest):
+        parts.append(("not in the ladder", rest, baseline))
+    return parts
+
+
+def ladder_lines(df: pd.DataFrame, scale: dict, metric: str, baseline: Optional[str] = None) -> list[str]:
+    """The ladder's fit and multipliers in words (``gptlab.results.ladder``), for the last table."""
+    column = METRIC_ALIASES.get(metric, metric)
+    runs = {h: tuple(w) for h, w in scale["runs"].items() if isinstance(w, list) and len(w) == 2}
+    base = baseline if baseline in {v for v, _ in runs.values()} else scale["baseline"]
+    return describe(ladder(df, runs, base, column), base, metric)
