@@ -14,7 +14,7 @@ norm                      Norm                  protocol: a module over the last
 norm_placement            Block                 protocol: ``(x, ctx, cache) -> x``, ``final_norm``
 activation                FeedForward           protocol: ``x -> x``; ``MLP``, ``GatedMLP`` build one
 wiring                    Wiring                class to subclass: ``forward(x, x0, run, n_layers)``
-dataset                   Corpus                dataclass: ``fingerprint``, ``read()``
+dataset                   Corpus                dataclass: ``fingerprint``, ``documents()``
 tokenizer                 Tokenizer             class to subclass: ``encode``, ``decode``
 importer                  HFImport              dataclass: model config + tensor name map
 optimizer                 Optimizer             ``torch.optim.Optimizer`` over ``ParamInfo`` s
@@ -43,11 +43,16 @@ rewrites the README's table of kinds from ``KINDS``.
 """
 from __future__ import annotations
 
+import glob
+import os
 import re
+import sys
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Protocol, runtime_checkable
 
+from ..errors import ConfigError
 from .hookspecs import KINDS, MODEL_KINDS, Attr, Kind, Range, RunInfo, hookimpl
 
 if TYPE_CHECKING:  # annotations only: nothing here imports torch
@@ -138,27 +143,59 @@ class Tracker(Protocol):
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class Corpus:
-    """A text source: ``fingerprint`` changes whenever the text would. A source of ready token ids
-    (files another tool wrote) sets ``tokens`` instead: a function returning the (train,
-    validation) token sequences, each an array or a list of arrays (shards), read in place; gptlab
-    then neither reads text nor tokenizes, and the named tokenizer is the one they were made with."""
+    """A text source. ``fingerprint`` changes whenever the text would.
+
+    Three ways to give the text, the first one set wins:
+    - ``tokens``: ready token ids (files another tool wrote): a function returning the (train,
+      validation) token sequences, each an array or a list of arrays (shards), read in place;
+      gptlab neither reads text nor tokenizes, and the named tokenizer is the one they were made with.
+    - ``documents``: a function returning an iterable of documents (str), read lazily, for corpora
+      of any size. gptlab tokenizes them in chunks over worker processes into sharded token files,
+      ends each document with the tokenizer's end-of-text id, and holds out a stable fraction of
+      documents for validation, chosen by a hash of each document's text. A source with its own
+      split sets ``val_documents`` too: then ``documents`` are the training documents.
+    - ``read``: the whole text as one string, tokenized whole, the validation split its tail: the
+      way gptlab read every corpus before documents existed (existing experiments keep their tokens).
+    """
 
     fingerprint: str
-    read: Callable[[], str]
+    read: Optional[Callable[[], str]] = None
     tokens: Optional[Callable[[], tuple]] = None
+    documents: Optional[Callable[[], Iterable[str]]] = None
+    val_documents: Optional[Callable[[], Iterable[str]]] = None
 
 
 class Tokenizer:
     """Base class for tokenizers; ``fit`` and the state methods are no-ops for fixed vocabularies."""
 
     vocab_size: int = 0
+    #: the id that ends each document of a documents corpus; None until the tokenizer has one
+    eot_id: Optional[int] = None
 
     def fit(self, text: str) -> None:
         """Build a vocabulary from the training text (only data-dependent tokenizers need it)."""
 
+    def fit_documents(self, documents: Iterable[str]) -> None:
+        """Build a vocabulary from a stream of training documents (a documents corpus). The default
+        joins them and calls ``fit``; a tokenizer that can learn from a stream overrides it, so the
+        corpus is never held whole."""
+        self.fit("".join(documents))
+
+    def add_eot(self) -> None:
+        """Give the vocabulary an end-of-text id (set ``eot_id``, grow ``vocab_size``): called after
+        ``fit`` when a documents corpus meets a tokenizer whose ``eot_id`` is None. The default
+        refuses, since documents could not be told apart."""
+        raise ConfigError(f"tokenizer {type(self).__name__} has no end-of-text id to separate documents; "
+                          f"use one that has (bytes, tiktoken, bpe) or define add_eot")
+
     def encode(self, text: str) -> list[int]:
         """Text -> token ids: every tokenizer plugin writes this."""
         raise NotImplementedError(f"tokenizer {type(self).__name__} must define encode(text)")
+
+    def encode_batch(self, texts: list) -> list:
+        """Many texts at once, as the preparation workers call it: one id sequence (a list or an
+        integer numpy array) per text. Override it when there is a faster path than a loop."""
+        return [self.encode(t) for t in texts]
 
     def decode(self, ids: list[int]) -> str:
         """Token ids -> text: every tokenizer plugin writes this."""
@@ -174,7 +211,30 @@ class Tokenizer:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore what ``fit`` learned."""
+        """Restore what ``fit`` (and ``add_eot``) learned."""
+
+
+#: the folder of the experiment file whose dataset is being built (set by the core around a
+#: dataset factory's call; None outside one, or for a config given without a file)
+EXPERIMENT_DIR: ContextVar[Optional[Path]] = ContextVar("gptlab_experiment_dir", default=None)
+
+
+def data_path(path: str, key: str = "data.dataset.path") -> str:
+    """A path a dataset option names, as its experiment means it: a relative path (or glob)
+    starts at the experiment file's folder. One that matches nothing there but matches from the
+    current directory (how gptlab read such paths before) still works, with a warning naming the
+    new form. Returns the pattern to open or glob; absolute and ``~`` paths pass through."""
+    text = os.path.expanduser(str(path))
+    base = EXPERIMENT_DIR.get()
+    if os.path.isabs(text) or base is None:
+        return text
+    there = str(base / text)
+    if glob.glob(there, recursive=True) or not glob.glob(text, recursive=True):
+        return there
+    suggestion = os.path.relpath(os.path.abspath(text), base)
+    sys.stderr.write(f"gptlab: warning: {key} '{path}' was found from the current directory; relative paths "
+                     f"in an experiment start at its folder ({base}): write '{suggestion}' or an absolute path\n")
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +382,7 @@ HELPERS: dict[str, tuple[str, ...]] = {
     "activation": (_CFG, "gptlab.plugin.layers.MLP", "gptlab.plugin.layers.GatedMLP",
                    "gptlab.plugin.components.mark_residual", _AUX, _METRIC, _RANGE),
     "wiring": (_CFG, _AUX, _METRIC, _RANGE),
-    "dataset": (_RANGE,),
+    "dataset": ("gptlab.plugin.contract.data_path", _RANGE),
     "tokenizer": (_RANGE,),
     "importer": ("gptlab.plugin.contract.per_head_rows", "gptlab.plugin.contract.fused_rows",
                  "gptlab.hf.helpers.HFConfig", "gptlab.hf.helpers.HFExport", "gptlab.hf.helpers.component",
@@ -424,7 +484,7 @@ def write_readme_table(path: Optional[Path] = None) -> Path:
 
 
 __all__ = ["KINDS", "MODEL_KINDS", "Attr", "Kind", "Range", "RunInfo", "hookimpl", *_TORCH_BACKED, "Norm", "Block",
-           "FeedForward", "Tracker", "Corpus", "Tokenizer", "HFImport", "per_head_rows", "fused_rows", "HELPERS",
+           "FeedForward", "Tracker", "Corpus", "Tokenizer", "data_path", "EXPERIMENT_DIR", "HFImport", "per_head_rows", "fused_rows", "HELPERS",
            "SKELETON", "SUBLAYERS", "LEAVES", "param_names", "declared_modules", "declared_parameters", "kinds_table"]
 
 if __name__ == "__main__":  # python -m gptlab.plugin.contract: regenerate the README's table of kinds

@@ -160,7 +160,9 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("wiring", positional=("cfg",), model_key=True, base_name="Wiring",
          returns="subclass it: forward(x, x0, run, n_layers) runs block i as run(i, h) and returns the last "
                  "hidden state; connections across layers (U-net skips, x0 mixing) live here"),
-    Kind("dataset", base_name="Corpus", returns="fingerprint, which changes whenever the text would, and read() -> str"),
+    Kind("dataset", base_name="Corpus",
+         returns="fingerprint, which changes whenever the text would, and documents() -> an iterable of str "
+                 "(or read() -> the whole text, or tokens() -> ready token arrays) (plugins/dataset_jsonl.py)"),
     Kind("tokenizer", base_name="Tokenizer",
          returns="an instance of a subclass: vocab_size, encode, decode; fit and state for learned vocabularies"),
     Kind("importer", positional=("hf_config", "source"), base_name="HFImport", options=False,
