@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -373,9 +374,10 @@ def clean_stale_temporaries(directory: Path) -> None:
 
 
 def remove_orphaned_temporaries(directory: Path) -> list[Path]:
-    """Remove the ``.NAME.tmpPID`` files in ``directory`` whose writer is no longer a process on
-    this machine (a crash mid-write: a token cache, experiment.json, a summary under --force); a
-    live writer's are left alone. Links are removed, never followed. Returns what was removed."""
+    """Remove the ``.NAME.tmpPID`` files and folders in ``directory`` whose writer is no longer a
+    process on this machine (a crash mid-write: a token cache or its shards, experiment.json, a
+    summary under --force); a live writer's are left alone. Links are removed, never followed.
+    Returns what was removed."""
     removed = []
     try:
         candidates = list(Path(directory).glob(".*.tmp*"))
@@ -383,9 +385,14 @@ def remove_orphaned_temporaries(directory: Path) -> list[Path]:
         return removed
     for stale in candidates:
         m = re.search(r"\.tmp(\d+)$", stale.name)
-        if not m or not (stale.is_symlink() or stale.is_file()) or _alive(int(m.group(1))):
+        if not m or _alive(int(m.group(1))):
             continue
-        stale.unlink(missing_ok=True)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)  # rmtree removes links inside, never follows them
+        elif stale.is_symlink() or stale.is_file():
+            stale.unlink(missing_ok=True)
+        else:
+            continue
         removed.append(stale)
     return removed
 

@@ -18,10 +18,19 @@ def _text():
     return "\n\n".join(topics[k].strip() for k in sorted(topics)) + "\n"
 
 
-def python_docs():
-    """The Python language reference topics shipped with CPython (~465k chars of English)."""
-    return Corpus(fingerprint=f"python-{sys.version_info[0]}.{sys.version_info[1]}-"
-                              f"{hashlib.sha256(_text().encode()).hexdigest()[:12]}", read=_text)
+def _topics():
+    from pydoc_data.topics import topics
+
+    return (topics[k].strip() for k in sorted(topics))
+
+
+def python_docs(documents: bool = False):
+    """The Python language reference topics shipped with CPython (~465k chars of English);
+    documents: true yields each topic as a document (one text otherwise, as always)."""
+    stamp = f"python-{sys.version_info[0]}.{sys.version_info[1]}-{hashlib.sha256(_text().encode()).hexdigest()[:12]}"
+    if documents:
+        return Corpus(fingerprint=stamp + "-topics", documents=_topics)
+    return Corpus(fingerprint=stamp, read=_text)
 
 
 @gptlab.hookimpl

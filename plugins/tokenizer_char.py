@@ -18,9 +18,18 @@ class CharTokenizer(Tokenizer):
     def vocab_size(self):
         return len(self.itos)
 
+    @property
+    def eot_id(self):
+        return self.stoi.get(EOT)
+
     def fit(self, text):
-        chars = sorted(set(text.replace(EOT, "")))
-        self.load_state_dict({"chars": chars})
+        self.fit_documents([text])
+
+    def fit_documents(self, documents):
+        chars = set()
+        for doc in documents:  # a stream: only the set of characters is kept
+            chars.update(doc.replace(EOT, ""))
+        self.load_state_dict({"chars": sorted(chars)})
 
     def encode(self, text):
         unk = self.stoi[UNK]

@@ -19,9 +19,13 @@ class TiktokenTokenizer(Tokenizer):
                 f"on a machine with network run `TIKTOKEN_CACHE_DIR=DIR python -c \"import tiktoken; "
                 f"tiktoken.get_encoding('{encoding}')\"`, copy DIR here and set TIKTOKEN_CACHE_DIR=DIR") from None
         self.vocab_size = self.enc.n_vocab
+        self.eot_id = self.enc.eot_token
 
     def encode(self, text):
         return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts):
+        return self.enc.encode_ordinary_batch(list(texts), num_threads=1)  # one per preparation worker
 
     def decode(self, ids):
         return self.enc.decode([int(i) for i in ids])

@@ -5,6 +5,7 @@ One module per group of subcommands, each with ``add_parsers(sub, common)`` that
 parsers and sets ``handler`` on them:
 
   run.py       gptlab run           train an experiment, live progress, the final table
+  prepare.py   gptlab prepare       tokenize or verify an experiment's corpora (and the bar run shows)
   results.py   gptlab compare/show  tables and curves from run directories (no torch)
   report.py    gptlab report        the tables and every run's curves on one HTML page (no torch)
   table.py     the comparison table as people read it (gptlab compare, the end of gptlab run)
@@ -62,14 +63,14 @@ def common_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, export, generate, plugins, report, results, run, runs, status
+    from . import bench, export, generate, plugins, prepare, report, results, run, runs, status
 
     p = Parser(prog="gptlab", description="A plugin-based experiment registry for GPT architecture variants.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     common = common_options()
-    for module in (run, results, report, runs, status, generate, export, plugins, bench):
+    for module in (run, prepare, results, report, runs, status, generate, export, plugins, bench):
         module.add_parsers(sub, common)
     return p
 

@@ -11,6 +11,7 @@ from ..errors import ConfigError, GptlabError
 from ..fmt import num, yaml_value
 from ..config.run import SLURM_FLAGS, SlurmConfig
 from ..rundir import FAILED, INTERRUPTED, run_key
+from .prepare import PreparationBar
 from .progress import make_reporter
 
 LAUNCHERS = ("inprocess", "local", "slurm")
@@ -103,7 +104,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         executor = _executor(args, runner)  # its flags are checked before anything is written
         for warning in runner.exp.warnings:
             err.print(f"[yellow]warning: {_escape(warning)}[/]")
-        plan = runner.prepare(write=not args.dry_run)  # a dry run makes every check the real run makes
+        with PreparationBar(err, quiet=args.quiet) as bar:  # a corpus not yet tokenized shows its progress
+            runner.progress = bar.for_spec
+            plan = runner.prepare(write=not args.dry_run)  # a dry run makes every check the real run makes
         if args.dry_run:
             return _dry_run(runner, plan, out, args.overrides)
         if args.launcher != "inprocess":

@@ -23,15 +23,24 @@ GROUP_SETTINGS = ("lr_mult", "weight_decay")
 
 @dataclass
 class DataConfig:
-    """Which corpus and tokenizer, and how much of it is held out for validation."""
+    """Which corpus and tokenizer, how much of it is held out for validation, and how a documents
+    corpus is prepared (``workers``, ``shard_tokens``: they change how, never which tokens)."""
 
     dataset: ComponentSpec = field(default_factory=lambda: ComponentSpec("python_docs"))
     tokenizer: ComponentSpec = field(default_factory=lambda: ComponentSpec("bytes"))
     val_fraction: float = 0.1
+    workers: Optional[int] = None  # tokenizing processes; None: the cores available
+    shard_tokens: int = 100_000_000  # tokens per shard file at most
 
     def validate(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
+        if self.workers is not None and not 1 <= self.workers <= 1024:
+            raise ConfigError(f"data.workers must be an integer from 1 to 1024, or null (the cores available), "
+                              f"got {self.workers}")
+        if not 1 <= self.shard_tokens < 2 ** 40:
+            raise ConfigError(f"data.shard_tokens must be a positive number of tokens per shard file (e.g. "
+                              f"100000000), got {self.shard_tokens}")
 
 
 @dataclass
@@ -137,6 +146,7 @@ class TrainConfig:
 #: train keys that change how a run is kept, never what it computes: left out of the config hash,
 #: so changing them neither reruns finished runs nor sets a run apart from the experiment's
 OPERATIONAL_TRAIN_KEYS = ("checkpoint_every", "checkpoint_keep")
+OPERATIONAL_DATA_KEYS = ("workers", "shard_tokens")
 
 #: train keys added after results existed, with the value that means "as before": the config hash
 #: leaves a key out while it has that value, so existing runs keep their identity
@@ -250,6 +260,8 @@ def config_hash(resolved: dict) -> str:
     train = {k: v for k, v in (resolved.get("train") or {}).items() if k not in OPERATIONAL_TRAIN_KEYS
              and not (k in LATER_TRAIN_KEYS and v == LATER_TRAIN_KEYS[k])}
     view = {**resolved, "train": train}
+    if isinstance(resolved.get("data"), dict):
+        view["data"] = {k: v for k, v in resolved["data"].items() if k not in OPERATIONAL_DATA_KEYS}
     if isinstance(resolved.get("model"), dict):
         view["model"] = hashed_model(resolved["model"])
     blob = json.dumps(view, sort_keys=True, separators=(",", ":"), default=str)

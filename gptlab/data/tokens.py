@@ -1,8 +1,10 @@
 """Token streams for training: a registered corpus, a registered tokenizer, a memory-mapped cache.
 
 A dataset factory returns a ``gptlab.Corpus`` and a tokenizer factory a ``gptlab.Tokenizer``
-(both in ``gptlab.data.text``). Tokens are prepared once per (corpus, tokenizer) and cached as a flat array
-that later runs memory-map; the train/val split is the tail fraction, fixed by the data config.
+(both in ``gptlab.data.text``). Tokens are prepared once per (corpus, tokenizer) and cached; later
+runs memory-map them. A documents corpus becomes sharded token files with a hash-chosen
+validation split (``gptlab.data.prepare``); a corpus read whole (``read``) becomes one flat array
+whose validation split is the tail fraction, as before documents existed.
 """
 from __future__ import annotations
 
@@ -10,15 +12,18 @@ import hashlib
 import json
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 
 from .. import rundir as rd
+from . import prepare as shards
 from ..errors import ConfigError, DamagedFile
+from ..plugin.contract import EXPERIMENT_DIR
 from ..plugin.manager import PluginSystem
 from ..rundir import file_sha256, refuse_link, write_json_atomic
 from ..config.run import DataConfig
@@ -26,9 +31,13 @@ from ..config.run import DataConfig
 
 @dataclass
 class TokenData:
-    train: np.ndarray
-    val: np.ndarray
+    train: Any  #: token ids: an array, or a TokenShards of memory-mapped shards
+    val: Any
     tokenizer: Any
+    #: False when a dry run looked at the start of a large corpus only (split sizes unknown)
+    complete: bool = True
+    #: the prepared shards' manifest (documents corpora), for ``gptlab prepare``'s report
+    manifest: Optional[dict] = None
 
 
 def build_tokenizer(spec, plugins: PluginSystem, state: Optional[dict] = None) -> Any:
@@ -42,20 +51,82 @@ def build_tokenizer(spec, plugins: PluginSystem, state: Optional[dict] = None) -
     return tok
 
 
-def prepare_tokens(data: DataConfig, plugins: PluginSystem, cache_dir: Path, write: bool = True) -> TokenData:
-    """Tokenize the corpus once and memory-map the cached token array (``write=False``: use the cache
-    if it is there, else tokenize in memory and write nothing)."""
+@contextmanager
+def experiment_dir(base_dir: Optional[Path]) -> Iterator[None]:
+    """Relative paths a plugin resolves with ``gptlab.data_path`` start at ``base_dir``."""
+    token = EXPERIMENT_DIR.set(Path(base_dir).resolve() if base_dir is not None else None)
+    try:
+        yield
+    finally:
+        EXPERIMENT_DIR.reset(token)
+
+
+def build_corpus(data: DataConfig, plugins: PluginSystem, base_dir: Optional[Path] = None) -> Any:
     entry = plugins.registry.lookup("dataset", data.dataset.name, data.dataset.options)
     try:
-        corpus = entry.factory(**data.dataset.options)
+        with experiment_dir(base_dir):
+            return entry.factory(**data.dataset.options)
     except ConfigError as exc:
         raise ConfigError(f"data.dataset '{data.dataset.name}': {exc}") from None
+
+
+def prepare_tokens(data: DataConfig, plugins: PluginSystem, cache_dir: Path, write: bool = True,
+                   base_dir: Optional[Path] = None, progress: Optional[shards.Progress] = None) -> TokenData:
+    """Tokenize the corpus once and memory-map the cached tokens (``write=False``, a dry run: use the
+    cache if it is there, else look at the corpus, or its start when it is large, and write nothing).
+    ``base_dir`` is the experiment file's folder, where relative dataset paths start."""
+    corpus = build_corpus(data, plugins, base_dir)
     tokenizer = build_tokenizer(data.tokenizer, plugins)
     if getattr(corpus, "tokens", None) is not None:
         return _ready_tokens(data, corpus, tokenizer)
-    key = hashlib.sha256(json.dumps(
-        [data.dataset.name, data.dataset.options, data.tokenizer.name, data.tokenizer.options, corpus.fingerprint],
-        sort_keys=True, default=str).encode()).hexdigest()[:16]
+    if getattr(corpus, "documents", None) is not None:
+        return _document_tokens(data, corpus, tokenizer, cache_dir, write, progress)
+    if getattr(corpus, "read", None) is None:
+        raise ConfigError(f"data.dataset '{data.dataset.name}' gives no text: its Corpus sets none of documents, "
+                          f"read and tokens; fix the dataset plugin")
+    return _whole_text_tokens(data, corpus, tokenizer, cache_dir, write)
+
+
+def _cache_key(data: DataConfig, corpus: Any, *extra: Any) -> str:
+    return hashlib.sha256(json.dumps(
+        [data.dataset.name, data.dataset.options, data.tokenizer.name, data.tokenizer.options, corpus.fingerprint,
+         *extra], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _document_tokens(data: DataConfig, corpus: Any, tokenizer: Any, cache_dir: Path, write: bool,
+                     progress: Optional[shards.Progress]) -> TokenData:
+    """A documents corpus: sharded token files under ``cache_dir/KEY/`` with a manifest."""
+    where = f"data.dataset '{data.dataset.name}'"
+    source = shards.Source(corpus.documents, getattr(corpus, "val_documents", None), where)
+    rule = shards.split_rule(data.val_fraction, source.val is not None)
+    key = _cache_key(data, corpus, shards.FORMAT, rule)
+    folder = cache_dir / key
+    manifest = shards.verified(folder) if (folder / shards.MANIFEST).exists() else None
+    if manifest is None and not write:  # a dry run: the start of the corpus, nothing written
+        shards.fit_tokenizer(tokenizer, source, data.val_fraction, data.tokenizer.name)             if not shards.learns(tokenizer) else _fit_on_sample(tokenizer, source, data)
+        train, val, complete = shards.sample(source, tokenizer, data.val_fraction)
+        return TokenData(train, val, tokenizer, complete=complete)
+    if manifest is None:
+        def build(tmp: Path) -> dict:
+            shards.fit_tokenizer(tokenizer, source, data.val_fraction, data.tokenizer.name)
+            return shards.write_shards(tmp, source, tokenizer, data.val_fraction,
+                                       data.workers or shards.default_workers(), data.shard_tokens, progress)
+        folder, manifest = shards.prepared_folder(cache_dir, key, build)
+    tokenizer.load_state_dict(manifest["tokenizer_state"])
+    train, val = shards.open_shards(folder, manifest)
+    return TokenData(TokenShards.of(train), TokenShards.of(val), tokenizer, manifest=manifest)
+
+
+def _fit_on_sample(tokenizer: Any, source: "shards.Source", data: DataConfig) -> None:
+    """A dry run fits a learned vocabulary on the corpus's start only, to check it trains."""
+    head = shards.Source(lambda: shards.first_chars(iter(source.train()), shards.SAMPLE_CHARS), source.val,
+                         source.where)
+    shards.fit_tokenizer(tokenizer, head, data.val_fraction, data.tokenizer.name)
+
+
+def _whole_text_tokens(data: DataConfig, corpus: Any, tokenizer: Any, cache_dir: Path, write: bool) -> TokenData:
+    """A corpus read whole: one flat cached array, the validation split its tail."""
+    key = _cache_key(data, corpus)
     bin_path, meta_path = cache_dir / f"{key}.bin", cache_dir / f"{key}.json"
     meta = _verified_cache(bin_path, meta_path) if meta_path.exists() or bin_path.exists() else None
     if meta is not None:

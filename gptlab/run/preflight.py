@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -220,11 +221,17 @@ def _raising_plugin(exc: BaseException, plugins: PluginSystem, entries: dict) ->
     return f"plugin '{name}'" + (f" ({', '.join(mine)})" if mine else "")
 
 
+def experiment_dir(exp: Experiment) -> Optional[Path]:
+    """Where an experiment's relative data paths start: its file's folder (None: no file)."""
+    return Path(exp.path).resolve().parent if exp.path is not None else None
+
+
 def preflight(exp: Experiment, plugins: PluginSystem, cache_dir: Path, write: bool = True,
-              device_type: str = "cpu") -> dict[str, TokenData]:
+              device_type: str = "cpu", progress: Optional[Callable] = None) -> dict[str, TokenData]:
     """Check everything a user can get wrong before the first run starts: components, data, lengths.
 
     ``write=False`` (a dry run) makes the same checks without creating the token cache.
+    ``progress(spec)`` returns a progress callback for preparing that run's corpus, or None.
     """
     check_trackers(exp.track, plugins)  # an unknown sink or a missing package: before any run directory exists
     check_components(exp, plugins, device_type)
@@ -234,7 +241,9 @@ def preflight(exp: Experiment, plugins: PluginSystem, cache_dir: Path, write: bo
         key = data_key(spec)
         if key not in data_by_key:
             try:
-                data_by_key[key] = prepare_tokens(spec.data, plugins, cache_dir, write=write)
+                data_by_key[key] = prepare_tokens(spec.data, plugins, cache_dir, write=write,
+                                                  base_dir=experiment_dir(exp),
+                                                  progress=progress(spec) if progress else None)
             except ConfigError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
         data = data_by_key[key]
@@ -247,7 +256,7 @@ def preflight(exp: Experiment, plugins: PluginSystem, cache_dir: Path, write: bo
             raise ConfigError(f"{where}: train.seq_len {seq_len} exceeds model.context_length "
                               f"{spec.model.context_length}; lower train.seq_len or raise the context")
         for split, tokens in (("training", data.train), ("validation", data.val)):
-            if len(tokens) < seq_len + 2:
+            if len(tokens) < seq_len + 2 and data.complete:  # a dry run's sample of a large corpus: unknown
                 raise ConfigError(f"{where}: the {split} split has {len(tokens)} tokens, too few for windows of "
                                   f"{seq_len}; lower model.context_length / train.seq_len or use a bigger corpus")
     return data_by_key

@@ -36,7 +36,7 @@ from ..plugin.hookspecs import RunInfo
 from ..model.gpt import GPTModel
 from ..plugin.manager import PluginSystem
 from ..rundir import read_summary, write_json_atomic
-from .preflight import check_writable, data_key, preflight
+from .preflight import check_writable, data_key, experiment_dir, preflight
 from .tracking import RunHooks
 from .tuning import choose, record
 from ..train.loop import Diverged, train_run
@@ -113,6 +113,8 @@ class ExperimentRunner:
         self.plan: Optional[list[PlannedRun]] = None  # made by prepare(), once; run() trains it
         self.choices: Optional[dict] = None  # with a tune: block, what the tuning runs say (decide())
         self._data: Optional[dict[str, TokenData]] = None
+        #: progress(spec) -> a callback for preparing that run's corpus (a progress bar), or None
+        self.progress: Optional[Callable] = None
 
     @classmethod
     def open(cls, path: Path, overrides: list[str] = (), *, results_dir: Path = Path("results"),
@@ -182,7 +184,8 @@ class ExperimentRunner:
                     check_writable(folder)
             if write:
                 self.remove_orphans()
-            self._data = preflight(self.exp, self.plugins, self.cache_dir, write=write, device_type=self.device.type)
+            self._data = preflight(self.exp, self.plugins, self.cache_dir, write=write, device_type=self.device.type,
+                                   progress=self.progress)
         for spec in self.exp.runs:
             if spec.train.batch_size % self.group.world:
                 raise ConfigError(f"variant '{spec.variant}': train.batch_size {spec.train.batch_size} is not "
@@ -321,7 +324,7 @@ class ExperimentRunner:
         cache the parent prepared: the whole job of a child process (``workers.run_job``)."""
         if threads:
             torch.set_num_threads(threads)
-        data = prepare_tokens(planned.spec.data, self.plugins, self.cache_dir)
+        data = prepare_tokens(planned.spec.data, self.plugins, self.cache_dir, base_dir=experiment_dir(self.exp))
         return self.run_one(planned, data, on_progress)
 
     def run_one(self, planned: PlannedRun, data: TokenData, on_progress: Optional[Callable] = None) -> RunOutcome:
