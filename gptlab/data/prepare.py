@@ -100,6 +100,20 @@ def _tokenize(task: tuple) -> tuple:
                  for s in SPLITS)
 
 
+def _die_with(parent: int) -> None:
+    """A worker ends when its parent does, however that ends (a kill included): left alone it
+    would wait on the task queue forever, holding the parent's output pipes open."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(1)
+
+
 def _chunks(documents: Iterable[str], split: Optional[str], where: str) -> Iterator[tuple]:
     """Documents grouped into tasks of about CHUNK_CHARS characters."""
     chunk, size = [], 0
@@ -126,8 +140,9 @@ def _results(tasks: Iterator[tuple], workers: int) -> Iterator[tuple]:
     from concurrent.futures import ProcessPoolExecutor
 
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None  # a user's tokenizer
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method)) as pool:  # class needs
-        pending: deque = deque()  # fork: it is inherited, never pickled by module name
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),  # class needs fork:
+                             initializer=_die_with, initargs=(os.getpid(),)) as pool:  # inherited, not pickled
+        pending: deque = deque()
         for task in tasks:
             pending.append((task, pool.submit(_tokenize, task)))
             if len(pending) >= 2 * workers:
@@ -245,10 +260,10 @@ def _chained(*iterators: Iterator) -> Iterator:
         yield from it
 
 
-def sample(source: Source, tokenizer: Tokenizer, val_fraction: float, limit: int = SAMPLE_CHARS) -> tuple:
+def sample(source: Source, tokenizer: Tokenizer, val_fraction: float, limit: Optional[int] = None) -> tuple:
     """A dry run's look at a corpus: the first ``limit`` characters of each split tokenized in this
     process, nothing written. Returns (train ids, val ids, whether the whole corpus was seen)."""
-    dtype = token_dtype(tokenizer.vocab_size)
+    dtype, limit = token_dtype(tokenizer.vocab_size), limit or SAMPLE_CHARS
     _set_job(tokenizer, None if source.val is not None else val_fraction, dtype)
     out, complete = {"train": [], "val": []}, True
     for split, docs in (("train", source.train), ("val", source.val)):
