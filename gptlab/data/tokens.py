@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,9 +109,12 @@ def _document_tokens(data: DataConfig, corpus: Any, tokenizer: Any, cache_dir: P
         return TokenData(train, val, tokenizer, complete=complete)
     if manifest is None:
         def build(tmp: Path) -> dict:
+            started = time.perf_counter()
             shards.fit_tokenizer(tokenizer, source, data.val_fraction, data.tokenizer.name)
-            return shards.write_shards(tmp, source, tokenizer, data.val_fraction,
-                                       data.workers or shards.default_workers(), data.shard_tokens, progress)
+            fitted = time.perf_counter() - started
+            return {**shards.write_shards(tmp, source, tokenizer, data.val_fraction,
+                                          data.workers or shards.default_workers(), data.shard_tokens, progress),
+                    "fit_seconds": round(fitted, 3)}
         folder, manifest = shards.prepared_folder(cache_dir, key, build)
     tokenizer.load_state_dict(manifest["tokenizer_state"])
     train, val = shards.open_shards(folder, manifest)
