@@ -78,7 +78,8 @@ def test_options_of_every_kind(listed):
     assert by_name(every[("schedule", "wsd")])["decay_fraction"]["range"] == {"gt": 0, "le": 1}
     assert by_name(every[("tokenizer", "tiktoken")])["encoding"]["default"] == "gpt2"
     # a required option has no default
-    assert every[("dataset", "text")] == [{"name": "path", "required": True, "type": "string or list", "range": None}]
+    assert every[("dataset", "text")][0] == {"name": "path", "required": True, "type": "string or list", "range": None}
+    assert by_name(every[("dataset", "text")])["documents"]["default"] is None  # unset: the files are one text
     # kinds and components without options show none
     for key in [("tokenizer", "bytes"), ("tokenizer", "char"), ("position", "learned"), ("schedule", "cosine")]:
         assert every[key] == [], key
