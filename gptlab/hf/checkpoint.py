@@ -341,9 +341,13 @@ SPECIAL_TOKENS = ("bos_token_id", "eos_token_id")
 def end_of_text_id(tokenizer: Any) -> Optional[int]:
     """The id of ``tokenizer``'s end-of-text token, or None when it has none.
 
-    A tokenizer has one when ``END_OF_TEXT`` encodes to a single id that decodes back to it (the
-    'char' tokenizer's special; 'bytes' spells it in 13 bytes: none), or when it wraps a tiktoken
+    The tokenizer's own ``eot_id`` when set (documents corpora: bytes' 256, bpe's special); else
+    one when ``END_OF_TEXT`` encodes to a single id that decodes back to it (the 'char'
+    tokenizer's special; 'bytes' spells it in 13 bytes: none), or when it wraps a tiktoken
     encoding, whose ``eot_token`` is it ('tiktoken': 50256 for gpt2)."""
+    own = _token_id(getattr(tokenizer, "eot_id", None))
+    if own is not None:
+        return own
     try:
         ids = list(tokenizer.encode(END_OF_TEXT))
         if len(ids) == 1 and tokenizer.decode(ids) == END_OF_TEXT:

@@ -263,3 +263,14 @@ def test_existing_whole_text_experiments_keep_their_tokens(tmp_path, lines):
     n_val = int(len(ids) * 0.1)
     assert np.array_equal(np.asarray(got.train), ids[: len(ids) - n_val])
     assert got.tokenizer.vocab_size == 256 and got.tokenizer.eot_id is None and got.manifest is None
+
+
+def test_export_names_the_end_of_text_id_a_documents_corpus_gave(tmp_path, lines):
+    from gptlab.hf.checkpoint import end_of_text_id
+
+    path, _ = lines
+    got = prepare_tokens(data(path, workers=1), default_plugins(), tmp_path / "c")
+    assert end_of_text_id(got.tokenizer) == EOT
+    whole = prepare_tokens(parse_section(DataConfig, {"dataset": {"name": "text", "path": str(path)},
+                                                      "tokenizer": "bytes"}, "data"), default_plugins(), tmp_path / "c")
+    assert end_of_text_id(whole.tokenizer) is None  # 256 bytes, no end-of-text id: as before
