@@ -59,6 +59,7 @@ class BpeTokenizer(Tokenizer):
 
     def __init__(self, vocab_size: int = 8192, min_frequency: Annotated[int, Range(ge=0)] = 2,
                  max_train_chars: Annotated[int, Range(ge=1)] = 200_000_000):
+        # vocab_size is bounded here rather than by a Range, so the message can name the key to fix
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= BYTES + 1:
             raise ConfigError(f"vocab_size must be more than {BYTES + 1} (the {BYTES} byte tokens and {EOT}), "
                               f"got {vocab_size!r}; set data.tokenizer.vocab_size to {BYTES + 2} or more "
@@ -69,13 +70,15 @@ class BpeTokenizer(Tokenizer):
         self.max_train_chars = max_train_chars
         self._tok = None
         self._eot = None
+        self._size = None  # the trained vocabulary's real size
         self._sizes = None  # bytes each id stands for
         self._owner = os.getpid()
 
     # -- the vocabulary ---------------------------------------------------------------------------
     @property
     def vocab_size(self):
-        return self.requested if self._tok is None else self._tok.get_vocab_size(with_added_tokens=True)
+        """The requested size before training; after it, the tokens really learned (maybe fewer)."""
+        return self.requested if self._size is None else self._size
 
     @property
     def eot_id(self):
@@ -117,7 +120,7 @@ class BpeTokenizer(Tokenizer):
                     raise ConfigError(f"the tokenizer state holds token {token!r}, which is not byte-level; "
                                       f"prepare the tokens again")
                 sizes[i] = len(token)
-        self._tok, self._eot, self._sizes = tok, eot, sizes
+        self._tok, self._eot, self._sizes, self._size = tok, eot, sizes, len(sizes)
         _calm_threads_before_fork()
 
     def _ready(self):

@@ -47,6 +47,18 @@ def stdlib_lines() -> list[str]:
     return lines + ODD
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _parallelism_put_back():
+    """Training sets TOKENIZERS_PARALLELISM for the process (see the plugin); other test modules
+    get the environment as it was."""
+    before = os.environ.get(PARALLELISM)
+    yield
+    if before is None:
+        os.environ.pop(PARALLELISM, None)
+    else:
+        os.environ[PARALLELISM] = before
+
+
 @pytest.fixture(scope="module")
 def docs():
     return stdlib_lines()

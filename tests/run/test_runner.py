@@ -122,7 +122,8 @@ def test_first_run_writes_the_documented_files(first_run):
         assert resolved["model"]["context_length"] == 64 and resolved["model"]["n_heads"] == 4
         assert resolved["model"]["norm"] == ("rmsnorm" if variant == "b" else "layernorm")
         assert resolved["train"]["steps"] == 10 and resolved["train"]["batch_size"] == 4
-        assert resolved["data"] == {"dataset": "python_docs", "tokenizer": "bytes", "val_fraction": 0.1}
+        assert resolved["data"] == {"dataset": "python_docs", "tokenizer": "bytes", "val_fraction": 0.1, "workers": None,
+                                    "shard_tokens": 100_000_000}
 
         # metrics.jsonl: one row per log step; val_loss only at eval steps (here: the last one)
         rows = metrics(run_dir)
