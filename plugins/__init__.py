@@ -18,4 +18,5 @@ BUILTINS = (
     "track_tensorboard", "track_wandb", "track_mlflow",
     "optim_adamw", "optim_muon", "optim_lion", "optim_sgd",
     "schedule_cosine", "schedule_wsd", "schedule_linear", "schedule_constant",
+    "eval_hellaswag",
 )

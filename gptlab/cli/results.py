@@ -263,7 +263,21 @@ def _summary_pairs(row: dict) -> list[tuple[str, str]]:
              ("wall", num("wall_time_s", "{:.1f} s")), ("device", str(row.get("device") or fmt.NA))]
     for key in sorted(k for k in row if k.startswith("aux_losses.")):  # the objective's other terms, last logged
         pairs.append((f"aux {key.split('.', 1)[1]}", num(key, "{:.4g}")))
+    for key in _eval_metrics(row):  # downstream evals, as the last step measured them
+        pairs.append((key, num(key)))
     return pairs
+
+
+def _eval_metrics(row: dict) -> list:
+    """The eval metrics a run's summary names (``eval_metrics``, JSON text in a table row)."""
+    import json
+
+    names = row.get("eval_metrics")
+    try:
+        names = json.loads(names) if isinstance(names, str) else names
+    except ValueError:
+        return []
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
 
 _MISSING = object()

@@ -16,7 +16,8 @@ from typing import Any, Iterable, Optional
 import pandas as pd
 
 from .. import fmt
-from ..results.compare import EXPORTS, SMALL_N, cell_text, compare_results, export
+from ..results.compare import (EXPORTS, HIGHER_IS_BETTER, SMALL_N, cell_text, compare_results,  # noqa: F401
+                               export, higher_is_better)
 from ..errors import ConfigError, did_you_mean
 from ..rundir import COMPLETED, DIVERGED, FAILED, STATUSES, length_multiple
 
@@ -74,6 +75,9 @@ def display_columns(table: pd.DataFrame) -> list[Column]:
                  for i, v in enumerate(table[col])]
         header = "@" + col.partition("@")[2]  # val_loss@2x -> @2x
         cols.append(Column(header, cells, 9 if length_multiple(col) == 1 else 3))  # @1x repeats the val loss
+    for col in a.get("eval_cols", ()):  # downstream evals (hellaswag_acc): means over completed seeds
+        if col != label:  # the chosen metric has its column already
+            cols.append(Column(col, [fmt.num(v, "{:.4f}") for v in table[col]], 7 if col.endswith("_stderr") else 4))
     cols.append(Column("best val", [fmt.num(v, "{:.4f}") + (f" @{s:.0f}" if not math.isnan(s) else "")
                                      for v, s in zip(table["best_val_loss"], table["best_val_step"])], 8))
     cols.append(Column("train", [fmt.num(v, "{:.4f}") for v in table["final_train_loss"]], 9))
@@ -129,8 +133,7 @@ def table_notes(table: pd.DataFrame) -> list[str]:
     return notes
 
 
-#: metrics where a larger value is the better one (every loss, bits per byte and the like: smaller)
-HIGHER_IS_BETTER = ("tokens_per_s", "mfu", "accuracy", "acc")
+#: which metrics are better when larger: gptlab.results.compare.HIGHER_IS_BETTER (imported here, where it lived)
 
 
 def verdicts(table: pd.DataFrame) -> list[str]:
@@ -138,7 +141,7 @@ def verdicts(table: pd.DataFrame) -> list[str]:
     with the seeds behind it (and, when not distinguishable, the seeds a difference this size needs)."""
     a = table.attrs
     metric, base = a["metric"], a["baseline"]
-    higher = any(metric.split("@")[0].endswith(h) for h in HIGHER_IS_BETTER)
+    higher = a.get("higher_is_better", higher_is_better(metric))
     base_n = next((int(n) for n, b in zip(table["n"], table["baseline"]) if b), 0)
     out = []
     for i in range(len(table)):

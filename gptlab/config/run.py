@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from .model import ComponentSpec, ModelConfig, count, hashed_model, positive, to_plain
@@ -187,6 +188,29 @@ class SlurmConfig:
 
 
 SECTIONS = ("model", "data", "train")  #: the sections of a run's config, in order
+#: the downstream evaluations of a run (a list of eval components), beside the sections: in a run's
+#: resolved config and its hash only when it lists some, so runs without evals keep their identity
+EVALS = "evals"
+
+
+def parse_evals(value: Any, where: str = EVALS) -> tuple:
+    """``evals:`` as written (null, a name, or a list of names and ``{name: ..., <options>}``) ->
+    ComponentSpecs. An eval's metrics are named after it, so one name may appear only once."""
+    if value is None:
+        return ()
+    items = value if isinstance(value, (list, tuple)) else [value]
+    specs = tuple(ComponentSpec.parse(item, f"{where}[{i}]") for i, item in enumerate(items))
+    names = [spec.name for spec in specs]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(f"{where}: eval '{name}' is listed twice; its metrics ({name}_...) would clash, "
+                              f"so list each eval once")
+    return specs
+
+
+def evals_plain(evals: Any) -> list:
+    """Eval specs as plain data (a name, or {name, options}), as config.yaml and the hash hold them."""
+    return [spec.to_plain() for spec in evals]
 
 
 def flatten_config(config: Mapping[str, Any], leaf: Callable[[Any], Any] = lambda value: value) -> dict:
@@ -208,6 +232,11 @@ def flatten_config(config: Mapping[str, Any], leaf: Callable[[Any], Any] = lambd
         values = config.get(section)
         for key, value in (values.items() if isinstance(values, Mapping) else ()):
             put(f"{section}.{key}", value)
+    evals = config.get(EVALS)
+    for item in (evals if isinstance(evals, list) else ()):  # evals.hellaswag = hellaswag, .limit = 500
+        spec = item if isinstance(item, Mapping) else {"name": item}
+        if isinstance(spec.get("name"), str):
+            put(f"{EVALS}.{spec['name']}", spec)
     return out
 
 
@@ -221,9 +250,15 @@ class RunSpec:
     data: DataConfig
     train: TrainConfig
     changes: dict = field(default_factory=dict)  # dotted keys this variant sets, for display
+    evals: tuple = ()  # ComponentSpecs of the eval kind (``evals:``), run at every evaluation step
+    #: the experiment file's folder, where an eval's relative paths start (where the run is, not what)
+    base_dir: Optional[Path] = None
 
     def resolved(self) -> dict:
-        return {"model": self.model.to_dict(), "data": to_plain(self.data), "train": to_plain(self.train)}
+        out = {"model": self.model.to_dict(), "data": to_plain(self.data), "train": to_plain(self.train)}
+        if self.evals:  # absent, not empty, without evals: such a run keeps the hash it always had
+            out[EVALS] = evals_plain(self.evals)
+        return out
 
     @property
     def config_hash(self) -> str:
@@ -256,10 +291,14 @@ def check_seeds(seeds: Any, key: str, example: str, where: str) -> list:
 
 
 def config_hash(resolved: dict) -> str:
-    """The run's identity: a hash of every key that can change what it computes."""
+    """The run's identity: a hash of every key that can change what it computes or records. The
+    evals a run measures are part of it (they add metrics to its files), but only when it has some:
+    ``evals`` absent or empty hashes as the run did before evals existed."""
     train = {k: v for k, v in (resolved.get("train") or {}).items() if k not in OPERATIONAL_TRAIN_KEYS
              and not (k in LATER_TRAIN_KEYS and v == LATER_TRAIN_KEYS[k])}
     view = {**resolved, "train": train}
+    if not view.get(EVALS):
+        view.pop(EVALS, None)
     if isinstance(resolved.get("data"), dict):
         view["data"] = {k: v for k, v in resolved["data"].items() if k not in OPERATIONAL_DATA_KEYS}
     if isinstance(resolved.get("model"), dict):

@@ -20,6 +20,7 @@ importer                  HFImport              dataclass: model config + tensor
 optimizer                 Optimizer             ``torch.optim.Optimizer`` over ``ParamInfo`` s
 schedule                  Schedule              class to subclass: ``multiplier(step, group)``
 tracker                   Tracker               protocol of the factory: ``() -> None``
+eval                      Eval                  class to subclass: ``(model, tokenizer, device, autocast) -> metrics``
 ========================  ====================  ============================================
 
 Parameter names. An importer maps checkpoint tensors onto gptlab parameter names such as
@@ -238,6 +239,39 @@ def data_path(path: str, key: str = "data.dataset.path") -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Downstream evaluations: the eval kind (``evals:`` of an experiment or a variant)
+# ---------------------------------------------------------------------------------------------
+class Eval:
+    """Base class of the eval kind: ``factory(**options)`` -> an Eval, one per run that lists it.
+
+    Why a kind of its own: a validation loss says how well a model predicts held-out text, not
+    whether it can do a task; an eval measures the task (HellaSwag's multiple choice) on the very
+    model the run trains, at the same steps, so its curve sits beside ``val_loss``.
+
+    The factory is called before anything trains (preflight, and ``--dry-run``) and again when the
+    run starts, with ``EXPERIMENT_DIR`` set to the experiment file's folder: open files through
+    ``gptlab.data_path(path, key="evals.<name>.path")`` (relative paths start there) and raise ``gptlab.ConfigError``
+    naming the key and the path when one is missing, so a bad path stops the command at once.
+
+    ``__call__(model, tokenizer, device, autocast)`` -> ``{metric: number or None}``, called at
+    every evaluation step (``train.eval_every`` and the last step; a run's final values are its
+    last step's) on rank 0 only, so it must not use collectives. gptlab hands it the bare model
+    (not DDP, not compiled) in eval mode under ``torch.no_grad()`` and restores training mode and
+    the random streams after it; ``model(idx)`` gives logits (B, T, vocab), at most
+    ``model.config.context_length`` tokens; ``autocast()`` is the run's precision context (bf16
+    autocast on CUDA, nothing on CPU): run forwards inside it. ``tokenizer`` is the run's own
+    (``gptlab.Tokenizer``). Return metric names without a prefix: gptlab writes each as
+    ``<registered name>_<metric>`` (``hellaswag_acc``) in metrics.jsonl, summary.json, the tracking
+    sinks and ``gptlab compare``, where a name ending in ``acc`` or ``accuracy`` counts as better
+    when higher and any other as better when lower.
+    """
+
+    def __call__(self, model: Any, tokenizer: "Tokenizer", device: Any,
+                 autocast: Callable[[], Any]) -> Mapping[str, Optional[float]]:
+        raise NotImplementedError(f"eval {type(self).__name__} must define __call__(model, tokenizer, device, autocast)")
+
+
+# ---------------------------------------------------------------------------------------------
 # Importers (re-exported by gptlab.hf.checkpoint, which reads and writes the files)
 # ---------------------------------------------------------------------------------------------
 @dataclass
@@ -394,6 +428,7 @@ HELPERS: dict[str, tuple[str, ...]] = {
                 "gptlab.run.tracking.final_metrics", "gptlab.run.tracking.grad_norms",
                 "gptlab.run.tracking.flat_config", "gptlab.run.tracking.number", "gptlab.run.tracking.metric_key",
                 "gptlab.run.tracking.Background", "gptlab.run.tracking.RunSlots"),
+    "eval": ("gptlab.plugin.contract.data_path", "gptlab.plugin.contract.Tokenizer", _RANGE),
 }
 
 
@@ -484,7 +519,7 @@ def write_readme_table(path: Optional[Path] = None) -> Path:
 
 
 __all__ = ["KINDS", "MODEL_KINDS", "Attr", "Kind", "Range", "RunInfo", "hookimpl", *_TORCH_BACKED, "Norm", "Block",
-           "FeedForward", "Tracker", "Corpus", "Tokenizer", "data_path", "EXPERIMENT_DIR", "HFImport", "per_head_rows", "fused_rows", "HELPERS",
+           "FeedForward", "Tracker", "Eval", "Corpus", "Tokenizer", "data_path", "EXPERIMENT_DIR", "HFImport", "per_head_rows", "fused_rows", "HELPERS",
            "SKELETON", "SUBLAYERS", "LEAVES", "param_names", "declared_modules", "declared_parameters", "kinds_table"]
 
 if __name__ == "__main__":  # python -m gptlab.plugin.contract: regenerate the README's table of kinds

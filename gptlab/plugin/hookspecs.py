@@ -183,6 +183,10 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
                  "and raises gptlab.ConfigError when the sink cannot work (its package missing: name the extra). "
                  "The plugin's lifecycle hooks do the tracking, for runs where RunInfo.tracks(name) "
                  "(plugins/track_tensorboard.py)"),
+    Kind("eval", base_name="Eval",
+         returns="an Eval: called (model, tokenizer, device, autocast) -> {metric: number} at every evaluation step "
+                 "on rank 0, the model in eval mode under no_grad; logged as <name>_<metric>. Chosen by evals: "
+                 "(plugins/eval_hellaswag.py)"),
 )}
 
 MODEL_KINDS = tuple(k.name for k in KINDS.values() if k.model_key)

@@ -25,13 +25,14 @@ import pandas as pd
 from ..errors import ConfigError, did_you_mean
 from .frame import META, load_results, read_metrics
 from .ladder import ladder_lines, ladder_parts, scale_record
-from ..config.run import SECTIONS
+from ..config.run import EVALS, SECTIONS
 from ..rundir import COMPLETED, METRIC_ALIASES, STATUSES, SUMMARY_METRICS, length_multiple, read_experiment
 from .stats import welch_ci
 from .termplot import sparkline
 
 __all__ = ["ALIASES", "EXPORTS", "MEANS", "SMALL_N", "Group", "cell", "cell_text", "compare_results", "compare_table",
-           "experiment_blocks", "export", "group_runs", "mean_curve", "metric_values", "resolve_by", "welch_ci"]
+           "eval_columns", "experiment_blocks", "export", "group_runs", "higher_is_better", "mean_curve",
+           "metric_values", "resolve_by", "welch_ci"]
 
 ALIASES = METRIC_ALIASES
 LOGGED_AS = {"final_val_loss": "val_loss", "final_val_bpb": "val_bpb", "final_train_loss": "train_loss"}  # names in metrics.jsonl
@@ -55,9 +56,38 @@ class Group:
 MAX_SPLIT = 6  # more config keys than this splitting a --by group: the table would be unreadable
 
 
+#: metric names (their last part) where a larger value is the better one: accuracies and
+#: throughput; every other metric (losses, bits per byte, standard errors) is better when smaller
+HIGHER_IS_BETTER = ("tokens_per_s", "mfu", "accuracy", "acc")
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger ``metric`` is better: what a verdict's "better"/"worse" and a Δ's sign mean.
+    An eval's accuracy (``hellaswag_acc``, read at a step or a budget too) is; its ``_stderr`` is not."""
+    return any(str(metric).split("@")[0].endswith(h) for h in HIGHER_IS_BETTER)
+
+
 # -- grouping and metric lookup ----------------------------------------------------------------
 def config_columns(df: pd.DataFrame) -> list[str]:
-    return [c for c in df.columns if c.split(".")[0] in SECTIONS and "." in c]
+    """The runs' config as columns: model/data/train keys, and each eval (``evals.hellaswag``) with its options."""
+    return [c for c in df.columns if c.split(".")[0] in (*SECTIONS, EVALS) and "." in c]
+
+
+def eval_columns(df: pd.DataFrame) -> list[str]:
+    """The eval metrics the runs report (``hellaswag_acc``, ...), in the order they first appear: each
+    run's summary names its own in ``eval_metrics``."""
+    import json
+
+    out: dict[str, None] = {}
+    for text in (df["eval_metrics"].dropna() if "eval_metrics" in df.columns else ()):
+        try:
+            names = json.loads(text) if isinstance(text, str) else text
+        except ValueError:
+            continue
+        for name in names if isinstance(names, list) else ():
+            if isinstance(name, str) and name in df.columns:
+                out.setdefault(name)
+    return list(out)
 
 
 def resolve_by(df: pd.DataFrame, by: Any) -> list[str]:
@@ -268,7 +298,8 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
     within each group); n (values in the mean) and n_total; ``<metric>_mean`` and ``_std``; delta
     to the baseline with ``delta_ci_low/high`` (95% Welch) and ``significant``; ``baseline``;
     best_val_loss and best_val_step (median); final_train_loss; tokens_per_s, mfu, parameters,
-    peak_memory and wall_time_s means; ``val_loss@Nx`` means; ``n_<status>`` counts; ``notes`` (why an
+    peak_memory and wall_time_s means; ``val_loss@Nx`` means; each eval metric's mean (``hellaswag_acc``,
+    ``attrs['eval_cols']``); ``n_<status>`` counts; ``notes`` (why an
     extrapolation is missing); ``curve`` (sparkline of the mean val loss, or train loss when val
     was evaluated fewer than 3 times); ``defined``, ``overrides``, ``tuning`` (``_made_with``). ``at``
     (axis, budget): the metric read off each run's curve at that many FLOPs, tokens or seconds of
@@ -295,7 +326,8 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
     done = df["status"].eq(COMPLETED).to_numpy()
     diff_cols = _differing(df, groups, by_keys, show_keys)
     extrap = sorted((c for c in df.columns if length_multiple(c) is not None), key=length_multiple)
-    numeric = {c: _numbers(df, c) for c in MEANS + tuple(extrap)}
+    evals = eval_columns(df)
+    numeric = {c: _numbers(df, c) for c in MEANS + tuple(extrap) + tuple(evals)}
     samples = [_completed_sample(values, g.index, done) for g in groups]
     numeric_threads = _numbers(df, "threads")
     curves = {k: [mean_curve(df.loc[[i for i in g.index if done[i]], "run_dir"], k) for g in groups]
@@ -306,7 +338,7 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
         row = dict(g.keys)
         row.update({col: cell(df.at[g.index[0], col]) for col in diff_cols})
         row.update(_metric_cells(label, samples[gi], samples[base], gi == base, len(g.index)))
-        row.update(_run_cells(df, g.index, [i for i in g.index if done[i]], numeric, extrap))
+        row.update(_run_cells(df, g.index, [i for i in g.index if done[i]], numeric, extrap, evals))
         row["notes"] = _row_notes(row["notes"], label, g.index, done, reasons, numeric_threads)
         row["curve"] = sparkline(curves[curve_key][gi].to_numpy())
         rows.append({**row, **_made_with(df, g.index[0])})
@@ -316,7 +348,8 @@ def compare_table(df: pd.DataFrame, by: Any = None, baseline: Optional[str] = No
         table = table.sort_values(col, ascending=not descending, na_position="last", kind="stable")
         table = table.reset_index(drop=True)
     table.attrs.update(metric=label, baseline=groups[base].label, group_cols=list(groups[0].keys),
-                       config_cols=diff_cols, extrap_cols=extrap, curve=curve_key, budget=at is not None)
+                       config_cols=diff_cols, extrap_cols=extrap, curve=curve_key, budget=at is not None,
+                       eval_cols=evals, higher_is_better=higher_is_better(label))
     return table
 
 
@@ -387,11 +420,11 @@ def seeds_needed(vals: np.ndarray, base_vals: np.ndarray, delta: float) -> float
     return float(math.ceil(2 * ((Z_975 + Z_80) * math.sqrt(pooled) / abs(delta)) ** 2))
 
 
-def _run_cells(df: pd.DataFrame, index: list, ok: list, numeric: dict, extrap: list) -> dict:
-    """Summary means over the completed runs ``ok`` (best_val_step: median), status counts, and
-    why an extrapolation is missing."""
+def _run_cells(df: pd.DataFrame, index: list, ok: list, numeric: dict, extrap: list, evals: list = ()) -> dict:
+    """Summary means over the completed runs ``ok`` (best_val_step: median; each eval metric too),
+    status counts, and why an extrapolation is missing."""
     cells: dict[str, Any] = {}
-    for col in MEANS + tuple(extrap):
+    for col in MEANS + tuple(extrap) + tuple(evals):
         v = numeric[col].iloc[ok].dropna()
         cells[col] = (v.median() if col == "best_val_step" else v.mean()) if len(v) else math.nan
     statuses = df["status"].iloc[index].value_counts()

@@ -36,8 +36,22 @@ def run_panels(run_dir: Path, x: str = "step") -> list[Panel]:
     from .frame import read_metrics
 
     metrics = read_metrics(run_dir)
-    return [("loss curves", [(name, *_xy(metrics, key, x)) for name, key in (("train", "train_loss"),
-                                                                              ("val", "val_loss"))])]
+    panels = [("loss curves", [(name, *_xy(metrics, key, x)) for name, key in (("train", "train_loss"),
+                                                                                ("val", "val_loss"))])]
+    evals = eval_curves(run_dir, metrics)
+    if evals:  # a run with evals: a second panel, since an accuracy does not share a loss's scale
+        panels.append(("evals", [(key, *_xy(metrics, key, x)) for key in evals]))
+    return panels
+
+
+def eval_curves(run_dir: Path, metrics: Any) -> list:
+    """The eval metrics of a run's metrics.jsonl (``hellaswag_acc``; not their ``_stderr``): the
+    columns named after an eval its config.yaml lists, so a run still training has them too."""
+    evals = rd.read_config(Path(run_dir)).get("evals")
+    names = [e.get("name") if isinstance(e, dict) else e for e in (evals if isinstance(evals, list) else ())]
+    prefixes = tuple(f"{n}_" for n in names if isinstance(n, str))
+    return [c for c in metrics.columns
+            if prefixes and str(c).startswith(prefixes) and not str(c).endswith("_stderr")]
 
 
 def experiment_panels(df: Any, x: str = "step") -> list[Panel]:

@@ -23,14 +23,17 @@ from ..config.model import ModelConfig, parse_section, to_plain
 from ..errors import ConfigError, did_you_mean, one_line
 from ..hf.checkpoint import hf_model_config
 from ..config.presets import apply_preset
-from ..config.run import SECTIONS, DataConfig, RunSpec, SlurmConfig, TrainConfig, check_seeds, config_hash
+from ..config.run import (EVALS, SECTIONS, DataConfig, RunSpec, SlurmConfig, TrainConfig, check_seeds, config_hash,
+                          evals_plain, parse_evals)
 from ..rundir import TUNING, run_key
 from .tracking import parse_track
 from .scaling import ScaleConfig, parse_scale, size_label
 from .tuning import Candidate, TuneConfig, chosen_runs, overlap_warning, parse_tune, tuning_label
 
-TOP_KEYS = ("name", "description", "plugins", "model", "data", "train", "variants", "grid", "seeds", "tune",
+TOP_KEYS = ("name", "description", "plugins", "model", "data", "train", "evals", "variants", "grid", "seeds", "tune",
             "scale", "compare", "slurm", "track")
+#: what a run's config holds: the sections, and its evals (a variant and the command line set both)
+RUN_KEYS = (*SECTIONS, EVALS)
 COMPARE_KEYS = ("baseline", "metric", "by", "sort")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 #: the most runs one experiment may expand to (variants x grid points x seeds), counted before any is
@@ -101,7 +104,7 @@ class Experiment:
     @property
     def overrides_sections(self) -> bool:
         """Whether the command line overrides model, data or train keys (its runs are not the file's)."""
-        return any(o.partition("=")[0].split(".")[0] in SECTIONS for o in self.overrides)
+        return any(o.partition("=")[0].split(".")[0] in RUN_KEYS for o in self.overrides)
 
 
 def current_definition(exp_dir: Path) -> Optional[set]:
@@ -240,7 +243,7 @@ def load_experiment(path: Path | None, overrides: list[str] = (), cfg: DictConfi
     cfg = _merge(where, source, ov)
     head = _head(cfg, where)
     importers = _LazyPlugins(plugins, head.plugin_modules, path)
-    shape = _shape(cfg, len(head.seeds), where)
+    shape = _shape(cfg, len(head.seeds), where)._replace(base_dir=Path(path).resolve().parent if path else None)
     tune = parse_tune(_plain(cfg.get("tune"), where), head.seeds, [k for point in shape.points[:1] for k in point],
                       SECTIONS, where)
     scale = parse_scale(_plain(cfg.get("scale"), where), where)
@@ -294,8 +297,8 @@ def _split_overrides(overrides: list[str]) -> tuple[DictConfig, dict]:
             allowed = [k for k in TOP_KEYS if k not in ("variants", "grid")]
             raise ConfigError(f"override '{key}': unknown section{did_you_mean(key, allowed)}; "
                               f"override one of {', '.join(allowed)} (e.g. train.steps=100)")
-    section_ov = {k: ov[k] for k in SECTIONS if k in ov}
-    for k in SECTIONS:
+    section_ov = {k: ov[k] for k in RUN_KEYS if k in ov}  # evals=... beats the variants' evals too
+    for k in RUN_KEYS:
         if k in ov:
             del ov[k]
     return ov, section_ov
@@ -346,10 +349,13 @@ class _Shape(NamedTuple):
     variants: list  # [(name, partial config)]; [("base", {})] when the file names none
     named: bool  # whether the file names variants
     points: list  # grid points, [{}] without a grid
+    base_dir: Optional[Path] = None  # the experiment file's folder: where an eval's relative paths start
 
 
 def _shape(cfg: DictConfig, n_seeds: int, where: str) -> _Shape:
     base = OmegaConf.create({k: cfg.get(k) or {} for k in SECTIONS})
+    if cfg.get(EVALS) is not None:  # a variant's evals: replace these (lists are replaced, not merged)
+        base[EVALS] = cfg.get(EVALS)
     variants = cfg.get("variants")
     if variants is None:
         variants = OmegaConf.create({})
@@ -384,16 +390,18 @@ def _expand(shape: _Shape, seeds: list, section_ov: dict, where: str, importers:
                 model, data, train = _resolve(merged, ctx + (f" at {tune.key}={_short(value)}" if at else ""),
                                               importers)
                 changes = {**_changes(vcfg, point), **at}
-                h = config_hash({"model": model.to_dict(), "data": to_plain(data), "train": to_plain(train)})
+                evals = _evals(merged, ctx)
+                h = RunSpec(label, 0, model, data, train, evals=evals).config_hash
                 name = label if not at else f"{label} at {tune.key}={_short(value)}"
                 if h in seen:
                     raise ConfigError(f"{where}: variants '{seen[h]}' and '{name}' resolve to the same config; "
                                       f"remove one or make them differ")
                 seen[h] = name
-                compared = [RunSpec(label, s, model, data, train, changes) for s in seeds]
+                compared = [RunSpec(label, s, model, data, train, changes, evals, shape.base_dir) for s in seeds]
                 runs.extend(compared)
                 if tune is not None:
-                    tuning = [RunSpec(tuning_label(label, tune.key, value), s, model, data, train, changes)
+                    tuning = [RunSpec(tuning_label(label, tune.key, value), s, model, data, train, changes, evals,
+                                      shape.base_dir)
                               for s in tune.seeds]
                     candidates.setdefault(label, []).append(Candidate(label, value, tuning, compared))
     return runs, labels, candidates
@@ -455,15 +463,29 @@ def _variant_cfg(name: str, vcfg: Any, where: str) -> DictConfig:
     if not isinstance(vcfg, DictConfig):
         raise ConfigError(f"{where}: variant '{name}' must be a mapping like {{model: {{norm_placement: post}}}}")
     for key in vcfg.keys():
-        if key not in SECTIONS:
+        if key not in RUN_KEYS:
             raise ConfigError(f"{where}: variant '{name}': unknown section '{key}'"
-                              f"{did_you_mean(key, SECTIONS)}; a variant sets model, data or train keys")
+                              f"{did_you_mean(key, RUN_KEYS)}; a variant sets model, data or train keys, or evals")
     return vcfg
 
 
 def _resolved_base(base: DictConfig, section_ov: dict, where: str, importers: Any) -> dict:
-    model, data, train = _resolve(_merge(where, base, section_ov), where, importers)
-    return {"model": model.to_dict(), "data": to_plain(data), "train": to_plain(train)}
+    merged = _merge(where, base, section_ov)
+    model, data, train = _resolve(merged, where, importers)
+    out = {"model": model.to_dict(), "data": to_plain(data), "train": to_plain(train)}
+    evals = _evals(merged, where)
+    if evals:
+        out[EVALS] = evals_plain(evals)
+    return out
+
+
+def _evals(merged: DictConfig, where: str) -> tuple:
+    """The evals a merged run config lists (checked for form here; names and options at preflight,
+    against the registry, like every component)."""
+    try:
+        return parse_evals(_plain(merged.get(EVALS), where))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def _file_definition(shape: _Shape, head: _Head, runs: list, base: dict, overridden: bool, where: str,
@@ -493,7 +515,10 @@ def _check_compare(compare: dict, runs: list, where: str) -> None:
     if metric is not None:
         known = [*METRIC_ALIASES, *SUMMARY_METRICS,
                  *dict.fromkeys(length_key(m) for spec in runs for m in spec.train.eval_lengths)]
-        if metric not in known:
+        evals = list(dict.fromkeys(f"{e.name}_" for spec in runs for e in spec.evals))
+        # an eval's metric names are its own (hellaswag_acc): any under its prefix may be compared
+        if metric not in known and not str(metric).startswith(tuple(evals)):
+            known += [f"{prefix}<metric>" for prefix in evals]
             raise ConfigError(f"{where}: compare.metric '{metric}' is not a metric of these runs"
                               f"{did_you_mean(str(metric), known)}; metrics: {', '.join(known)}")
     flat = [table_config(spec.resolved()) for spec in runs]

@@ -27,6 +27,7 @@ from ..hf.checkpoint import load_hf_weights
 from ..plugin.hookspecs import KINDS, MODEL_KINDS
 from ..model.gpt import GPTModel, layer_components, resolve_components
 from ..plugin.manager import PluginSystem
+from ..train.loop import make_evals
 from ..train.recipe import check_recipe
 from .tracking import check_trackers
 
@@ -221,6 +222,21 @@ def _raising_plugin(exc: BaseException, plugins: PluginSystem, entries: dict) ->
     return f"plugin '{name}'" + (f" ({', '.join(mine)})" if mine else "")
 
 
+def check_evals(exp: Experiment, plugins: PluginSystem) -> None:
+    """Every eval of every run is registered, takes the options given and builds (its files are
+    there), once per distinct list, before anything trains: the same checks as any component's."""
+    seen: set[str] = set()
+    for spec in exp.runs:
+        key = json.dumps([spec.resolved().get("evals"), str(spec.base_dir)], sort_keys=True, default=str)
+        if not spec.evals or key in seen:
+            continue
+        seen.add(key)
+        try:
+            make_evals(spec.evals, plugins, experiment_dir(exp))
+        except ConfigError as exc:
+            raise ConfigError(f"{exp.path or 'experiment'}: variant '{spec.variant}': {exc}") from None
+
+
 def experiment_dir(exp: Experiment) -> Optional[Path]:
     """Where an experiment's relative data paths start: its file's folder (None: no file)."""
     return Path(exp.path).resolve().parent if exp.path is not None else None
@@ -235,6 +251,7 @@ def preflight(exp: Experiment, plugins: PluginSystem, cache_dir: Path, write: bo
     """
     check_trackers(exp.track, plugins)  # an unknown sink or a missing package: before any run directory exists
     check_components(exp, plugins, device_type)
+    check_evals(exp, plugins)
     data_by_key: dict[str, TokenData] = {}
     for spec in exp.runs:
         where = f"{exp.path or 'experiment'}: variant '{spec.variant}'"

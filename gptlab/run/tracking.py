@@ -168,13 +168,18 @@ FINAL_KEYS = {"final_train_loss": "final_train_loss", "final_val_loss": "final_v
 
 
 def final_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
-    """The numbers a finished run's summary adds to its curves: final/best losses, mean throughput and
-    the losses at other lengths (``val_loss@Nx`` -> ``val_loss_at_Nx``)."""
+    """The numbers a finished run's summary adds to its curves: final/best losses, mean throughput,
+    the losses at other lengths (``val_loss@Nx`` -> ``val_loss_at_Nx``) and each eval's final
+    metrics (``hellaswag_acc`` -> ``final_hellaswag_acc``, as ``final_val_loss`` beside the curve)."""
     out = {}
     for key, value in summary.items():
         if key in FINAL_KEYS or key.startswith("val_loss@"):
             if (v := number(value)) is not None:
                 out[FINAL_KEYS.get(key) or metric_key(key)] = v
+    evals = summary.get("eval_metrics")
+    for key in evals if isinstance(evals, list) else ():
+        if isinstance(key, str) and (v := number(summary.get(key))) is not None:
+            out[f"final_{metric_key(key)}"] = v
     return out
 
 

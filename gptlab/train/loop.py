@@ -6,6 +6,7 @@ in between. Divergence (a non-finite loss) is detected at those same log steps.
 from __future__ import annotations
 
 import math
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -14,17 +15,18 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..data.tokens import Batches, TokenData, eval_starts, windows
+from ..data.tokens import Batches, TokenData, eval_starts, experiment_dir, windows
 from .devices import peak_flops, synchronize
 from ..config.run import RunSpec, TrainConfig
-from ..errors import one_line
+from ..config.model import ComponentSpec
+from ..errors import ConfigError, PluginError, one_line
 from ..model.gpt import GPTModel
 from .distributed import Group, any_rank, mean
 from .recipe import make_optimizer, make_schedule, set_rates
 from .resume import Resumable, restore, save
 from ..plugin.components import after_step, pop_aux_losses
 from ..plugin.contract import Schedule
-from ..plugin.manager import PluginSystem
+from ..plugin.manager import PluginSystem, default_plugins
 from ..rundir import length_key
 
 
@@ -153,6 +155,10 @@ class _Run:
     generators: dict
     loss_sum: torch.Tensor  # train losses since the last log step, summed on the device
     tokens_per_step: int
+    evals: list = field(default_factory=list)  # (registered name, Eval) of ``evals:``; rank 0 only
+    #: the last evaluation step's eval metrics, by full name. Not part of a resumable state: the last
+    #: step always evaluates, after any resume, so the summary never needs an earlier attempt's
+    last_evals: dict = field(default_factory=dict)
     state: TrainState = field(default_factory=TrainState)
     aux_sum: dict = field(default_factory=dict)  # auxiliary losses since the last log step, by name
     last_aux: dict = field(default_factory=dict)  # the auxiliary losses of the last log step
@@ -206,12 +212,14 @@ def _setup(spec: RunSpec, data: TokenData, model: GPTModel, device: torch.device
         no_sync = step_model.no_sync
     if t.compile:
         step_model, compile_note = compile_or_fallback(step_model, (t.batch_size // group.world, seq_len), device, ctx)
+    # only rank 0 evaluates (as it alone computes val_loss): the other ranks build nothing to call
+    evals = make_evals(spec.evals, plugins, spec.base_dir) if group.main and spec.evals else []
     return _Run(train=t, seq_len=seq_len, model=model, device=device, group=group, optimizer=optimizer,
                 schedule=schedule, log_groups=log_groups, flops_per_token=model.flops_per_token(seq_len),
                 token_bytes=_token_bytes(data, device), ctx=ctx,
                 batches=batches, params=params, step_model=step_model, no_sync=no_sync, compile_note=compile_note,
                 generators=rng_generators(batches, device), loss_sum=torch.zeros((), device=device),
-                tokens_per_step=t.batch_size * t.grad_accum * seq_len)
+                tokens_per_step=t.batch_size * t.grad_accum * seq_len, evals=evals)
 
 
 def _token_bytes(data: TokenData, device: torch.device) -> Optional[torch.Tensor]:
@@ -324,7 +332,10 @@ def _log_step(run: _Run, step: int, rates: dict, data: TokenData, on_log: Callab
         state.last_val = val
         if val is not None and val < state.best_val:
             state.best_val, state.best_val_step = val, step
-        on_eval({"step": step, "val_loss": val})
+        scores = run_evals(run.evals, run.model, getattr(data, "tokenizer", None), run.device, run.ctx)
+        row.update(scores)
+        run.last_evals = scores
+        on_eval({"step": step, "val_loss": val, **scores})
     on_log(row)
     progress(state, row)
     synchronize(run.device)
@@ -375,7 +386,73 @@ def _summary(run: _Run, data: TokenData) -> dict:
     summary["tokens_per_s_per_device"] = per_device
     summary["mfu"] = (per_device * flops / peak) if peak and per_device else None
     summary.update(length_extrapolation(model, data, run.train, run.seq_len, device, run.ctx))
+    if run.last_evals:  # as the last step measured them; eval_metrics names them for tables
+        summary.update(run.last_evals)
+        summary["eval_metrics"] = list(run.last_evals)
     return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Downstream evaluations (the eval kind, ``evals:``)
+# ---------------------------------------------------------------------------------------------
+_METRIC_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def make_evals(specs: "tuple[ComponentSpec, ...]", plugins: Optional[PluginSystem] = None,
+               base_dir: Optional[Path] = None) -> list:
+    """(name, Eval) for each spec of ``evals:``, its options checked like any component's and its
+    factory called with relative paths starting at ``base_dir`` (the experiment file's folder).
+    Preflight calls this too, so an unknown name, a bad option or a missing file is a one-line
+    ConfigError before anything trains."""
+    plugins = plugins or default_plugins()
+    out = []
+    for spec in specs:
+        key = f"evals.{spec.name}"
+        try:
+            entry = plugins.registry.lookup("eval", spec.name, spec.options)
+        except ConfigError as exc:
+            raise ConfigError(f"evals: {exc}") from None
+        try:
+            with experiment_dir(base_dir):
+                built = entry.factory(**spec.options)
+        except ConfigError as exc:  # the plugin's own words; they name the key unless it forgot
+            text = str(exc)
+            raise ConfigError(text if key in text else f"{key}: {text}") from None
+        except Exception as exc:  # a missing required option (TypeError) or a value the types let through
+            raise ConfigError(f"{key} cannot be built ({one_line(exc, kind=True)}); check its options in "
+                              f"evals: {spec.to_plain()}") from None
+        if not callable(built):
+            raise PluginError(f"eval '{spec.name}' (plugin {entry.plugin}) returned {type(built).__name__}, "
+                              f"not a callable gptlab.Eval")
+        out.append((spec.name, built))
+    return out
+
+
+def run_evals(evals: list, model: torch.nn.Module, tokenizer: Any, device: torch.device,
+              ctx: Callable) -> dict:
+    """Every eval's metrics as ``<name>_<metric>``. Each runs on the bare model in eval mode under
+    no_grad and inside a fork of the random streams, so adding an eval never changes what the run
+    trains (nor a resumed run's continuation); training mode is restored after."""
+    out: dict[str, Optional[float]] = {}
+    if not evals:
+        return out
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            for name, evaluate_fn in evals:
+                metrics = evaluate_fn(model, tokenizer, device, ctx)
+                if not isinstance(metrics, dict):
+                    raise PluginError(f"eval '{name}' returned {type(metrics).__name__}, not a dict of metric -> number")
+                for metric, value in metrics.items():
+                    if not isinstance(metric, str) or not _METRIC_NAME.match(metric):
+                        raise PluginError(f"eval '{name}' returned the metric name {metric!r}; use letters, digits "
+                                          f"and _ (gptlab logs it as {name}_<metric>)")
+                    number = None if value is None or isinstance(value, bool) else float(value)
+                    out[f"{name}_{metric}"] = number if number is not None and math.isfinite(number) else None
+    finally:
+        model.train(was_training)
+    return out
 
 
 def rng_generators(batches: Batches, device: torch.device) -> dict:

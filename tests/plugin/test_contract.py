@@ -35,6 +35,7 @@ BASES = {
     "norm_placement": contract.Block, "activation": contract.FeedForward, "dataset": contract.Corpus,
     "tokenizer": contract.Tokenizer, "importer": contract.HFImport, "tracker": contract.Tracker,
     "optimizer": torch.optim.Optimizer, "schedule": contract.Schedule, "wiring": components.Wiring,
+    "eval": contract.Eval,
 }
 PROTOCOLS = {"norm", "norm_placement", "activation", "tracker"}
 
