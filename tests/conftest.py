@@ -60,6 +60,7 @@ def cli(capsys, monkeypatch):
 #: keeps quicker tests in the fast lane; the full suite (.ci/run) runs them all.
 SLOW = {
     "train/test_distributed.py": None,  # every test starts a 2-process torchrun
+    "data/test_prepare_parallel.py": None,  # --jobs 2 and a 2-process torchrun on a documents corpus
     "train/test_resume.py": None,  # every test kills or interrupts a real `gptlab run` subprocess
     "run/test_parallel.py": {"test_two_at_once_equals_one_by_one_and_logs_plain_lines",
                              "test_a_locked_run_is_left_to_its_owner", "test_ctrl_c_stops_every_run_resumably"},
