@@ -26,10 +26,11 @@ FORMATS = ("auto", "nanogpt", "llmc")
 def _files(patterns, key):
     files = []
     for pattern in patterns if isinstance(patterns, (list, tuple)) else [patterns]:
-        matches = sorted(glob.glob(os.path.expanduser(str(pattern))))
+        where = gptlab.data_path(pattern, key=f"data.dataset.{key}")
+        matches = sorted(glob.glob(where))
         if not matches:
-            raise ConfigError(f"{key} '{pattern}' matches no file (relative paths start at the current directory); "
-                              f"fix data.dataset.{key}")
+            raise ConfigError(f"{key} '{pattern}' matches no file (looked for {where}; relative paths start at the "
+                              f"experiment file's folder); fix data.dataset.{key}")
         files.extend(matches)
     return files
 
