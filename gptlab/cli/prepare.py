@@ -50,7 +50,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             data = prepare_tokens(spec.data, runner.plugins, runner.cache_dir, base_dir=experiment_dir(runner.exp),
                                   progress=report)
             seconds = time.perf_counter() - started
-            verb = "prepared" if report.called else "verified"
+            verb = "prepared" if report.called else "verified" if data.manifest is not None else "ready"
             out.print(f"{label}: {verb} in {seconds:.1f} s: {_summary(data)}", soft_wrap=True)
     out.print(f"token cache: {runner.cache_dir}", soft_wrap=True)
     return 0
