@@ -79,14 +79,22 @@ def layer_components(cfg: ModelConfig, plugins: PluginSystem) -> list[dict[str, 
 
 
 class _ReusingCrossEntropy(torch.autograd.Function):
-    """F.cross_entropy (mean, no ignore index) of float32 logits that nothing else keeps for its
-    backward (the head's output), computed in their own buffer: the log-softmax overwrites the
-    logits and the backward writes the gradient over the log-softmax, with ATen's own kernels, so
-    the loss and gradients are F.cross_entropy's bit for bit while two logits-sized buffers
-    (forward output, gradient) are never allocated: on CPU the head's cross-entropy is memory-bound."""
+    """F.cross_entropy (mean; targets of -100 ignored, as its default) of float32 logits that nothing
+    else keeps for its backward (the head's output), computed in their own buffer, to float
+    tolerance: the forward writes the log-softmax over the logits (ATen's ``_log_softmax.out``),
+    with the padded vocabulary rows (columns past ``vocab``) set to -inf in place first; the backward
+    turns that same buffer into the gradient, softmax - onehot scaled by grad / N: ATen's softmax
+    kernel in place (the softmax of the log-probabilities is the softmax of the logits), one scaling
+    pass, and a subtraction at the targets. No other logits-sized tensor is ever allocated: on CPU
+    the head's cross-entropy is memory-bound, and each fresh logits-sized buffer costs its page
+    faults on every step. (Not bit for bit F.cross_entropy, whose backward goes through a dense
+    gradient of the log-probabilities and a differently rounded exp; equal to float tolerance,
+    tests/model/test_model_loss.py.)"""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
+        if logits.shape[-1] > vocab:  # padded rows get no probability mass (and so no gradient)
+            logits[:, vocab:].fill_(float("-inf"))
         log_probs = torch.ops.aten._log_softmax.out(logits, -1, False, out=logits)
         ctx.save_for_backward(log_probs, targets)
         return F.nll_loss(log_probs, targets)
@@ -94,11 +102,69 @@ class _ReusingCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         log_probs, targets = ctx.saved_tensors
-        grad_log_probs = torch.zeros_like(log_probs)  # what nll_loss's backward gives: -grad / N at each target
-        grad_log_probs[torch.arange(len(targets), device=targets.device), targets] = -grad / len(targets)
-        out = torch.ops.aten._log_softmax_backward_data.out(grad_log_probs, log_probs, -1, log_probs.dtype,
-                                                            out=log_probs)
-        return out, None
+        kept = targets != -100  # F.cross_entropy's ignore_index: no loss, no gradient
+        weight = kept.to(log_probs.dtype) / kept.sum().clamp(min=1)  # per row: 1 / (rows kept), or 0
+        weight = weight.mul_(grad)
+        out = torch.ops.aten._softmax.out(log_probs, -1, False, out=log_probs).mul_(weight[:, None])
+        rows = torch.arange(len(targets), device=targets.device)
+        out[rows, targets.clamp(min=0)] -= weight  # an ignored row is all zeros: its weight is 0
+        return out, None, None
+
+
+BLOCK_BYTES = 4 << 20  # float32 logits per block of _BlockwiseHeadCrossEntropy (at least 16 rows)
+
+
+class _BlockwiseHeadCrossEntropy(torch.autograd.Function):
+    """The bias-free head and F.cross_entropy (mean; targets of -100 ignored) together, on the
+    CPU, a block of rows at a time: each block's logits are computed, turned into log-probabilities
+    in place (the block's share of the loss) and then into their gradient in place (ATen's
+    log-softmax backward, from a block-sized dense gradient as nll_loss's backward gives it), and
+    used at once for the gradients of the head's input and weight, which the backward scales by the
+    incoming gradient. No logits-sized tensor is ever allocated: a block (about ``BLOCK_BYTES``)
+    stays in cache and its buffers are reused by the allocator, where full logits cost a fresh
+    allocation with its page faults on every step and several passes over memory. Equal to
+    F.cross_entropy to float tolerance; bit for bit when the rows fit one block and the incoming
+    gradient is a power of two (tests/model/test_model_loss.py)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
+        rows = max(16, BLOCK_BYTES // (4 * weight.shape[0]))
+        kept = targets != -100  # F.cross_entropy's ignore_index: no loss, no gradient
+        count = kept.sum()
+        row_weight = kept.to(x.dtype) / count.clamp(min=1)
+        safe_targets = targets.clamp(min=0)
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        grad_w = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        total, dense = x.new_zeros(()), None
+        for start in range(0, x.shape[0], rows):
+            block = slice(start, start + rows)
+            xb, tb, wb = x[block], safe_targets[block], row_weight[block]
+            logits = torch.mm(xb, weight.t())
+            if logits.shape[1] > vocab:  # padded rows get no probability mass (and so no gradient)
+                logits[:, vocab:].fill_(float("-inf"))
+            log_probs = torch.ops.aten._log_softmax.out(logits, -1, False, out=logits)
+            total += F.nll_loss(log_probs, targets[block], reduction="sum")
+            # the gradient as F.cross_entropy's backward makes it (nll_loss's -1/N at each target, then
+            # ATen's log-softmax backward), in a block-sized buffer that stays in cache
+            if dense is None or dense.shape != log_probs.shape:
+                dense = torch.empty_like(log_probs)
+            dense.zero_()[torch.arange(len(tb), device=tb.device), tb] = -wb  # an ignored row: weight 0
+            grad = torch.ops.aten._log_softmax_backward_data.out(dense, log_probs, -1, log_probs.dtype, out=log_probs)
+            if grad_x is not None:
+                torch.mm(grad, weight, out=grad_x[block])
+            if grad_w is not None:
+                if start == 0:
+                    torch.mm(grad.t(), xb, out=grad_w)
+                else:
+                    grad_w.addmm_(grad.t(), xb)
+        ctx.save_for_backward(grad_x, grad_w)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad_x, grad_w = ctx.saved_tensors
+        return (None if grad_x is None else grad_x * grad, None if grad_w is None else grad_w * grad,
+                None, None)
 
 
 class GPTModel(nn.Module):
@@ -198,7 +264,10 @@ class GPTModel(nn.Module):
 
         With ``targets`` (B, T) it returns the mean next-token cross-entropy instead, computed here so
         that torch.compile fuses it with the head: the full logits are never copied to float32 and
-        are freed as soon as the backward pass has used them.
+        are freed as soon as the backward pass has used them. Training in float32 on the CPU, the
+        head and the loss run a block of rows at a time and the full logits never exist
+        (``_BlockwiseHeadCrossEntropy``); elsewhere in float32 the loss reuses the logits' buffer
+        (``_ReusingCrossEntropy``).
         """
         B, T = idx.shape
         offset = cache.offset if cache is not None else 0
@@ -223,20 +292,30 @@ class GPTModel(nn.Module):
             return block(h, ctx, cache.layers[i] if cache is not None else None)
 
         x = self.wiring(x, x, run, len(self.blocks))
-        logits = self.head(self.final_norm(x))
+        x = self.final_norm(x)
         cap = self.config.logit_softcap
+        if (targets is not None and cap is None and self.config.z_loss is None and x.device.type == "cpu"
+                and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and torch.is_grad_enabled()
+                and (x.requires_grad or self.head.weight.requires_grad)
+                and type(self.head) is nn.Linear and self.head.bias is None and not self.head._forward_hooks
+                and not self.head._forward_pre_hooks and not torch.compiler.is_compiling()):
+            return _BlockwiseHeadCrossEntropy.apply(x.reshape(-1, x.shape[-1]), self.head.weight,
+                                                    targets.reshape(-1), self.config.vocab_size)
+        logits = self.head(x)
         if cap is not None:
             logits = cap * torch.tanh(logits / cap)
         V = self.config.vocab_size
         if targets is None:
             return logits if logits.shape[-1] == V else logits[..., :V]
+        flat_targets = targets.reshape(-1)
+        if (self.config.z_loss is None and logits.dtype == torch.float32 and logits.requires_grad
+                and not torch.compiler.is_compiling()):  # these logits are ours alone: reuse their buffer
+            return _ReusingCrossEntropy.apply(logits.view(-1, logits.shape[-1]), flat_targets, V)
         if logits.shape[-1] != V:  # padded rows get no probability mass
             logits = logits.masked_fill(self.padding_rows(logits.shape[-1], logits.device), float("-inf"))
-        flat, flat_targets = logits.view(-1, logits.shape[-1]), targets.reshape(-1)
+        flat = logits.view(-1, logits.shape[-1])
         if self.config.z_loss is not None:  # keeps the log-partition near 0 (PaLM); training only
             aux_loss(self, "z_loss", torch.logsumexp(flat.float(), dim=-1).pow(2).mean(), self.config.z_loss)
-        elif flat.dtype == torch.float32 and flat.requires_grad and not torch.compiler.is_compiling():
-            return _ReusingCrossEntropy.apply(flat, flat_targets)  # these logits are ours alone: reuse them
         return F.cross_entropy(flat, flat_targets)
 
     def padding_rows(self, rows: int, device: torch.device) -> torch.Tensor:
