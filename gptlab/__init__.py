@@ -29,7 +29,7 @@ _LAZY = {
     "Tracker": "plugin.contract", "Corpus": "plugin.contract", "Tokenizer": "plugin.contract",
     "HFImport": "plugin.contract", "Optimizer": "plugin.contract", "ParamInfo": "plugin.contract",
     "Schedule": "plugin.contract", "ROLES": "plugin.contract", "param_groups": "train.recipe",
-    "TrainConfig": "config.run", "per_head_rows": "plugin.contract", "data_path": "plugin.contract", "Eval": "plugin.contract", "fused_rows": "plugin.contract",
+    "TrainConfig": "config.run", "per_head_rows": "plugin.contract", "data_path": "plugin.contract", "file_stamp": "plugin.contract", "Eval": "plugin.contract", "fused_rows": "plugin.contract",
     "HFConfig": "hf.helpers", "HFExport": "hf.helpers", "component": "hf.helpers", "rope_to_hf": "hf.helpers",
     "MAX_WIDTH": "hf.helpers",
     "require": "run.tracking", "row_metrics": "run.tracking", "final_metrics": "run.tracking",

@@ -50,13 +50,6 @@ def _files_under(folder: str) -> list:
                   if os.path.isfile(p) and not os.path.basename(p).startswith("."))
 
 
-def _stamp(files: list) -> str:
-    parts = []
-    for name in files:
-        st = os.stat(name)
-        parts.append(f"{os.path.abspath(name)}:{st.st_size}:{st.st_mtime_ns}")
-    return ";".join(parts)
-
 
 def _is_saved(folder: str) -> bool:
     """Whether ``folder`` is what save_to_disk wrote (a DatasetDict or a Dataset)."""
@@ -164,7 +157,7 @@ def hf(path: str, subset: Optional[str] = None, split: str = "train", val_split:
         except Exception as exc:  # a damaged file, a format datasets cannot read
             raise ConfigError(f"datasets cannot read {shown} ({one_line(exc, 160, kind=True)}); "
                               f"fix the files or data.dataset.path") from None
-        fingerprint = f"hf-local;{options};{_stamp(files)}"
+        fingerprint = f"hf-local;{options};{gptlab.file_stamp(files)}"
     else:
         if not HUB_NAME.match(str(path)) or _suffix(str(path)) in BUILDERS:
             raise ConfigError(f"path '{path}' matches no file or folder (looked for {shown}; relative paths start "

@@ -56,14 +56,6 @@ def _expand(patterns, key: str) -> list:
     return files
 
 
-def _stamp(files: list) -> str:
-    """What changes when a file's contents may have: absolute path, size and modification time."""
-    parts = []
-    for name in files:
-        st = os.stat(name)
-        parts.append(f"{os.path.abspath(name)}:{st.st_size}:{st.st_mtime_ns}")
-    return ";".join(parts)
-
 
 def _open(name: str) -> tuple:
     """(the file's lines as a binary file object, decompressed when it is gzip; the file itself)."""
@@ -144,9 +136,9 @@ def jsonl(path: Union[str, list], text_field: str = "text", val_path: Optional[U
                 next(first, None)
             finally:
                 first.close()
-    fingerprint = f"jsonl;text_field={text_field};train={_stamp(train)}"
+    fingerprint = f"jsonl;text_field={text_field};train={gptlab.file_stamp(train)}"
     if val is not None:
-        fingerprint += f";val={_stamp(val)}"
+        fingerprint += f";val={gptlab.file_stamp(val)}"
     return Corpus(fingerprint=fingerprint, documents=_documents(train, text_field, "path"),
                   val_documents=_documents(val, text_field, "val_path") if val is not None else None)
 

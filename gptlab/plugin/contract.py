@@ -271,6 +271,12 @@ class Eval:
         raise NotImplementedError(f"eval {type(self).__name__} must define __call__(model, tokenizer, device, autocast)")
 
 
+def file_stamp(files: list) -> str:
+    """A dataset's fingerprint of its files: what changes when a file's contents may have
+    (absolute path, size and modification time in ns)."""
+    return ";".join(f"{os.path.abspath(f)}:{os.stat(f).st_size}:{os.stat(f).st_mtime_ns}" for f in files)
+
+
 # ---------------------------------------------------------------------------------------------
 # Importers (re-exported by gptlab.hf.checkpoint, which reads and writes the files)
 # ---------------------------------------------------------------------------------------------
@@ -416,7 +422,7 @@ HELPERS: dict[str, tuple[str, ...]] = {
     "activation": (_CFG, "gptlab.plugin.layers.MLP", "gptlab.plugin.layers.GatedMLP",
                    "gptlab.plugin.components.mark_residual", _AUX, _METRIC, _RANGE),
     "wiring": (_CFG, _AUX, _METRIC, _RANGE),
-    "dataset": ("gptlab.plugin.contract.data_path", _RANGE),
+    "dataset": ("gptlab.plugin.contract.data_path", "gptlab.plugin.contract.file_stamp", _RANGE),
     "tokenizer": (_RANGE,),
     "importer": ("gptlab.plugin.contract.per_head_rows", "gptlab.plugin.contract.fused_rows",
                  "gptlab.hf.helpers.HFConfig", "gptlab.hf.helpers.HFExport", "gptlab.hf.helpers.component",
@@ -519,7 +525,7 @@ def write_readme_table(path: Optional[Path] = None) -> Path:
 
 
 __all__ = ["KINDS", "MODEL_KINDS", "Attr", "Kind", "Range", "RunInfo", "hookimpl", *_TORCH_BACKED, "Norm", "Block",
-           "FeedForward", "Tracker", "Eval", "Corpus", "Tokenizer", "data_path", "EXPERIMENT_DIR", "HFImport", "per_head_rows", "fused_rows", "HELPERS",
+           "FeedForward", "Tracker", "Eval", "Corpus", "Tokenizer", "data_path", "file_stamp", "EXPERIMENT_DIR", "HFImport", "per_head_rows", "fused_rows", "HELPERS",
            "SKELETON", "SUBLAYERS", "LEAVES", "param_names", "declared_modules", "declared_parameters", "kinds_table"]
 
 if __name__ == "__main__":  # python -m gptlab.plugin.contract: regenerate the README's table of kinds
